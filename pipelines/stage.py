@@ -1,0 +1,77 @@
+"""What every data stage shares: its manifest, the up-to-date check and its console.
+
+A stage's manifest records the stage's parameters, the sha256 of its inputs, its output counts and
+the XLab version. A stage is skipped when its manifest holds the same parameters and input hashes
+(and its outputs still exist), and redone with ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+
+import xlab
+from xlab.errors import XLabError
+from xlab.io import atomic_write_json, read_json
+
+console = Console(stderr=False, highlight=False)
+
+
+def read_manifest(path: Path) -> dict | None:
+    """The manifest at ``path``, or None when it does not exist or cannot be parsed."""
+    try:
+        return read_json(path)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def require_manifest(path: Path, what: str, fix: str) -> dict:
+    """The manifest at ``path``; raise :class:`XLabError` naming the command ``fix`` when absent."""
+    m = read_manifest(path)
+    if m is None:
+        raise XLabError(f"{what} not found ({path}); run `{fix}` first")
+    return m
+
+
+def is_up_to_date(manifest_path: Path, params: dict, inputs: dict, outputs: Iterable[Path] = ()) -> bool:
+    """True when the manifest at ``manifest_path`` was written with these params and input hashes
+    by this XLab version, and every path in ``outputs`` exists."""
+    m = read_manifest(manifest_path)
+    if m is None:
+        return False
+    same = (
+        m.get("params") == _jsonable(params)
+        and m.get("inputs") == _jsonable(inputs)
+        and m.get("xlab_version") == xlab.__version__
+    )
+    return same and all(Path(p).exists() for p in outputs)
+
+
+def write_manifest(manifest_path: Path, *, stage: str, params: dict, inputs: dict, counts: dict,
+                   extra: dict | None = None) -> dict:
+    """Write a stage manifest atomically and return it."""
+    m = {
+        "stage": stage,
+        "xlab_version": xlab.__version__,
+        "params": _jsonable(params),
+        "inputs": _jsonable(inputs),
+        "counts": _jsonable(counts),
+        "created_unix": round(time.time(), 3),
+    }
+    if extra:
+        m.update(_jsonable(extra))
+    atomic_write_json(manifest_path, m)
+    return m
+
+
+def skipped(stage: str, manifest_path: Path) -> None:
+    """Print the one line that says a stage was up to date."""
+    console.print(f"[bold]{stage}[/bold]: up to date ({manifest_path}); use --force to redo")
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, sort_keys=True, default=str))

@@ -1,0 +1,256 @@
+"""Layered configuration: defaults in code < conf/defaults.yaml < each ``-c FILE.yaml`` < CLI options.
+
+The schema is a tree of dataclasses; OmegaConf merges the layers and checks every value's type, so
+``train.batch_size=abc`` is refused with a clear message instead of failing deep in a run. The
+configuration in force is saved with every stage manifest and every checkpoint.
+
+This module imports neither torch nor numpy, so that ``xlab --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from xlab.errors import XLabError
+
+SPLITS = ("train", "val", "test", "predict")
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"  # data/raw/<name>, data/splits/<name>
+    tokenizer_dir: str = "tokenizers"  # tokenizers/<name>.model
+    shards_dir: str = "shards"  # shards/<name>/
+    runs_dir: str = "runs"  # runs/<run_name>/
+
+
+@dataclass
+class DataConfig:
+    name: str = "wiki"  # names the raw data, the splits, the tokenizer and the shard store
+    source: str = "sample"  # sample | hf | dump
+    dump_path: Optional[str] = None  # MediaWiki XML dump (.xml or .xml.bz2) for source=dump
+    hf_path: str = "wikimedia/wikipedia"
+    hf_config: str = "20231101.en"
+    hf_timeout_s: float = 30.0
+    max_articles: Optional[int] = None  # keep only the first N articles (quick runs and tests)
+    split_seed: int = 42
+    train_fraction: float = 0.9
+    val_fraction: float = 0.05
+    test_fraction: float = 0.025
+    predict_fraction: float = 0.025
+    num_proc: Optional[int] = None  # worker processes; None: all cores
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    max_sentences: int = 2_000_000  # training lines drawn (seeded) from the train split
+    max_sentence_length: int = 4096  # bytes; longer paragraphs are split, never dropped
+    seed: int = 42
+    num_threads: Optional[int] = None  # None: all cores
+
+
+@dataclass
+class ShardsConfig:
+    seq_len: int = 128  # tokens per training sequence; each row stores seq_len + 1 tokens
+    rows_per_shard: int = 32768
+    num_proc: Optional[int] = None  # None: all cores
+
+
+@dataclass
+class ModelConfig:
+    """Decoder hyperparameters (the defaults reproduce the original XLab architecture).
+
+    ``vocab_size`` and ``max_len`` are taken from the tokenizer and the shard store at train time.
+    """
+
+    vocab_size: int = 8192
+    max_len: int = 128
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: n_heads; fewer gives GQA, 1 gives MQA
+    d_ff: int = 1024
+    dropout: float = 0.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    activation: str = "gelu"  # gelu | swiglu | relu
+    position: str = "sinusoidal"  # sinusoidal | learned | rope
+    tie_embeddings: bool = False
+    bias: bool = True
+    attention: str = "sdpa"  # sdpa | flash_attn | math
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "demo"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    batch_size: int = 32  # sequences per optimizer step per process (before accumulation)
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; None: run the epochs
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of lr
+    lr_schedule: str = "cosine"  # constant | cosine
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: Optional[int] = 50  # batches of val per evaluation during training; None: all
+    checkpoint_every: int = 200
+    keep_best: int = 2
+    compile: bool = False
+    deterministic: bool = False
+    loss_chunk_tokens: int = 8192  # logits are computed this many positions at a time
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    seed: int = 42
+    beam_width: int = 1
+    length_penalty: float = 1.0
+
+
+@dataclass
+class XLabConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+def default_conf_path() -> Path:
+    """``conf/defaults.yaml`` of the working folder if it exists, else the one beside the package."""
+    local = Path("conf/defaults.yaml")
+    if local.exists():
+        return local
+    return Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    *,
+    use_defaults_file: bool = True,
+) -> Any:
+    """Merge the configuration layers; later layers win.
+
+    Args:
+        files: YAML files given with ``-c``, in order.
+        overrides: ``section.key=value`` strings (OmegaConf dotlist), applied last.
+        use_defaults_file: merge ``conf/defaults.yaml`` after the code defaults.
+
+    Returns:
+        An OmegaConf ``DictConfig`` with the :class:`XLabConfig` schema (attribute access).
+
+    Raises:
+        XLabError: a missing file, malformed YAML, an unknown key or a value of the wrong type.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    layers = []
+    paths = [Path(f) for f in files]
+    if use_defaults_file:
+        d = default_conf_path()
+        if d.exists():
+            paths.insert(0, d)
+    try:
+        cfg = OmegaConf.structured(XLabConfig)
+        for p in paths:
+            if not p.is_file():
+                raise XLabError(f"config file not found: {p}")
+            layers.append(OmegaConf.load(p))
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, *layers)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise XLabError(f"bad configuration: {msg}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        if isinstance(e, XLabError):
+            raise
+        raise XLabError(f"bad configuration: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Any) -> None:
+    """Check value ranges that types alone cannot; raise :class:`XLabError` naming the key."""
+    checks = [
+        (cfg.data.source in ("sample", "hf", "dump"), "data.source must be sample, hf or dump"),
+        (cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size must be at least 64"),
+        (cfg.shards.seq_len >= 2, "shards.seq_len must be at least 2"),
+        (cfg.shards.rows_per_shard >= 1, "shards.rows_per_shard must be at least 1"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
+        (cfg.train.lr > 0, "train.lr must be positive"),
+        (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be constant or cosine"),
+        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
+        (cfg.model.d_model % cfg.model.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+        (cfg.model.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm"),
+        (cfg.model.activation in ("gelu", "swiglu", "relu"), "model.activation must be gelu, swiglu or relu"),
+        (cfg.model.position in ("sinusoidal", "learned", "rope"), "model.position must be sinusoidal, learned or rope"),
+        (cfg.model.attention in ("sdpa", "flash_attn", "math"), "model.attention must be sdpa, flash_attn or math"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+    ]
+    fr = [cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.predict_fraction]
+    checks.append((all(f >= 0 for f in fr) and abs(sum(fr) - 1.0) < 1e-6, "data.*_fraction must be >= 0 and sum to 1"))
+    for ok, msg in checks:
+        if not ok:
+            raise XLabError(msg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The configuration as plain Python containers (for manifests and checkpoints)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def from_dict(d: dict) -> Any:
+    """Rebuild a schema-checked configuration from :func:`to_dict` output (e.g. from a checkpoint)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(XLabConfig), OmegaConf.create(d))
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Where each stage of the corpus ``cfg.data.name`` reads and writes."""
+
+    raw: Path  # data/raw/<name>/            articles.parquet + manifest.json
+    splits: Path  # data/splits/<name>/       {train,val,test,predict}.parquet + manifest.json
+    tokenizer: Path  # tokenizers/<name>.model (its manifest: tokenizers/<name>.json)
+    shards: Path  # shards/<name>/            manifest.json + <split>/*.npy
+    run: Path  # runs/<run_name>/
+
+    @property
+    def tokenizer_manifest(self) -> Path:
+        return self.tokenizer.with_suffix(".json")
+
+
+def stage_paths(cfg: Any) -> StagePaths:
+    """The :class:`StagePaths` of a configuration."""
+    name = cfg.data.name
+    p = cfg.paths
+    return StagePaths(
+        raw=Path(p.data_dir) / "raw" / name,
+        splits=Path(p.data_dir) / "splits" / name,
+        tokenizer=Path(p.tokenizer_dir) / f"{name}.model",
+        shards=Path(p.shards_dir) / name,
+        run=Path(p.runs_dir) / cfg.train.run_name,
+    )
