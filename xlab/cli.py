@@ -42,11 +42,7 @@ def _cfg(config: Optional[List[Path]], overrides: Optional[List[str]], extra: di
     """Load the layered configuration; ``extra`` holds command options (None means not given)."""
     from xlab.config import load_config
 
-    dots = list(overrides or [])
-    for k, v in (extra or {}).items():
-        if v is not None:
-            dots.append(f"{k}={'null' if v is None else v}")
-    return load_config(config or [], dots)
+    return load_config(config or [], overrides or [], values=extra)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -60,9 +56,9 @@ def data_download(
     set_: SetOpt = None,
 ):
     """Download (or read) Wikipedia articles into data/raw/<name>/articles.parquet."""
+    cfg = _cfg(config, set_, {"data.source": source, "data.dump_path": dump, "data.max_articles": max_articles})
     from pipelines import download
 
-    cfg = _cfg(config, set_, {"data.source": source, "data.dump_path": dump, "data.max_articles": max_articles})
     download.run(cfg, force=force)
 
 
@@ -74,9 +70,10 @@ def data_split(
     set_: SetOpt = None,
 ):
     """Split the articles into train 90% / val 5% / test 2.5% / predict 2.5%."""
+    cfg = _cfg(config, set_, {"data.split_seed": seed})
     from pipelines import split
 
-    split.run(_cfg(config, set_, {"data.split_seed": seed}), force=force)
+    split.run(cfg, force=force)
 
 
 @data_app.command("encode")
@@ -89,18 +86,19 @@ def data_encode(
     set_: SetOpt = None,
 ):
     """Encode the splits into memory-mapped .npy token shards (shards/<name>/)."""
+    cfg = _cfg(config, set_, {"shards.num_proc": num_proc})
     from pipelines import encode
 
-    cfg = _cfg(config, set_, {"shards.num_proc": num_proc})
     encode.run(cfg, force=force, num_shards=num_shards, shard_index=shard_index)
 
 
 @data_app.command("merge")
 def data_merge(config: ConfigOpt = None, set_: SetOpt = None):
     """Merge the parts written with --num-shards/--shard-index into one store manifest."""
+    cfg = _cfg(config, set_)
     from pipelines import encode
 
-    encode.merge(_cfg(config, set_))
+    encode.merge(cfg)
 
 
 @data_app.command("validate")
@@ -110,9 +108,10 @@ def data_validate(
     set_: SetOpt = None,
 ):
     """Check every shard against the manifest and the tokenizer; exit 1 listing every problem."""
+    cfg = _cfg(config, set_)
     from pipelines import validate
 
-    code = validate.run(_cfg(config, set_), shards_dir=shards)
+    code = validate.run(cfg, shards_dir=shards)
     raise typer.Exit(code)
 
 
@@ -125,9 +124,10 @@ def tokenizer_train(
     set_: SetOpt = None,
 ):
     """Train the reversible SentencePiece BPE tokenizer on the train split."""
+    cfg = _cfg(config, set_, {"tokenizer.vocab_size": vocab_size})
     from pipelines import train_tokenizer
 
-    train_tokenizer.run(_cfg(config, set_, {"tokenizer.vocab_size": vocab_size}), force=force)
+    train_tokenizer.run(cfg, force=force)
 
 
 @tok_app.command("show")
@@ -138,9 +138,10 @@ def tokenizer_show(
     set_: SetOpt = None,
 ):
     """Print the pieces and ids of TEXT; byte-fallback pieces are marked."""
+    cfg = _cfg(config, set_)
     from pipelines import train_tokenizer
 
-    train_tokenizer.show(_cfg(config, set_), text, tokenizer_path=tokenizer)
+    train_tokenizer.show(cfg, text, tokenizer_path=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------- stats
@@ -152,9 +153,10 @@ def stats(
     set_: SetOpt = None,
 ):
     """Statistics of the shard store and the tokenizer, as tables."""
+    cfg = _cfg(config, set_)
     from pipelines import stats as stats_mod
 
-    stats_mod.run(_cfg(config, set_), shards_dir=shards, plot=plot)
+    stats_mod.run(cfg, shards_dir=shards, plot=plot)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -169,9 +171,9 @@ def train(
     set_: SetOpt = None,
 ):
     """Train the decoder on a shard store (single process, or DDP under torchrun)."""
+    cfg = _cfg(config, set_, {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device})
     from xlab import train as train_mod
 
-    cfg = _cfg(config, set_, {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device})
     train_mod.train(cfg, shards_dir=shards, resume=resume)
 
 
@@ -260,9 +262,10 @@ def pipeline(
 ):
     """Run every stage in order (download, split, tokenizer, encode, stats, train, evaluate, generate),
     skipping stages that are up to date."""
+    cfg = _cfg(config, set_)
     from pipelines import run_all
 
-    run_all.run(_cfg(config, set_), force=force, prompt=prompt)
+    run_all.run(cfg, force=force, prompt=prompt)
 
 
 def main() -> None:

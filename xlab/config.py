@@ -144,13 +144,15 @@ def load_config(
     files: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
     *,
+    values: dict | None = None,
     use_defaults_file: bool = True,
 ) -> Any:
     """Merge the configuration layers; later layers win.
 
     Args:
         files: YAML files given with ``-c``, in order.
-        overrides: ``section.key=value`` strings (OmegaConf dotlist), applied last.
+        overrides: ``section.key=value`` strings (OmegaConf dotlist), applied after the files.
+        values: ``{"section.key": value}`` from a command's own options, applied last; None is "not given".
         use_defaults_file: merge ``conf/defaults.yaml`` after the code defaults.
 
     Returns:
@@ -177,9 +179,14 @@ def load_config(
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.merge(cfg, *layers)
+        for key, value in (values or {}).items():
+            if value is not None:
+                OmegaConf.update(cfg, key, str(value) if isinstance(value, Path) else value, merge=False)
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
-        raise XLabError(f"bad configuration: {msg}") from None
+        key = getattr(e, "full_key", None)
+        where = f" (key {key})" if key and str(key) not in msg else ""
+        raise XLabError(f"bad configuration: {msg}{where}") from None
     except Exception as e:  # yaml.YAMLError and friends
         if isinstance(e, XLabError):
             raise

@@ -1,0 +1,107 @@
+"""``xlab pipeline``: every stage in order, each skipped when its manifest is up to date.
+
+download -> split -> tokenizer train -> encode -> stats -> train -> evaluate -> generate. The closing
+summary puts the final validation loss next to a unigram model of the train split (the loss a model
+that ignores context would reach), and times every stage.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from rich.table import Table
+
+from pipelines.stage import console
+from xlab.config import stage_paths
+
+
+def run(cfg: Any, *, force: bool = False, prompt: str = "The history of") -> dict:
+    """Run every stage; returns ``{"times_s": {stage: seconds}, "val_loss", "unigram_loss", "text"}``.
+
+    Raises:
+        XLabError: from whichever stage fails (its message names the problem).
+    """
+    from pipelines import download, encode, split, stats, train_tokenizer
+
+    times: dict[str, float] = {}
+
+    def timed(name, fn, *args, **kwargs):
+        console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times[name] = time.perf_counter() - t0
+        return out
+
+    timed("download", download.run, cfg, force=force)
+    timed("split", split.run, cfg, force=force)
+    timed("tokenizer", train_tokenizer.run, cfg, force=force)
+    timed("encode", encode.run, cfg, force=force)
+    timed("stats", stats.run, cfg)
+
+    from xlab import train as train_mod
+
+    summary = timed("train", _train, train_mod, cfg, force)
+
+    from xlab import evaluate as eval_mod
+    from xlab.shards import ShardStore
+
+    paths = stage_paths(cfg)
+    last = paths.run / "checkpoints" / "last.pt"
+    metrics = timed("evaluate", eval_mod.run, last, split="val", shards_dir=paths.shards, device=cfg.train.device,
+                    max_batches=None, json_out=None)
+    store = ShardStore(paths.shards)
+    unigram = stats.unigram_baseline(store, fit_split="train", eval_split="val")
+
+    from xlab import generate as gen
+    from xlab.checkpoint import load_model
+
+    def _generate():
+        model, _, tok = load_model(last, device="cpu")
+        g = cfg.generate
+        return gen.generate(model, tok, prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                            top_k=g.top_k, top_p=g.top_p, seed=g.seed)
+
+    text = timed("generate", _generate)
+
+    table = Table(title="XLab pipeline summary")
+    table.add_column("stage")
+    table.add_column("time (s)", justify="right")
+    for name, secs in times.items():
+        table.add_row(name, f"{secs:.1f}")
+    table.add_row("[bold]total", f"[bold]{sum(times.values()):.1f}")
+    console.print(table)
+    val_loss = float(metrics["loss"])
+    res = Table(title="Validation (whole val split)")
+    for col in ("model", "loss (nats/token)", "perplexity", "bits per byte"):
+        res.add_column(col, justify="right" if col != "model" else "left")
+    res.add_row("XLab decoder", f"{val_loss:.3f}", f"{math.exp(val_loss):.1f}", f"{metrics['bits_per_byte']:.3f}")
+    ub = unigram * metrics["bits_per_byte"] / val_loss if val_loss > 0 else float("nan")
+    res.add_row("unigram of train split", f"{unigram:.3f}", f"{math.exp(unigram):.1f}", f"{ub:.3f}")
+    console.print(res)
+    console.rule(f"[bold]Generated from {prompt!r}")
+    console.print(text, markup=False, highlight=False)
+    return {"times_s": times, "val_loss": val_loss, "unigram_loss": unigram, "text": text, "train": summary}
+
+
+def _train(train_mod, cfg, force: bool):
+    """Train, resume an interrupted run, or skip a finished one with the same configuration."""
+    import shutil
+
+    from xlab.checkpoint import run_status
+
+    run_dir = stage_paths(cfg).run
+    status = run_status(run_dir, cfg)  # "none" | "finished" | "partial" | "different"
+    if force and status != "none":
+        shutil.rmtree(run_dir)
+        status = "none"
+    if status == "finished":
+        console.print(f"[bold]train[/bold]: up to date ({run_dir}); use --force to retrain")
+        return None
+    if status == "different":
+        from xlab.errors import XLabError
+
+        raise XLabError(f"{run_dir} holds a run with another configuration; pass --force to retrain it "
+                        f"or choose another run with -o train.run_name=NAME")
+    return train_mod.train(cfg, shards_dir=None, resume=(status == "partial"))

@@ -1,0 +1,77 @@
+"""Layered configuration: code defaults < conf/defaults.yaml < -c files < -o overrides."""
+
+import subprocess
+import sys
+
+import pytest
+
+from xlab.config import from_dict, load_config, stage_paths, to_dict
+from xlab.errors import XLabError
+
+
+def test_layers_later_wins(tmp_path):
+    a = tmp_path / "a.yaml"
+    a.write_text("train:\n  lr: 0.5\n  batch_size: 7\nmodel:\n  n_layers: 3\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("train:\n  lr: 0.25\n")
+    cfg = load_config([a, b], ["train.batch_size=9"])
+    assert cfg.train.lr == 0.25  # b over a
+    assert cfg.train.batch_size == 9  # override over files
+    assert cfg.model.n_layers == 3  # a over defaults.yaml
+    assert cfg.model.d_model == 256  # conf/defaults.yaml
+    assert cfg.train.grad_clip == 1.0  # code default
+
+
+def test_full_config_matches_release_model():
+    cfg = load_config(["conf/xlab.yaml"])
+    m, t = cfg.model, cfg.train
+    assert (cfg.tokenizer.vocab_size, cfg.shards.seq_len) == (32768, 512)
+    assert (m.d_model, m.n_layers, m.n_heads, m.d_ff) == (512, 6, 8, 2048)
+    assert (t.batch_size, t.lr, t.weight_decay, t.grad_clip, t.epochs, t.precision) == (256, 3e-4, 0.1, 1.0, 3, "bf16")
+    assert (cfg.data.hf_path, cfg.data.hf_config) == ("wikimedia/wikipedia", "20231101.en")
+
+
+@pytest.mark.parametrize("override, word", [
+    (["train.batch_size=abc"], "batch_size"),
+    (["train.nope=1"], "nope"),
+    (["model.norm=batchnorm"], "model.norm"),
+    (["model.n_heads=3"], "divisible"),
+    (["data.train_fraction=0.5"], "sum to 1"),
+])
+def test_bad_values_are_one_line_errors(override, word):
+    with pytest.raises(XLabError) as e:
+        load_config([], override)
+    assert word in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(XLabError, match="not found"):
+        load_config([tmp_path / "none.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(XLabError, match="bad configuration"):
+        load_config([bad])
+
+
+def test_round_trip_and_paths():
+    cfg = load_config([], ["data.name=tiny", "train.run_name=r1"])
+    again = from_dict(to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
+    p = stage_paths(cfg)
+    assert str(p.raw) == "data/raw/tiny" and str(p.shards) == "shards/tiny"
+    assert str(p.tokenizer) == "tokenizers/tiny.model" and str(p.tokenizer_manifest) == "tokenizers/tiny.json"
+    assert str(p.run) == "runs/r1"
+
+
+def test_cli_help_does_not_import_heavy_libraries():
+    # `xlab --help` must answer at once: the CLI module may not pull in torch, numpy or datasets.
+    code = ("import sys, xlab.cli; heavy = [m for m in ('torch', 'numpy', 'datasets', 'sentencepiece', "
+            "'pyarrow') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_bad_option_exit_code_2(tmp_path, cli):
+    p = cli(["data", "split", "-o", "train.batch_size=abc"], cwd=tmp_path, check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: bad configuration") and "Traceback" not in p.stderr
