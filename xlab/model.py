@@ -1,0 +1,475 @@
+"""The XLab decoder: a GPT-style, decoder-only transformer (Vaswani et al. 2017, arXiv:1706.03762).
+
+The defaults reproduce the original XLab architecture:
+
+- pre-norm: a LayerNorm before each sublayer, plus one final norm after the last block (the original
+  found this better for loss and stability than the post-norm of the 2017 paper);
+- GELU in the feed-forward sublayer;
+- dropout only on the attention probabilities and on the feed-forward hidden activations (nowhere on
+  the embeddings or the residual stream);
+- fixed sinusoidal positional encodings (learned ones did worse in the original setup);
+- biases everywhere, untied input and output embeddings, an output head with a bias.
+
+The original's listed future work is available as configuration (:class:`ModelConfig`): RMSNorm, SwiGLU
+or ReLU, learned or rotary positions, tied embeddings, no biases, grouped-query attention, and three
+attention backends (PyTorch SDPA, the flash-attn package, an explicit reference implementation).
+
+Initialization (see ``Transformer._init_weights``): every matrix and embedding N(0, 0.02), biases
+zero, norms at identity, and the two projections that write into the residual stream (attention output
+and feed-forward output) N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2 (Radford et al. 2019, section
+2.3), so the residual stream's variance does not grow with depth. The token embedding is NOT multiplied
+by sqrt(d_model). The original drew it from N(0, 1) and then scaled it by sqrt(d_model) (std 22.6 at
+d_model 512), which swamped the sinusoidal encodings (entries in [-1, 1], RMS 0.71) by a factor of ~30:
+the model could barely see positions, and the fixed table cannot grow to catch up. Here the
+learnable side (the token embedding) starts small instead; Adam grows it to a useful scale within a
+few dozen steps, while positions are visible from the first step.
+
+Shapes in comments: B batch, T new tokens, S keys (cached + new), C = d_model, H query heads,
+K key/value heads, D = C // H head size, V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from xlab.config import ModelConfig
+from xlab.errors import XLabError
+
+__all__ = ["ModelConfig", "Transformer", "KVCache", "attention"]
+
+INIT_STD = 0.02  # GPT-2's initializer range
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    Storage: ``k`` and ``v`` of shape (n_layers, B, K, max_len, D), preallocated, so decoding a token
+    writes in place instead of concatenating. With grouped-query attention only the K key/value heads
+    are stored, which is what makes GQA cheap at inference.
+
+    Attributes:
+        length: tokens cached so far (the position of the next token).
+        max_len: capacity in tokens (the model's ``max_len``).
+
+    Create it with :meth:`Transformer.new_cache`; pass it to ``model(ids, cache=cache)``; the model
+    advances ``length`` after each call.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 *, device: Any = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (LongTensor (B_new,)), in that order; rows may repeat.
+
+        Beam search uses this to follow surviving beams, and to grow a batch of 1 prompt into
+        ``beam_width`` rows after the prefill.
+        """
+        index = index.to(self.k.device)
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def _check(self, batch_size: int, n_new: int) -> None:
+        if batch_size != self.batch_size:
+            raise ValueError(f"batch of {batch_size} rows does not match the cache's {self.batch_size}")
+        if self.length + n_new > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {n_new} new tokens > max_len {self.max_len}"
+            )
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (B, K, T, D) of ``layer`` at ``length`` and return all of them
+        (B, K, length + T, D). ``length`` itself is advanced by the model after the last layer."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention backends
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        raise XLabError(
+            "model.attention=flash_attn needs the flash-attn package: pip install 'xlabml[flash]' "
+            "(CUDA only), or use model.attention=sdpa"
+        ) from None
+    return flash_attn_func
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal multi-head attention, softmax(q k^T / sqrt(D)) v, for the last T of S positions.
+
+    Args:
+        q: (B, H, T, D) queries of the T newest positions.
+        k, v: (B, K, S, D) keys and values of all S >= T positions (cached ones first); K divides H
+            (K < H: grouped-query attention, query head h reads key/value head h // (H // K)).
+        backend: ``sdpa`` (torch's scaled_dot_product_attention, which picks FlashAttention-2 on CUDA
+            with bf16/fp16), ``flash_attn`` (the flash-attn package; CUDA, bf16/fp16) or ``math``
+            (explicit reference, softmax in float32).
+        dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
+
+    Returns:
+        (B, T, H, D), ready to be merged into (B, T, C).
+
+    The mask is causal and aligned bottom-right: query i (absolute position S - T + i) sees keys
+    0..S - T + i. SDPA's ``is_causal=True`` aligns top-left, which is right only when T == S, so a
+    decoding step with a cache (T < S) gets an explicit mask (or none when T == 1: the newest query
+    may see every key).
+
+    Raises:
+        XLabError: ``flash_attn`` without the package, or on CPU / in float32.
+    """
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    if backend == "flash_attn":
+        flash_attn_func = _flash_attn_func()
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            raise XLabError("model.attention=flash_attn runs only on CUDA in bf16/fp16; use model.attention=sdpa")
+        # flash-attn wants (B, T, H, D); transposing back is a view (last dim stays contiguous). Its
+        # causal mask is aligned bottom-right when T < S (flash-attn >= 2.1), and it handles K < H.
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                               dropout_p=dropout_p, causal=True)
+
+    mask = None  # bool (T, S), True = may attend; None with is_causal when T == S, or T == 1
+    if T != S and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    is_causal = T == S and T > 1
+
+    if backend == "sdpa":
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                           is_causal=is_causal, enable_gqa=K != H)  # (B, H, T, D)
+        return y.transpose(1, 2)
+    if backend == "math":
+        if K != H:
+            k = k.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            v = v.repeat_interleave(H // K, dim=1)
+        scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, S)
+        if is_causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
+        y = probs @ v.float()  # (B, H, T, D)
+        return y.to(q.dtype).transpose(1, 2)
+    raise XLabError(f"unknown model.attention {backend!r}: use sdpa, flash_attn or math")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Positions
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> torch.Tensor:
+    """The fixed encodings of Vaswani et al. (2017, section 3.5), float32 (max_len, d_model):
+    PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]  # float64: exact angles at large p
+    inv_freq = torch.pow(10000.0, -torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    angles = pos * inv_freq  # (max_len, ceil(d/2))
+    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = angles.sin()
+    pe[:, 1::2] = angles.cos()[:, : d_model // 2]
+    return pe.float()
+
+
+def rope_tables(max_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, float32 (max_len, D/2), of rotary position embeddings (Su et al. 2021,
+    arXiv:2104.09864) with frequencies base^(-2i/D)."""
+    inv_freq = torch.pow(base, -torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq  # (max_len, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by position: pairs (x[i], x[i + D/2]) are rotated by the angle of pair i
+    (the half-split layout of GPT-NeoX, not the interleaved one of the paper; the two are equivalent
+    up to a fixed permutation of the q/k weights). cos, sin: (T, D/2)."""
+    cos = cos[:, None, :].to(x.dtype)  # (T, 1, D/2), broadcast over B and H
+    sin = sin[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-5)
+    return nn.LayerNorm(cfg.d_model, eps=1e-5, bias=cfg.bias)
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention with a fused q/k/v projection and optional grouped-query heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.backend = cfg.attention
+        self.dropout = cfg.dropout
+        self.rope = cfg.position == "rope"
+        # One matmul for q, k and v: (C) -> (H + 2K) * D. Same parameters as three projections.
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # writes into the residual stream
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+            # a cache kept in another dtype than the activations (e.g. fp32 under autocast)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = attention(q, k, v, backend=self.backend, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.reshape(B, T, C))  # (B, T, H, D) -> (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: C -> d_ff -> C with GELU or ReLU, or SwiGLU (Shazeer 2020,
+    arXiv:2002.05202): silu(x W1) * (x W3), then W2.
+
+    For SwiGLU ``d_ff`` stays the hidden width, so its feed-forward has 1.5x the parameters of GELU at
+    the same ``d_ff``; for parameter parity set d_ff to about 2/3 of the GELU value (as LLaMA does).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.activation = cfg.activation
+        n_in = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff  # swiglu: W1 and W3 fused
+        self.fc = nn.Linear(cfg.d_model, n_in, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)  # writes into the residual stream
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, d_ff) or (B, T, 2 d_ff)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            h = F.gelu(h)  # exact (erf) GELU, as the original
+        return self.proj(self.dropout(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = _norm(cfg)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, rope, cache, layer):
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
+        return x + self.ffn(self.norm2(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+def _as_model_config(cfg: Any) -> ModelConfig:
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    return ModelConfig(**dict(cfg))  # a plain dict or an OmegaConf DictConfig (cfg.model)
+
+
+def _check(cfg: ModelConfig) -> None:
+    n_kv = cfg.n_kv_heads or cfg.n_heads
+    checks = [
+        (cfg.d_model % cfg.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+        (1 <= n_kv <= cfg.n_heads and cfg.n_heads % n_kv == 0,
+         "model.n_kv_heads must divide model.n_heads (1 = multi-query)"),
+        (cfg.position != "rope" or (cfg.d_model // cfg.n_heads) % 2 == 0,
+         "model.position=rope needs an even head size (d_model / n_heads)"),
+        (cfg.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm"),
+        (cfg.activation in ("gelu", "swiglu", "relu"), "model.activation must be gelu, swiglu or relu"),
+        (cfg.position in ("sinusoidal", "learned", "rope"), "model.position must be sinusoidal, learned or rope"),
+        (cfg.attention in ("sdpa", "flash_attn", "math"), "model.attention must be sdpa, flash_attn or math"),
+        (0.0 <= cfg.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (min(cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.d_ff) >= 1,
+         "model sizes (vocab_size, max_len, d_model, n_layers, d_ff) must be positive"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise XLabError(msg)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer language model.
+
+    ``forward(ids) == head(hidden(ids))``; the trainer calls the two halves separately to compute the
+    loss over a few positions at a time instead of materializing all (B, T, V) logits.
+
+    Args:
+        cfg: a :class:`ModelConfig` (or a mapping with its fields, e.g. ``cfg.model``).
+
+    Raises:
+        XLabError: inconsistent sizes or an unknown option; ``attention=flash_attn`` without the
+            flash-attn package.
+    """
+
+    def __init__(self, cfg: ModelConfig | Any) -> None:
+        super().__init__()
+        cfg = _as_model_config(cfg)
+        _check(cfg)
+        if cfg.attention == "flash_attn":
+            _flash_attn_func()  # fail at construction, not at the first batch
+        self.cfg = cfg
+        C = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.pos_emb = nn.Embedding(cfg.max_len, C) if cfg.position == "learned" else None
+        # Fixed tables are non-persistent buffers: rebuilt from the config, never stored in checkpoints.
+        if cfg.position == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_table(cfg.max_len, C), persistent=False)
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.max_len, C // cfg.n_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(C, cfg.vocab_size, bias=cfg.bias)
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # (V, C) shared; both were drawn N(0, 0.02)
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) for matrices and embeddings; zero biases; norms at identity (their default).
+        The two projections per block that write into the residual stream get std 0.02 / sqrt(2 L)
+        (GPT-2): the stream is a sum of 2 L such terms, so its variance stays O(1) at any depth."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=INIT_STD)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=INIT_STD)
+        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            nn.init.normal_(block.ffn.proj.weight, std=residual_std)
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, device: Any = None, dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` rows and ``cfg.max_len`` tokens, on the model's
+        device and in its parameter dtype unless given (pass bf16 when decoding under bf16 autocast)."""
+        p = self.lm_head.weight
+        c = self.cfg
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads or c.n_heads, c.max_len, c.d_model // c.n_heads,
+                       device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
+
+    def hidden(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Final-normed hidden states.
+
+        Args:
+            ids: LongTensor (B, T) of token ids.
+            cache: a :class:`KVCache`; the ids then continue the cached tokens (positions start at
+                ``cache.length``), their keys/values are appended and ``cache.length`` grows by T.
+
+        Returns:
+            (B, T, d_model), in the parameter dtype (or the autocast dtype).
+
+        Raises:
+            ValueError: more than ``max_len`` positions in all (a cache overflow included), or a batch
+                size that differs from the cache's.
+        """
+        B, T = ids.shape
+        start = 0
+        if cache is not None:
+            cache._check(B, T)
+            start = cache.length
+        elif T > self.cfg.max_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_len {self.cfg.max_len}")
+        x = self.tok_emb(ids)  # (B, T, C)
+        rope = None
+        if self.cfg.position == "sinusoidal":
+            x = x + self.pe[start:start + T]  # (T, C) broadcast over B
+        elif self.cfg.position == "learned":
+            x = x + self.pos_emb.weight[start:start + T]
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, D/2) each
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of hidden states (..., d_model)."""
+        return self.lm_head(h)
+
+    def forward(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Next-token logits (B, T, V) for ids (B, T); float32 unless under autocast. See :meth:`hidden`."""
+        return self.head(self.hidden(ids, cache))
+
+    # -- accounting ----------------------------------------------------------------------------------
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters (tied weights counted once).
+
+        ``non_embedding=True`` leaves out the token embedding table and learned position table (as in
+        Kaplan et al. 2020, arXiv:2001.08361). With tied embeddings that also removes the head's matrix;
+        untied, the head's matrix is counted (it is a real matmul).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward), for MFU.
+
+        6 N + 12 L C T, following PaLM (Chowdhery et al. 2022, arXiv:2204.02311, appendix B) and
+        Chinchilla (Hoffmann et al. 2022, appendix F): 2 FLOPs per weight per token forward, twice that
+        backward; plus the attention scores and weighted sum, 2 * 2 * T * C per layer forward (the full
+        T x T square, as PaLM counts it, not halved for the causal mask), times 3 for training.
+
+        N counts every weight that takes part in a matrix multiply: the non-embedding parameters plus
+        the output head's V x C matrix (tied or not). The token/position lookups are gathers, not
+        matmuls, so they are left out. T is ``seq_len`` (default ``cfg.max_len``).
+        """
+        c = self.cfg
+        n = self.num_parameters(non_embedding=True)
+        if c.tie_embeddings:
+            n += self.lm_head.weight.numel()
+        t = c.max_len if seq_len is None else seq_len
+        return 6.0 * n + 12.0 * c.n_layers * c.d_model * t
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.cfg).items())
