@@ -124,6 +124,11 @@ def run(cfg: Any, force: bool = False) -> dict:
         m = json.loads(manifest_path.read_text())
         return {"skipped": True, "path": str(out_dir / "articles.parquet"), "counts": m["counts"], "seconds": 0.0}
 
+    if d.source == "hf":
+        # Fail fast, before anything is written, when the Hub cannot be reached.
+        reason = hub_unreachable_reason(d.hf_timeout_s / 3)
+        if reason:
+            raise XLabError(_hub_message(reason))
     t0 = time.perf_counter()
     num_proc = max(1, d.num_proc or _cpu_count())
     stats: dict[str, Counter] = {}
@@ -283,12 +288,9 @@ def _ordered_map(fn: Callable[[list], list], batches: Iterable[list], num_proc: 
 def _hf_rows(d: Any, c: Counter) -> Iterator[Row]:
     """Rows of ``datasets.load_dataset(d.hf_path, d.hf_config, split="train")``.
 
-    Fails within ``d.hf_timeout_s`` when the Hub cannot be reached: a socket probe first (bounded
-    even when name resolution hangs), then the library's own HTTP timeouts for the load.
+    :func:`run` has probed the Hub (bounded even when name resolution hangs); each HTTP call of
+    the load is bounded by ``d.hf_timeout_s`` too, and any network failure becomes one line.
     """
-    reason = hub_unreachable_reason(d.hf_timeout_s / 3)
-    if reason:
-        raise XLabError(_hub_message(reason))
     # huggingface_hub reads these when imported: bound each HTTP call by the configured time.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(d.hf_timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(d.hf_timeout_s)))

@@ -6,9 +6,10 @@ section (lead included, heading kept as its own plain line) is cleaned on its ow
 ``<table>`` tags and File/Image/Media links are removed; category links stay as their bare name
 (the ``Category:`` prefix is dropped); templates and other unprintable code go through
 ``strip_code``; ``__MAGIC__`` words are deleted; sections are joined by one blank line.
-Two deliberate differences: sections that clean to nothing are left out instead of adding empty
-paragraphs (a text never starts or ends with blank lines), and spaces at the ends of lines (left by
-``== Heading ==`` and ``* item`` markup) are trimmed.
+Three deliberate differences: a ``<ref>`` that the parser leaves as literal text (its content has
+unbalanced markup) is removed as well; sections that clean to nothing are left out instead of
+adding empty paragraphs (a text never starts or ends with blank lines); spaces at the ends of
+lines (left by ``== Heading ==`` and ``* item`` markup) are trimmed.
 
 The dump reader streams ``<page>`` elements with :func:`xml.etree.ElementTree.iterparse` and frees
 each page once read, so memory stays constant whatever the size of the dump.
@@ -31,6 +32,9 @@ CLEANER_VERSION = 1
 _MAGIC_WORD = re.compile(r"__[A-Z]+__")  # behaviour switches such as __NOTOC__, __FORCETOC__
 _MEDIA_LINK = re.compile(r"^\s*:?\s*(?:File|Image|Media)\s*:", re.IGNORECASE)
 _CATEGORY_PREFIX = re.compile(r"^\s*:?\s*Category\s*:\s*", re.IGNORECASE)
+# A <ref> whose content has unbalanced markup (e.g. a stray '' italic close) is not parsed as a
+# tag by mwparserfromhell and would survive as literal text; it is removed from the output.
+_LEFTOVER_REF = re.compile(r"<ref\b[^>]*/>|<ref\b[^>]*>.*?</ref\s*>", re.IGNORECASE | re.DOTALL)
 _BLANK_LINES = re.compile(r"\n{3,}")
 _DROPPED_TAGS = frozenset({"ref", "table"})
 _REDIRECT_TEXT = re.compile(r"^\s*#REDIRECT", re.IGNORECASE)
@@ -71,7 +75,7 @@ def clean_wikitext(wikitext: Optional[str]) -> str:
         for tag in section.filter_tags(recursive=True):
             if str(tag.tag).strip().lower() in _DROPPED_TAGS:
                 _remove(section, tag)
-        text = _tidy(_MAGIC_WORD.sub("", section.strip_code()))
+        text = _tidy(_LEFTOVER_REF.sub("", _MAGIC_WORD.sub("", section.strip_code())))
         if text:
             parts.append(text)
     return "\n\n".join(parts)

