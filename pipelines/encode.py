@@ -1,0 +1,395 @@
+"""``xlab data encode`` / ``xlab data merge``: tokenize the splits into a verified shard store.
+
+Work is cut into fixed *units*: unit ``u`` of a split is the articles ``[u * A, (u + 1) * A)`` in the
+split's parquet order (``A = shards.articles_per_shard``), and becomes exactly one shard file
+``<split>/{u:06d}.npy``. A unit's output depends only on its articles, so the store is
+byte-identical for any number of worker processes, machines or interruptions:
+
+- parallel: the main process streams the parquet in batches (pyarrow) and hands units to
+  ``shards.num_proc`` worker processes, keeping at most two units per worker in flight, so memory
+  stays bounded by a few units whatever the corpus size;
+- atomic and resumable: a worker writes its shard to a temporary name, renames it into place, then
+  writes a small done-record in ``.work/``; a rerun skips units whose record and shard exist, so a
+  run killed at any moment (even SIGKILL) is finished by running the same command again;
+- scale-out: with ``--num-shards N --shard-index I`` a machine encodes the units ``u`` with
+  ``u % N == I`` of every split; once all parts' folders are copied together, ``xlab data merge``
+  writes the manifest, which equals the one a single machine writes;
+- the manifest is written last, after every shard exists; a store whose manifest is absent is
+  incomplete, and an outdated manifest is removed before any shard is rewritten.
+
+Bad input never stops a run halfway: empty articles are skipped and counted, text the tokenizer
+rejects (``ValueError``) is skipped and reported with the article's id.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import xlab
+from pipelines.stage import console, is_up_to_date, read_manifest, skipped
+from xlab.config import SPLITS, stage_paths
+from xlab.errors import XLabError
+from xlab.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+
+WORK = ".work"
+SUB_BATCH = 256  # articles tokenized at a time inside a unit (bounds the Python token lists)
+READ_BATCH = 1024  # parquet rows per streamed record batch
+MAX_ERRORS_KEPT = 1000  # rejected articles listed in the manifest per split (all are counted)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The XLab tokenizer at ``path`` (module-level so worker processes can receive it by name)."""
+    from xlab.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+# ------------------------------------------------------------------------------------------ worker
+_W: dict = {}  # per-process worker state: tokenizer and settings
+
+
+def _init_worker(loader: Callable, tok_path: str, settings: dict) -> None:
+    """Worker initializer: load the tokenizer once per process."""
+    _W["tok"] = loader(tok_path)
+    _W.update(settings)
+
+
+def _encode_texts(tok, texts: list[str]) -> list[Any]:
+    """Token lists for ``texts``; an entry is a ``str`` error message where the tokenizer raised
+    ValueError for that text (the batch is retried text by text to find which)."""
+    try:
+        return tok.encode(texts)
+    except ValueError:
+        out: list[Any] = []
+        for t in texts:
+            try:
+                out.append(tok.encode([t])[0])
+            except ValueError as e:
+                out.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return out
+
+
+def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
+    """Encode one unit's articles into its shard and done-record; return the record.
+
+    Record: articles (encoded), empty, rejected [{id, error}], rows, real_tokens, target_tokens,
+    text_bytes, text_chars, sha256, file.
+    """
+    import numpy as np
+
+    from xlab.shards import pack_articles, write_shard
+
+    tok, seq_len, out = _W["tok"], _W["seq_len"], Path(_W["out"])
+    parts = []
+    rec = {"articles": 0, "empty": 0, "rejected": [], "rows": 0, "real_tokens": 0, "target_tokens": 0,
+           "text_bytes": 0, "text_chars": 0}
+    for a in range(0, len(texts), SUB_BATCH):
+        b_ids, b_texts = ids[a:a + SUB_BATCH], texts[a:a + SUB_BATCH]
+        keep_idx = [i for i, t in enumerate(b_texts) if t and not t.isspace()]
+        rec["empty"] += len(b_texts) - len(keep_idx)
+        encoded = _encode_texts(tok, [b_texts[i] for i in keep_idx])
+        good = []
+        for i, enc in zip(keep_idx, encoded):
+            if isinstance(enc, str):
+                rec["rejected"].append({"id": str(b_ids[i]), "error": enc})
+            elif len(enc) == 0:
+                rec["empty"] += 1
+            else:
+                t = b_texts[i]
+                rec["text_chars"] += len(t)
+                rec["text_bytes"] += len(t.encode("utf-8", "surrogatepass"))
+                good.append(enc)
+        if good:
+            rows = pack_articles(good, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                 vocab_size=tok.vocab_size)
+            parts.append(rows)
+            rec["articles"] += len(good)
+            rec["target_tokens"] += sum(len(g) + 1 for g in good)
+    dtype = np.dtype(_W["dtype"])
+    rows = np.concatenate(parts) if parts else np.empty((0, seq_len + 1), dtype=dtype)
+    rec["rows"] = int(rows.shape[0])
+    rec["real_tokens"] = int(np.count_nonzero(rows != tok.pad_id))
+    rel = f"{split}/{unit:06d}.npy"
+    rec["file"] = rel
+    rec["sha256"] = write_shard(out / rel, rows)
+    # The record is written after the shard is in place: a record always means a complete shard.
+    atomic_write_json(out / WORK / split / f"{unit:06d}.json", rec)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _split_files(cfg) -> dict[str, Path]:
+    d = stage_paths(cfg).splits
+    files = {s: d / f"{s}.parquet" for s in SPLITS}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise XLabError(f"split file(s) not found: {', '.join(missing)}; run `xlab data split` first")
+    return files
+
+
+def _job(cfg, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
+    """Everything that determines the store's bytes: parameters, input hashes, unit counts."""
+    import pyarrow.parquet as pq
+
+    from xlab.shards import FORMAT_VERSION, token_dtype
+
+    a = int(cfg.shards.articles_per_shard)
+    units, articles = {}, {}
+    for s, p in split_files.items():
+        n = pq.ParquetFile(p).metadata.num_rows
+        articles[s] = n
+        units[s] = math.ceil(n / a)
+    params = {"seq_len": int(cfg.shards.seq_len), "articles_per_shard": a, "format_version": FORMAT_VERSION}
+    inputs = {"tokenizer": tok.sha256, "splits": {s: sha256_file(p) for s, p in split_files.items()}}
+    return {"params": params, "inputs": inputs, "units": units, "articles": articles,
+            "dtype": token_dtype(tok.vocab_size).name, "tokenizer_file": str(tok_path),
+            "tokenizer": {"vocab_size": int(tok.vocab_size), "pad_id": int(tok.pad_id), "sos_id": int(tok.sos_id),
+                          "eos_id": int(tok.eos_id), "unk_id": int(tok.unk_id)}}
+
+
+def _done(out: Path, split: str, unit: int) -> bool:
+    return (out / WORK / split / f"{unit:06d}.json").is_file() and (out / split / f"{unit:06d}.npy").is_file()
+
+
+def _iter_units(path: Path, split: str, wanted: set[int], articles_per_unit: int) -> Iterator[tuple]:
+    """Stream ``(split, unit, ids, texts)`` for the units in ``wanted``, in parquet order."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    if not {"id", "text"} <= names:
+        raise XLabError(f"{path} lacks the id/text columns (has {sorted(names)}); run `xlab data split --force`")
+    ids: list = []
+    texts: list = []
+    unit = 0
+    row = 0
+    for batch in pf.iter_batches(batch_size=READ_BATCH, columns=["id", "text"]):
+        n = batch.num_rows
+        b_ids = b_texts = None
+        k = 0
+        while k < n:
+            take = min(n - k, (unit + 1) * articles_per_unit - row)
+            if unit in wanted:
+                if b_ids is None:
+                    b_ids = batch.column(0).to_pylist()
+                    b_texts = batch.column(1).to_pylist()
+                ids.extend(b_ids[k:k + take])
+                texts.extend("" if t is None else t for t in b_texts[k:k + take])
+            k += take
+            row += take
+            if row == (unit + 1) * articles_per_unit:
+                if unit in wanted:
+                    yield split, unit, ids, texts
+                ids, texts = [], []
+                unit += 1
+    if row > unit * articles_per_unit and unit in wanted:  # the last, shorter unit
+        yield split, unit, ids, texts
+
+
+def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
+        tokenizer_loader: Callable = load_tokenizer) -> dict:
+    """Encode ``data/splits/<name>/*.parquet`` into ``shards/<name>/`` (see the module docstring).
+
+    Args:
+        cfg: XLab configuration (uses ``shards.seq_len``, ``shards.articles_per_shard``,
+            ``shards.num_proc``, the paths and ``data.name``).
+        force: redo the stage (this part's units) even if up to date.
+        num_shards, shard_index: encode only the units ``u % num_shards == shard_index``; with
+            ``num_shards > 1`` no manifest is written (``xlab data merge`` does that).
+        tokenizer_loader: ``path -> tokenizer`` (picklable; tests pass a stand-in).
+
+    Returns:
+        The store manifest (dict) when the store is complete, else a summary of this part.
+
+    Raises:
+        XLabError: missing splits or tokenizer, bad part options, a store of other parameters
+            being merged.
+    """
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise XLabError(f"--shard-index must be in [0, --num-shards) and --num-shards >= 1 "
+                        f"(got {shard_index} of {num_shards})")
+    paths = stage_paths(cfg)
+    split_files = _split_files(cfg)
+    tok_path = paths.tokenizer
+    if not tok_path.is_file():
+        raise XLabError(f"tokenizer not found ({tok_path}); run `xlab tokenizer train` first")
+    tok = tokenizer_loader(str(tok_path))
+    out = paths.shards
+    job = _job(cfg, tok, split_files, tok_path)
+    mpath = out / "manifest.json"
+    if not force and num_shards == 1 and _up_to_date(out, job):
+        skipped("encode", mpath)
+        return read_json(mpath)
+
+    # From here the store is being changed: first make sure no manifest claims it is complete.
+    if mpath.exists():
+        mpath.unlink()
+    work = out / WORK
+    old = read_manifest(work / "job.json")
+    if old is not None and old != job:
+        # Other parameters or inputs: nothing in the folder can be reused.
+        for s in SPLITS:
+            shutil.rmtree(out / s, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    for p in out.glob("**/.*.tmp"):  # temporaries of a killed run
+        p.unlink(missing_ok=True)
+    atomic_write_json(work / "job.json", job)
+
+    a = job["params"]["articles_per_shard"]
+    mine = {s: [u for u in range(job["units"][s]) if u % num_shards == shard_index] for s in SPLITS}
+    if force:
+        for s in SPLITS:
+            for u in mine[s]:
+                (work / s / f"{u:06d}.json").unlink(missing_ok=True)
+    todo = {s: {u for u in mine[s] if not _done(out, s, u)} for s in SPLITS}
+    n_todo = sum(len(v) for v in todo.values())
+    n_mine = sum(len(v) for v in mine.values())
+    num_proc = int(cfg.shards.num_proc or os.cpu_count() or 1)
+    settings = {"seq_len": job["params"]["seq_len"], "out": str(out), "dtype": job["dtype"]}
+    units = (u for s in SPLITS if todo[s] for u in _iter_units(split_files[s], s, todo[s], a))
+    label = f"encode ({n_mine - n_todo}/{n_mine} units done before)" if n_todo < n_mine else "encode"
+    _execute(units, n_todo, num_proc, tokenizer_loader, str(tok_path), settings, label)
+
+    if num_shards == 1:
+        return _finalize(out, job)
+    left = [i for i in range(num_shards) if not all(_done(out, s, u) for s in SPLITS
+                                                     for u in range(i, job["units"][s], num_shards))]
+    console.print(f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete "
+                  f"({n_mine} units in {out}); parts not yet here: {left or 'none'}. "
+                  f"Copy every part's folder into one, then run `xlab data merge`.")
+    return {"part": shard_index, "num_shards": num_shards, "units": n_mine, "parts_missing": left}
+
+
+def _execute(units: Iterator[tuple], total: int, num_proc: int, loader: Callable, tok_path: str,
+             settings: dict, label: str) -> None:
+    """Encode every unit, in this process (``num_proc == 1``) or in a pool of ``num_proc`` processes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if total == 0:
+        return
+    rejected = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+
+        def done(rec):
+            rejected.extend(rec["rejected"])
+            bar.advance(task)
+
+        if num_proc <= 1 or total == 1:
+            _init_worker(loader, tok_path, settings)
+            for item in units:
+                done(_encode_unit(*item))
+        else:
+            import multiprocessing as mp
+
+            # spawn, not fork: the parent holds pyarrow/tokenizer threads that fork would copy mid-state.
+            with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(loader, tok_path, settings)) as pool:
+                pending = set()
+                for item in units:
+                    pending.add(pool.submit(_encode_unit, *item))
+                    if len(pending) >= 2 * num_proc:  # bound the texts in flight
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in finished:
+                            done(f.result())
+                for f in pending:
+                    done(f.result())
+    for r in rejected[:20]:
+        console.print(f"[yellow]skipped article {r['id']}[/yellow]: the tokenizer rejected it ({r['error']})")
+    if len(rejected) > 20:
+        console.print(f"[yellow]... and {len(rejected) - 20} more rejected articles (listed in the manifest)[/yellow]")
+
+
+def _up_to_date(out: Path, job: dict) -> bool:
+    m = read_manifest(out / "manifest.json")
+    if m is None:
+        return False
+    files = [out / sh["file"] for info in m.get("splits", {}).values() for sh in info.get("shards", [])]
+    return is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files)
+
+
+def _finalize(out: Path, job: dict) -> dict:
+    """Write the store manifest from the done-records (every unit must be done); print a summary."""
+    from xlab.shards import FORMAT, FORMAT_VERSION
+
+    work = out / WORK
+    missing = [f"{s}/{u:06d}" for s in SPLITS for u in range(job["units"][s]) if not _done(out, s, u)]
+    if missing:
+        raise XLabError(f"{len(missing)} unit(s) not encoded yet (e.g. {', '.join(missing[:3])}); run the "
+                        f"missing `xlab data encode --num-shards N --shard-index I` parts, then `xlab data merge`")
+    tok_src = Path(job["tokenizer_file"])
+    tok_bytes = tok_src.read_bytes()
+    from xlab.io import sha256_bytes
+
+    if sha256_bytes(tok_bytes) != job["inputs"]["tokenizer"]:
+        raise XLabError(f"{tok_src} changed since encoding began; run `xlab data encode --force`")
+    splits = {}
+    for s in SPLITS:
+        info = {"rows": 0, "articles": 0, "empty_articles": 0, "rejected_articles": 0, "real_tokens": 0,
+                "target_tokens": 0, "text_bytes": 0, "text_chars": 0, "rejected": [], "shards": []}
+        for u in range(job["units"][s]):
+            rec = read_json(work / s / f"{u:06d}.json")
+            for k in ("rows", "articles", "real_tokens", "target_tokens", "text_bytes", "text_chars"):
+                info[k] += rec[k]
+            info["empty_articles"] += rec["empty"]
+            info["rejected_articles"] += len(rec["rejected"])
+            room = MAX_ERRORS_KEPT - len(info["rejected"])
+            info["rejected"].extend(rec["rejected"][:max(room, 0)])
+            info["shards"].append({"file": rec["file"], "rows": rec["rows"], "real_tokens": rec["real_tokens"],
+                                   "sha256": rec["sha256"]})
+        splits[s] = info
+    atomic_write_bytes(out / "tokenizer.model", tok_bytes)  # the store carries its own tokenizer
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "stage": "encode",
+        "xlab_version": xlab.__version__,
+        "seq_len": job["params"]["seq_len"],
+        "row_len": job["params"]["seq_len"] + 1,
+        "dtype": job["dtype"],
+        "tokenizer": {**job["tokenizer"], "file": job["tokenizer_file"], "copy": "tokenizer.model",
+                      "sha256": job["inputs"]["tokenizer"]},
+        "splits": splits,
+        "params": job["params"],
+        "inputs": job["inputs"],
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    _print_summary(out, manifest)
+    return manifest
+
+
+def _print_summary(out: Path, m: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"shard store {out} (seq_len {m['seq_len']}, {m['dtype']})")
+    for c in ("split", "articles", "empty", "rejected", "rows", "target tokens", "text MB", "shards"):
+        t.add_column(c, justify="right" if c != "split" else "left")
+    for s, i in m["splits"].items():
+        t.add_row(s, f"{i['articles']:,}", f"{i['empty_articles']:,}", f"{i['rejected_articles']:,}",
+                  f"{i['rows']:,}", f"{i['target_tokens']:,}", f"{i['text_bytes'] / 1e6:,.2f}", str(len(i["shards"])))
+    console.print(t)
+
+
+def merge(cfg) -> dict:
+    """Write the manifest of a store encoded in parts (``--num-shards/--shard-index``).
+
+    Every part's shards and ``.work/`` records must be in ``shards/<name>/``.
+
+    Raises:
+        XLabError: nothing to merge, or units still missing (names how many and examples).
+    """
+    out = stage_paths(cfg).shards
+    job = read_manifest(out / WORK / "job.json")
+    if job is None:
+        if (out / "manifest.json").is_file():
+            skipped("merge", out / "manifest.json")
+            return read_json(out / "manifest.json")
+        raise XLabError(f"nothing to merge in {out}; run `xlab data encode --num-shards N --shard-index I` first")
+    return _finalize(out, job)

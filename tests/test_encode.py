@@ -1,0 +1,263 @@
+"""``xlab data encode`` / ``merge`` / ``validate`` (pipelines/encode.py, pipelines/validate.py).
+
+The stages run against a small character-level stand-in tokenizer with the Tokenizer attributes,
+so these tests do not depend on SentencePiece training.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from xlab.config import SPLITS, load_config
+from xlab.errors import XLabError
+from xlab.shards import ShardStore
+
+ROOT = Path(__file__).resolve().parent.parent
+REJECT = "\ufffe"  # the stand-in tokenizer rejects text holding this noncharacter
+
+
+class CharTokenizer:
+    """Stand-in tokenizer: one id per character (4 + code point), unk beyond the vocabulary."""
+
+    pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
+
+    def __init__(self, model_bytes: bytes):
+        self.vocab_size = int(json.loads(model_bytes)["vocab_size"])
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+
+    @classmethod
+    def load(cls, path):
+        return cls(Path(path).read_bytes())
+
+    def _one(self, text):
+        if REJECT in text:
+            raise ValueError("text holds an unsupported character")
+        return [4 + ord(c) if 4 + ord(c) < self.vocab_size else self.unk_id for c in text]
+
+    def encode(self, texts):
+        return [self._one(t) for t in texts] if isinstance(texts, list) else self._one(texts)
+
+    def decode(self, ids):
+        return "".join(chr(i - 4) for i in ids if i >= 4)
+
+    def id_to_piece(self, i):
+        return {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>"}.get(i, chr(i - 4) if i >= 4 else "?")
+
+    def is_byte(self, i):
+        return False
+
+
+def load_char_tokenizer(path):
+    return CharTokenizer.load(path)
+
+
+def write_corpus(root: Path, n=60, seed=0, extra=None, vocab_size=300):
+    """Splits of ``n`` articles each (plus ``extra`` rows in train) and a stand-in tokenizer file."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "ηta", "theta", "\n"]
+    d = root / "data" / "splits" / "wiki"
+    d.mkdir(parents=True)
+    for k, s in enumerate(SPLITS):
+        texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(n)]
+        ids = [f"{s}-{i}" for i in range(n)]
+        if s == "train" and extra:
+            for i, t in extra:
+                ids.insert(i, f"x{i}")
+                texts.insert(i, t)
+        tbl = pa.table({"id": ids, "url": [f"u/{i}" for i in ids], "title": ids, "text": texts})
+        pq.write_table(tbl, d / f"{s}.parquet", row_group_size=17)
+    (root / "tokenizers").mkdir()
+    (root / "tokenizers" / "wiki.model").write_text(json.dumps({"vocab_size": vocab_size}))
+
+
+def config(root: Path, **shards):
+    o = [f"paths.data_dir={root / 'data'}", f"paths.tokenizer_dir={root / 'tokenizers'}",
+         f"paths.shards_dir={root / 'shards'}", "shards.seq_len=16", "shards.articles_per_shard=7",
+         "shards.num_proc=1"]
+    o += [f"shards.{k}={v}" for k, v in shards.items()]
+    return load_config([], o, use_defaults_file=False)
+
+
+def encode(cfg, **kw):
+    from pipelines import encode as enc
+
+    return enc.run(cfg, tokenizer_loader=load_char_tokenizer, **kw)
+
+
+def store_bytes(path: Path) -> dict:
+    """Every file's bytes; the manifest's tokenizer path (which names the test's folder) left out."""
+    out = {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    m = json.loads(out["manifest.json"])
+    assert Path(m["tokenizer"].pop("file")).name == "wiki.model"
+    out["manifest.json"] = json.dumps(m, sort_keys=True).encode()
+    return out
+
+
+def articles_from_rows(rows: np.ndarray, seq_len: int, tok: CharTokenizer) -> list[list[int]]:
+    """Rebuild each article's text tokens from its rows (windows overlap by one token)."""
+    out, cur = [], None
+    for r in rows.tolist():
+        if r[0] == tok.sos_id:
+            cur = []
+            out.append(cur)
+            body = r[1:]
+        else:
+            body = r[1:]
+        cur.extend(t for t in body if t != tok.pad_id)
+    for a in out:
+        assert a[-1] == tok.eos_id
+        a.pop()
+    return out
+
+
+def test_encode_rows_round_trip_and_manifest(tmp_path):
+    extra = [(3, ""), (5, "   "), (8, "ok" + REJECT + "x"), (9, "long " * 400_000)]  # 2 MB on one line
+    write_corpus(tmp_path, extra=extra)
+    cfg = config(tmp_path)
+    m = encode(cfg)
+    store = ShardStore(tmp_path / "shards" / "wiki")
+    store.check(CharTokenizer.load(tmp_path / "tokenizers" / "wiki.model"))
+    tok = CharTokenizer.load(tmp_path / "tokenizers" / "wiki.model")
+    table = pq.read_table(tmp_path / "data/splits/wiki/train.parquet").to_pydict()
+    kept = [t for t in table["text"] if t.strip() and REJECT not in t]
+    rows = store.read_rows("train", np.arange(store.rows("train")))
+    assert articles_from_rows(rows, 16, tok) == [tok.encode(t) for t in kept]
+    info = m["splits"]["train"]
+    assert info["articles"] == len(kept) and info["empty_articles"] == 2 and info["rejected_articles"] == 1
+    assert info["rejected"][0]["id"] == "x8" and "unsupported" in info["rejected"][0]["error"]
+    assert info["text_bytes"] == sum(len(t.encode()) for t in kept)
+    assert info["text_chars"] == sum(len(t) for t in kept)
+    assert info["target_tokens"] == sum(len(t) + 1 for t in kept)
+    assert info["real_tokens"] == int((rows != tok.pad_id).sum())
+    assert len(info["shards"]) == -(-(60 + 4) // 7)
+    assert m["dtype"] == "uint16" and m["row_len"] == 17 and m["tokenizer"]["sha256"] == tok.sha256
+    assert (store.path / "tokenizer.model").read_bytes() == (tmp_path / "tokenizers/wiki.model").read_bytes()
+    assert not (store.path / ".work").exists()
+
+
+def test_encode_skip_force_and_num_proc_identity(tmp_path, capsys):
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    encode(cfg)
+    one = store_bytes(tmp_path / "shards" / "wiki")
+    mtime = (tmp_path / "shards/wiki/manifest.json").stat().st_mtime_ns
+    encode(cfg)
+    assert "up to date" in capsys.readouterr().out
+    assert (tmp_path / "shards/wiki/manifest.json").stat().st_mtime_ns == mtime
+    encode(config(tmp_path, num_proc=2), force=True)  # two worker processes
+    assert store_bytes(tmp_path / "shards" / "wiki") == one
+    # a changed parameter re-encodes from scratch
+    m = encode(config(tmp_path, seq_len=9))
+    assert m["seq_len"] == 9 and ShardStore(tmp_path / "shards/wiki").seq_len == 9
+
+
+def test_parts_merge_equals_single_machine(tmp_path):
+    write_corpus(tmp_path / "a")
+    write_corpus(tmp_path / "b")
+    encode(config(tmp_path / "a"))
+    cfg = config(tmp_path / "b")
+    from pipelines import encode as enc
+
+    for i in (2, 0):
+        r = encode(cfg, num_shards=3, shard_index=i)
+        assert r["parts_missing"] == ([0, 1] if i == 2 else [1])
+        assert not (tmp_path / "b/shards/wiki/manifest.json").exists()
+    with pytest.raises(XLabError, match="not encoded yet"):
+        enc.merge(cfg)
+    encode(cfg, num_shards=3, shard_index=1)
+    enc.merge(cfg)
+    assert store_bytes(tmp_path / "b/shards/wiki") == store_bytes(tmp_path / "a/shards/wiki")
+    with pytest.raises(XLabError, match="shard-index"):
+        encode(cfg, num_shards=2, shard_index=2)
+
+
+def test_missing_inputs_name_the_command(tmp_path):
+    with pytest.raises(XLabError, match="xlab data split"):
+        encode(config(tmp_path))
+    write_corpus(tmp_path)
+    (tmp_path / "tokenizers/wiki.model").unlink()
+    with pytest.raises(XLabError, match="xlab tokenizer train"):
+        encode(config(tmp_path))
+
+
+def test_large_vocab_store_is_uint32(tmp_path):
+    write_corpus(tmp_path, n=5, vocab_size=70_000)
+    t = pq.read_table(tmp_path / "data/splits/wiki/val.parquet").to_pydict()
+    t["text"][0] = chr(69_999 - 4) + "a"  # encodes to id 69,999
+    pq.write_table(pa.table(t), tmp_path / "data/splits/wiki/val.parquet")
+    encode(config(tmp_path))
+    store = ShardStore(tmp_path / "shards/wiki")
+    assert store.dtype == np.uint32 and store.read_rows("val", np.array([0]))[0, 1] == 69_999
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path[:0] = [{root!r}, {tests!r}]
+import numpy as np
+import test_encode as te
+from xlab.shards import pack_articles as real_pack
+import xlab.shards
+
+def slow_pack(*a, **k):  # slows every unit so that the parent can kill mid-run
+    time.sleep(0.05)
+    return real_pack(*a, **k)
+
+xlab.shards.pack_articles = slow_pack
+te.encode(te.config(__import__('pathlib').Path({dir!r})))
+"""
+
+
+def test_sigkill_then_rerun_is_byte_identical(tmp_path):
+    write_corpus(tmp_path / "clean", n=120)
+    write_corpus(tmp_path / "killed", n=120)
+    encode(config(tmp_path / "clean"))
+    out = tmp_path / "killed" / "shards" / "wiki"
+    script = KILL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), dir=str(tmp_path / "killed"))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (out / ".work" / "train" / "000003.json").exists():
+        assert p.poll() is None, p.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "manifest.json").exists()  # an interrupted store never claims to be complete
+    with pytest.raises(XLabError):
+        ShardStore(out)
+    encode(config(tmp_path / "killed"))
+    assert store_bytes(out) == store_bytes(tmp_path / "clean" / "shards" / "wiki")
+
+
+def test_validate_passes_then_lists_every_problem(tmp_path, capsys):
+    from pipelines import validate
+
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    encode(cfg)
+    assert validate.run(cfg) == 0
+    out = tmp_path / "shards" / "wiki"
+    # corrupt: an id past the vocabulary, padding in the middle of a row, a pad-only row
+    p = out / "train" / "000001.npy"
+    rows = np.load(p)
+    rows[0, 3] = 999
+    rows[1, 2] = 0
+    rows[2, 1:] = 0
+    np.save(p, rows)
+    (out / "val" / "000000.npy").unlink()
+    assert validate.run(cfg) == 1
+    text = capsys.readouterr().out
+    assert "train/000001.npy" in text and "sha256" in text
+    assert "row 0" in text and "999" in text
+    assert "row 1" in text and "padding" in text
+    assert "row 2" in text
+    assert "val/000000.npy" in text and "missing" in text
