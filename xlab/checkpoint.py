@@ -1,0 +1,271 @@
+"""Training checkpoints, portable exports, and loading a model from either.
+
+A training checkpoint (``runs/<run>/checkpoints/last.pt``, ``best-*.pt``) is one ``torch.save`` file
+holding only tensors and plain containers, so that it loads with ``torch.load(weights_only=True)``
+and a checkpoint from elsewhere cannot run code on load:
+
+``format``            "xlab-checkpoint", ``format_version`` 1, ``xlab_version``
+``model``             the model's state dict (no DDP / torch.compile prefixes)
+``optimizer``         AdamW's state dict (two moments per parameter: the bulk of the file)
+``step``              optimizer steps done; the learning-rate schedule is a function of it
+``loader``            the training ShardLoader's state ``{"epoch", "position", "seed"}``
+``rng``               torch (CPU and CUDA), numpy and Python ``random`` states, as tensors and numbers
+``config``            the full XLab configuration in force (plain dict)
+``tokenizer``         the tokenizer's ``.model`` bytes as a ``torch.uint8`` tensor
+``tokenizer_sha256``  sha256 of those bytes
+``shards``            the path of the shard store trained on
+``best``              the best checkpoints kept so far: ``[{"loss", "step", "file"}]``
+
+An export folder (``xlab export``) holds ``model.safetensors`` (weights only), ``config.json`` and
+``config.yaml`` (the configuration), ``tokenizer.model`` and ``meta.json`` (step, store path,
+versions). It is about a third of a training checkpoint: AdamW's two moments are not in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import xlab
+from xlab.errors import XLabError
+from xlab.io import atomic_dir, atomic_path, atomic_write_json, read_json, sha256_bytes
+
+FORMAT = "xlab-checkpoint"
+FORMAT_VERSION = 1
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    """Every random-number generator's state, as tensors and numbers (``weights_only``-loadable)."""
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()  # ("MT19937", uint32 keys (624,), pos, has_gauss, cached_gaussian)
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),  # 625 values < 2**32
+            "gauss_next": py_gauss,
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state` output."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ save and load
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically (a temporary file renamed into place); returns the path."""
+    import torch
+
+    path = Path(path)
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "xlab_version": xlab.__version__, **state}
+    with atomic_path(path) as tmp:
+        torch.save(full, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a training checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        XLabError: the file is missing, not a checkpoint, corrupt, or holds objects other than
+            tensors and plain containers (refused rather than unpickled: that could run code).
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise XLabError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise XLabError(f"refusing to load {path}: it holds more than tensors and plain data ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise XLabError(f"corrupt or unreadable checkpoint {path}: {first[:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise XLabError(f"{path} is not an XLab training checkpoint")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise XLabError(f"{path} has checkpoint format version {ckpt.get('format_version')}, "
+                        f"this XLab reads {FORMAT_VERSION}")
+    return ckpt
+
+
+def tokenizer_bytes_tensor(data: bytes):
+    """The tokenizer's model bytes as a ``torch.uint8`` tensor of shape ``(len(data),)``."""
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def tensor_bytes(t) -> bytes:
+    """Inverse of :func:`tokenizer_bytes_tensor`."""
+    return t.cpu().numpy().tobytes()
+
+
+def _tokenizer_from_bytes(data: bytes):
+    from xlab.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_bytes(data)
+    except XLabError:
+        raise
+    except Exception as e:  # sentencepiece raises RuntimeError / OSError on bad bytes
+        raise XLabError(f"the tokenizer stored with the model is unreadable: {e}") from None
+
+
+def build_model(cfg: Any):
+    """A fresh :class:`xlab.model.Transformer` of ``cfg.model`` (weights as initialised)."""
+    from xlab.model import Transformer
+
+    return Transformer(cfg.model)
+
+
+def load_model(path: str | os.PathLike, device: Any = "cpu"):
+    """Load a model from a training checkpoint (``.pt``) or an export folder.
+
+    Args:
+        path: a checkpoint file written by ``xlab train`` or a folder written by ``xlab export``.
+        device: where to put the model ("cpu", "cuda", "cuda:1", ...).
+
+    Returns:
+        ``(model, cfg, tokenizer)``: the :class:`~xlab.model.Transformer` in eval mode on ``device``,
+        the XLab configuration (OmegaConf ``DictConfig``) it was trained with, and its
+        :class:`~xlab.tokenizer.Tokenizer`.
+
+    Raises:
+        XLabError: missing, corrupt or unsafe files (one line).
+    """
+    model, cfg, tokenizer, _ = load_model_meta(path, device)
+    return model, cfg, tokenizer
+
+
+def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
+    """:func:`load_model` plus a dict ``{"step", "shards", "tokenizer_sha256"}`` read from the same files."""
+    from xlab.config import from_dict
+
+    path = Path(path)
+    if path.is_dir():
+        cfg_path, w_path, tok_path = path / "config.json", path / EXPORT_WEIGHTS, path / "tokenizer.model"
+        for p in (cfg_path, w_path, tok_path):
+            if not p.is_file():
+                raise XLabError(f"{path} is not an XLab export folder (missing {p.name})")
+        try:
+            cfg = from_dict(read_json(cfg_path))
+        except Exception as e:
+            raise XLabError(f"unreadable model configuration {cfg_path}: {str(e).splitlines()[0]}") from None
+        model = build_model(cfg)
+        from safetensors.torch import load_model as st_load
+
+        try:
+            st_load(model, str(w_path), strict=True)
+        except Exception as e:
+            raise XLabError(f"corrupt or mismatched weights {w_path}: {str(e).splitlines()[0][:200]}") from None
+        tok_bytes = tok_path.read_bytes()
+        meta_file = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+        meta = {"step": meta_file.get("step"), "shards": meta_file.get("shards")}
+    else:
+        ckpt = load_checkpoint(path)
+        try:
+            cfg = from_dict(ckpt["config"])
+        except Exception as e:
+            raise XLabError(f"checkpoint {path} holds an unreadable configuration: {str(e).splitlines()[0]}") from None
+        model = build_model(cfg)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except Exception as e:
+            raise XLabError(f"checkpoint {path} does not match its model configuration: "
+                            f"{str(e).splitlines()[0][:200]}") from None
+        tok_bytes = tensor_bytes(ckpt["tokenizer"])
+        meta = {"step": ckpt.get("step"), "shards": ckpt.get("shards")}
+    meta["tokenizer_sha256"] = sha256_bytes(tok_bytes)
+    tokenizer = _tokenizer_from_bytes(tok_bytes)
+    model.to(device)
+    model.eval()
+    return model, cfg, tokenizer, meta
+
+
+def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
+    """Write a training checkpoint's model as a portable folder (weights only, no optimizer state).
+
+    Args:
+        ckpt_path: a training checkpoint ``.pt``.
+        out: output folder; default ``exports/<run_name>-step<step>``.
+
+    Returns:
+        The folder written: ``model.safetensors``, ``config.json``, ``config.yaml``, ``tokenizer.model``,
+        ``meta.json``. It appears complete or not at all (written beside it, then renamed).
+
+    Raises:
+        XLabError: the checkpoint is unreadable, or ``out`` already exists (never overwritten).
+    """
+    import yaml
+    from safetensors.torch import save_model
+
+    from xlab.config import from_dict
+
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg_dict = ckpt["config"]
+    step = int(ckpt.get("step", 0))
+    if out is None:
+        out = Path("exports") / f"{cfg_dict.get('train', {}).get('run_name', 'model')}-step{step}"
+    out = Path(out)
+    if out.exists():
+        raise XLabError(f"{out} already exists; choose another --out or remove it")
+    model = build_model(from_dict(cfg_dict))
+    model.load_state_dict(ckpt["model"])
+    tok_bytes = tensor_bytes(ckpt["tokenizer"])
+    with atomic_dir(out) as tmp:
+        # save_model (not save_file) handles tied weights: a shared tensor is stored once.
+        save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": "xlab-export", "step": str(step)})
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
+        (tmp / "tokenizer.model").write_bytes(tok_bytes)
+        atomic_write_json(tmp / "meta.json", {
+            "format": "xlab-export",
+            "xlab_version": xlab.__version__,
+            "step": step,
+            "shards": ckpt.get("shards"),
+            "tokenizer_sha256": sha256_bytes(tok_bytes),
+            "source_checkpoint": str(ckpt_path),
+            "num_parameters": model.num_parameters(),
+        })
+    from rich.console import Console
+
+    size_ck, size_ex = ckpt_path.stat().st_size, sum(f.stat().st_size for f in out.iterdir())
+    Console(highlight=False).print(
+        f"[bold]export[/bold]: {out} ({size_ex / 1e6:.1f} MB; the checkpoint is {size_ck / 1e6:.1f} MB), step {step}")
+    return out

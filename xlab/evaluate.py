@@ -1,0 +1,202 @@
+"""Evaluation: loss, accuracy, perplexity and bits per byte of a model over a split of a shard store.
+
+Bits per byte makes models with different tokenizers comparable: the total loss of the split in
+nats, converted to bits, divided by the UTF-8 bytes of the split's text,
+``bpb = loss_nats_per_target * target_tokens / (text_bytes * ln 2)``, with ``target_tokens`` and
+``text_bytes`` from the store's manifest. For a partial evaluation (``max_batches``) the mean loss of
+the evaluated targets stands for the whole split, i.e. it is scaled by the split's tokens per byte.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from xlab.errors import XLabError
+
+IGNORE_INDEX = -100
+
+
+def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                  max_batches: Optional[int] = None, device: Any = "cpu") -> Iterator[tuple[Any, Any]]:
+    """Every row of ``split`` in store order, as ``(inputs, targets)`` int64 tensors ``(b, seq_len)``.
+
+    Unlike the training loader the last, incomplete batch is kept, so a whole-split evaluation sees
+    every target. Batch ``k`` (of ``ceil(rows / batch_size)``, or the first ``max_batches``) goes to
+    rank ``k % world_size``. Targets at pad positions are :data:`IGNORE_INDEX`.
+    """
+    import numpy as np
+    import torch
+
+    n = store.rows(split)
+    n_batches = math.ceil(n / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for k in range(rank, n_batches, world_size):
+        idx = np.arange(k * batch_size, min(n, (k + 1) * batch_size), dtype=np.int64)
+        rows = store.read_rows(split, idx).astype(np.int64)
+        tgt = rows[:, 1:]
+        targets = np.where(tgt == store.pad_id, IGNORE_INDEX, tgt)
+        yield (torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(targets).to(device))
+
+
+def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: int = 8192,
+             autocast: Any = None) -> dict:
+    """Summed loss statistics of ``model`` over ``batches``, in evaluation mode and without gradients.
+
+    Args:
+        model: a :class:`~xlab.model.Transformer` (or anything with ``hidden`` and ``head``).
+        batches: ``(inputs, targets)`` int64 tensors ``(B, T)`` on the model's device; targets equal to
+            :data:`IGNORE_INDEX` count for nothing.
+        chunk_tokens: positions whose logits are computed at once.
+        autocast: a context manager factory for mixed precision (None: full precision).
+
+    Returns:
+        ``{"loss_sum": float (nats), "correct": int, "count": int}`` summed in fp64 over the batches of
+        this process (the trainer all-reduces them across processes). The model's train/eval mode is
+        restored afterwards.
+    """
+    import torch
+
+    from xlab.loss import model_loss
+
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    correct = 0
+    count = 0
+    try:
+        with torch.no_grad():
+            for inputs, targets in batches:
+                with (autocast() if autocast else nullcontext()):
+                    ls, c, n = model_loss(model, inputs, targets, chunk_tokens)
+                loss_sum += float(ls.double())
+                correct += int(c)
+                count += int(n)
+    finally:
+        model.train(was_training)
+    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def metrics(loss_sum: float, correct: int, count: int, split_info: Optional[dict] = None) -> dict:
+    """Loss (nats per target), accuracy, perplexity and bits per byte from summed statistics.
+
+    Args:
+        loss_sum, correct, count: as returned by :func:`evaluate` (summed over processes).
+        split_info: the store's manifest entry of the split (``target_tokens``, ``text_bytes``); without
+            it, or with zero bytes, ``bits_per_byte`` is None.
+
+    Returns:
+        ``{"loss", "accuracy", "perplexity", "bits_per_byte", "tokens"}``; with no target at all the
+        loss, accuracy and perplexity are NaN.
+    """
+    if count <= 0:
+        nan = float("nan")
+        return {"loss": nan, "accuracy": nan, "perplexity": nan, "bits_per_byte": None, "tokens": 0}
+    loss = loss_sum / count
+    bpb = None
+    if split_info and split_info.get("text_bytes") and split_info.get("target_tokens"):
+        bpb = loss * float(split_info["target_tokens"]) / (float(split_info["text_bytes"]) * math.log(2))
+    return {
+        "loss": loss,
+        "accuracy": correct / count,
+        "perplexity": math.exp(loss) if loss < 700 else float("inf"),
+        "bits_per_byte": bpb,
+        "tokens": count,
+    }
+
+
+def resolve_device(device: str, local_rank: int = 0):
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:<local_rank>``.
+
+    Raises:
+        XLabError: CUDA was asked for and is not available.
+    """
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise XLabError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def autocast_factory(precision: str, device: Any):
+    """A zero-argument factory of the autocast context for ``precision`` (auto | bf16 | fp32), or None.
+
+    ``auto`` is bf16 on CUDA and fp32 on CPU.
+    """
+    import torch
+
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return None
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[str | os.PathLike] = None,
+        device: str = "auto", max_batches: Optional[int] = None,
+        json_out: Optional[str | os.PathLike] = None) -> dict:
+    """``xlab evaluate``: metrics of a checkpoint or export over a whole split (or its first batches).
+
+    Args:
+        checkpoint: a training checkpoint ``.pt`` or an export folder.
+        split: the store split to evaluate, e.g. ``val`` or ``test``.
+        shards_dir: the shard store; default the one the model was trained on.
+        device: auto | cpu | cuda | cuda:N.
+        max_batches: evaluate only the first N batches (of ``train.batch_size`` rows).
+        json_out: also write the metrics to this JSON file (atomically).
+
+    Returns:
+        ``{"loss", "accuracy", "perplexity", "bits_per_byte", "tokens", "split", "checkpoint", "step",
+        "batches", "complete"}``.
+
+    Raises:
+        XLabError: unreadable checkpoint, missing store or split, or a store encoded with another
+            tokenizer than the model's.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from xlab.checkpoint import load_model_meta
+    from xlab.config import stage_paths
+    from xlab.io import atomic_write_json
+    from xlab.shards import ShardStore
+
+    dev = resolve_device(device)
+    model, cfg, _tok, meta = load_model_meta(checkpoint, dev)
+    if shards_dir is None:
+        shards_dir = meta.get("shards") or stage_paths(cfg).shards
+    store = ShardStore(shards_dir)
+    if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
+        raise XLabError(f"shard store {store.path} was encoded with another tokenizer than the model's; "
+                        "pass the --shards the model was trained on")
+    info = store.split_info(split)
+    batch_size = int(cfg.train.batch_size)
+    total_batches = math.ceil(store.rows(split) / batch_size)
+    n_batches = total_batches if max_batches is None else min(total_batches, max_batches)
+    sums = evaluate(model, split_batches(store, split, batch_size, max_batches=max_batches, device=dev),
+                    chunk_tokens=int(cfg.train.loss_chunk_tokens),
+                    autocast=autocast_factory(cfg.train.precision, dev))
+    m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
+    m.update({"split": split, "checkpoint": str(checkpoint), "step": meta.get("step"), "batches": n_batches,
+              "complete": n_batches == total_batches, "shards": str(store.path)})
+    table = Table(title=f"{checkpoint} on {split}" + ("" if m["complete"] else f" (first {n_batches} batches)"))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens"):
+        v = m[k]
+        table.add_row(k, "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
+    Console(highlight=False).print(table)
+    if json_out is not None:
+        atomic_write_json(Path(json_out), m)
+    return m
