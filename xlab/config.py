@@ -73,13 +73,13 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None: n_heads; fewer gives GQA, 1 gives MQA
-    d_ff: int = 1024
-    dropout: float = 0.0
+    d_ff: int = 1024  # feed-forward hidden width; swiglu keeps it (1.5x the parameters of gelu)
+    dropout: float = 0.0  # on attention probabilities and feed-forward hidden activations only
     norm: str = "layernorm"  # layernorm | rmsnorm
     activation: str = "gelu"  # gelu | swiglu | relu
     position: str = "sinusoidal"  # sinusoidal | learned | rope
-    tie_embeddings: bool = False
-    bias: bool = True
+    tie_embeddings: bool = False  # share the token embedding with the output head
+    bias: bool = True  # biases in every linear layer, the output head and LayerNorm
     attention: str = "sdpa"  # sdpa | flash_attn | math
 
 
