@@ -89,10 +89,8 @@ def _train(train_mod, cfg, force: bool):
     """Train, resume an interrupted run, or skip a finished one with the same configuration."""
     import shutil
 
-    from xlab.checkpoint import run_status
-
     run_dir = stage_paths(cfg).run
-    status = run_status(run_dir, cfg)  # "none" | "finished" | "partial" | "different"
+    status = _run_status(run_dir, cfg)
     if force and status != "none":
         shutil.rmtree(run_dir)
         status = "none"
@@ -105,3 +103,24 @@ def _train(train_mod, cfg, force: bool):
         raise XLabError(f"{run_dir} holds a run with another configuration; pass --force to retrain it "
                         f"or choose another run with -o train.run_name=NAME")
     return train_mod.train(cfg, shards_dir=None, resume=(status == "partial"))
+
+
+def _run_status(run_dir, cfg) -> str:
+    """``none`` (no checkpoint), ``finished`` / ``partial`` (same configuration, done or not), or
+    ``different`` (a run with another configuration that ``--force`` would replace)."""
+    from xlab.checkpoint import load_checkpoint
+    from xlab.config import to_dict
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return "none"
+    ckpt = load_checkpoint(last)
+    old, new = ckpt.get("config", {}), to_dict(cfg)
+    # The trainer fills model.vocab_size and model.max_len from the store, so compare the rest.
+    skip = {"vocab_size", "max_len"}
+    same = all(old.get(k) == new.get(k) for k in ("data", "tokenizer", "shards", "train")) and \
+        {k: v for k, v in old.get("model", {}).items() if k not in skip} == \
+        {k: v for k, v in new["model"].items() if k not in skip}
+    if not same:
+        return "different"
+    return "finished" if int(ckpt["step"]) >= int(ckpt["total_steps"]) else "partial"
