@@ -1,0 +1,140 @@
+"""The split stage: exact seeded counts, determinism across processes, disjointness, skip logic."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import split
+from pipelines.stage import write_manifest
+from xlab.config import SPLITS, load_config
+from xlab.errors import XLabError
+
+ROOT = Path(__file__).resolve().parent.parent
+FRACTIONS = (0.9, 0.05, 0.025, 0.025)
+
+
+def write_raw(root: Path, n: int, name: str = "wiki") -> list[str]:
+    """A stand-in for the download stage's output: ``n`` articles with ids ``a0..a{n-1}``."""
+    ids = [f"a{i}" for i in range(n)]
+    table = pa.table({"id": ids, "url": [f"https://en.wikipedia.org/wiki/T{i}" for i in ids],
+                      "title": [f"T{i}" for i in ids], "text": [f"text of {i} " * (1 + len(i)) for i in ids]},
+                     schema=pa.schema([(c, pa.string()) for c in ("id", "url", "title", "text")]))
+    raw = root / "data" / "raw" / name
+    raw.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, raw / "articles.parquet")
+    write_manifest(raw / "manifest.json", stage="download", params={}, inputs={}, counts={"articles": n})
+    return ids
+
+
+def make_cfg(root, *overrides):
+    return load_config(overrides=[f"paths.data_dir={root / 'data'}", *overrides], use_defaults_file=False)
+
+
+def read_splits(root, name="wiki"):
+    return {s: pq.read_table(root / "data" / "splits" / name / f"{s}.parquet").to_pylist() for s in SPLITS}
+
+
+# --------------------------------------------------------------------------------------- counts
+@pytest.mark.parametrize("n, expected", [
+    (0, [0, 0, 0, 0]), (3, [3, 0, 0, 0]), (4, [1, 1, 1, 1]), (10, [7, 1, 1, 1]),
+    (40, [36, 2, 1, 1]), (100, [90, 5, 3, 2]), (10_093, [9084, 505, 252, 252]),
+])
+def test_split_counts(n, expected):
+    assert split.split_counts(n, FRACTIONS) == expected
+
+
+def test_split_counts_zero_fraction_and_sum():
+    assert split.split_counts(7, (0.5, 0.5, 0.0, 0.0)) == [4, 3, 0, 0]
+    for n in range(4, 300):
+        c = split.split_counts(n, FRACTIONS)
+        assert sum(c) == n and min(c) >= 1
+        if n >= 40:  # from here on no split needs topping up to one article
+            assert all(abs(ci - f * n) < 1 for ci, f in zip(c, FRACTIONS))
+
+
+# ----------------------------------------------------------------------------------- assignment
+def test_assignment_depends_on_seed_and_ids_not_order():
+    ids = [f"id{i}" for i in range(2000)]
+    a = split.assign_splits(ids, 42, FRACTIONS)
+    rev = split.assign_splits(ids[::-1], 42, FRACTIONS)[::-1]
+    assert (a == rev).all()  # the input order does not matter
+    assert [int((a == k).sum()) for k in range(4)] == split.split_counts(2000, FRACTIONS)
+    assert (split.assign_splits(ids, 43, FRACTIONS) != a).mean() > 0.05  # another seed, another split
+    # Growing the corpus by 10% leaves almost every earlier article where it was.
+    grown = split.assign_splits(ids + [f"new{i}" for i in range(200)], 42, FRACTIONS)[:2000]
+    assert (grown == a).mean() > 0.97
+
+
+# -------------------------------------------------------------------------------------- the stage
+def test_run_disjoint_complete_and_counted(tmp_path):
+    ids = write_raw(tmp_path, 1000)
+    out = split.run(make_cfg(tmp_path))
+    parts = read_splits(tmp_path)
+    got = {s: [r["id"] for r in rows] for s, rows in parts.items()}
+    assert [len(got[s]) for s in SPLITS] == split.split_counts(1000, FRACTIONS) == [900, 50, 25, 25]
+    assert sorted(sum(got.values(), [])) == sorted(ids)  # every article once: disjoint and complete
+    for s in SPLITS:  # articles keep the raw order inside a split
+        assert got[s] == sorted(got[s], key=lambda i: int(i[1:]))
+    assert parts["val"][0]["text"] == f"text of {got['val'][0]} " * (1 + len(got["val"][0]))
+    m = json.loads((tmp_path / "data/splits/wiki/manifest.json").read_text())
+    assert {s: m["counts"][s] for s in SPLITS} == {"train": 900, "val": 50, "test": 25, "predict": 25}
+    assert m["counts"]["characters"]["val"] == sum(len(r["text"]) for r in parts["val"])
+    assert m["params"] == {"seed": 42, "fractions": dict(zip(SPLITS, FRACTIONS))}
+    assert m["inputs"]["articles.parquet"] == split.sha256_file(tmp_path / "data/raw/wiki/articles.parquet")
+    assert out["counts"]["articles"] == 1000
+
+
+def test_every_split_gets_an_article_from_four(tmp_path):
+    write_raw(tmp_path, 4)
+    split.run(make_cfg(tmp_path))
+    assert [len(v) for v in read_splits(tmp_path).values()] == [1, 1, 1, 1]
+
+
+def test_skip_force_and_new_seed(tmp_path):
+    write_raw(tmp_path, 200)
+    cfg = make_cfg(tmp_path)
+    assert split.run(cfg)["skipped"] is False
+    first = read_splits(tmp_path)
+    assert split.run(cfg)["skipped"] is True
+    assert split.run(cfg, force=True)["skipped"] is False and read_splits(tmp_path) == first
+    assert split.run(make_cfg(tmp_path, "data.split_seed=7"))["skipped"] is False
+    assert read_splits(tmp_path) != first
+    write_raw(tmp_path, 201)  # new input: redone
+    assert split.run(make_cfg(tmp_path, "data.split_seed=7"))["skipped"] is False
+
+
+def test_duplicate_ids_refused(tmp_path):
+    raw = tmp_path / "data/raw/wiki"
+    write_raw(tmp_path, 3)
+    t = pq.read_table(raw / "articles.parquet")
+    pq.write_table(pa.concat_tables([t, t]), raw / "articles.parquet")
+    with pytest.raises(XLabError, match="duplicate article ids"):
+        split.run(make_cfg(tmp_path))
+
+
+def test_same_split_in_two_processes(tmp_path):
+    """Two interpreters with different hash salts write byte-identical splits."""
+    results = []
+    for salt in ("1", "2"):
+        work = tmp_path / f"w{salt}"
+        write_raw(work, 300)
+        env = dict(os.environ, PYTHONHASHSEED=salt, PYTHONPATH=str(ROOT))
+        p = subprocess.run([sys.executable, "-m", "xlab.cli", "data", "split"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        results.append({s: (work / f"data/splits/wiki/{s}.parquet").read_bytes() for s in SPLITS})
+    assert results[0] == results[1]
+
+
+def test_missing_raw_is_one_line_exit_2(tmp_path, cli):
+    p = cli(["data", "split"], cwd=tmp_path, check=False)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(err.splitlines()) == 1
+    assert err.startswith("error: raw articles not found") and "`xlab data download`" in err
+    assert not (tmp_path / "data" / "splits").exists()
