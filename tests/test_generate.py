@@ -1,0 +1,478 @@
+"""Generation: exact semantics on small table-driven models, then the real Transformer and the CLI."""
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from xlab import generate as gen
+from xlab.errors import XLabError
+
+EOS = 2
+
+
+# ----------------------------------------------------------------------------------- stand-ins
+class Bigram:
+    """A model whose next-token logits depend only on the last token: logits[b, t] = table[ids[b, t]].
+
+    Records the shape of every forward call."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table.float()
+        self.calls = []
+
+    def __call__(self, ids):
+        self.calls.append(tuple(ids.shape))
+        return self.table[ids]
+
+
+class FakeCache:
+    def __init__(self, batch_size, capacity):
+        self.batch_size, self.capacity, self.length = batch_size, capacity, 0
+
+    def reorder(self, index):
+        self.batch_size = len(index)
+
+
+class CachedBigram(Bigram):
+    """:class:`Bigram` with a KV-cache interface that checks batch size and capacity like the real one."""
+
+    def __init__(self, table, max_len=1000):
+        super().__init__(table)
+        self.max_len = max_len
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        return FakeCache(batch_size, self.max_len)
+
+    def __call__(self, ids, cache=None):
+        if cache is not None:
+            assert ids.shape[0] == cache.batch_size
+            cache.length += ids.shape[1]
+            if cache.length > cache.capacity:
+                raise ValueError("cache overflow")
+        return super().__call__(ids)
+
+
+class Position:
+    """Next token = (number of tokens the model sees up to and including this one) mod V, one-hot.
+
+    The generated ids therefore spell out the visible context length at each step."""
+
+    def __init__(self, vocab=64):
+        self.vocab = vocab
+
+    def _logits(self, lengths):  # lengths (B, T) -> (B, T, V)
+        return 10.0 * torch.nn.functional.one_hot(lengths % self.vocab, self.vocab).float()
+
+    def __call__(self, ids):
+        B, T = ids.shape
+        return self._logits(torch.arange(1, T + 1).expand(B, T))
+
+
+class CachedPosition(Position):
+    def __init__(self, vocab=64, max_len=1000):
+        super().__init__(vocab)
+        self.max_len = max_len
+
+    def new_cache(self, batch_size, device=None, dtype=None):
+        return FakeCache(batch_size, self.max_len)
+
+    def __call__(self, ids, cache=None):
+        if cache is None:
+            return super().__call__(ids)
+        B, T = ids.shape
+        start = cache.length
+        cache.length += T
+        if cache.length > cache.capacity:
+            raise ValueError("cache overflow")
+        return self._logits(torch.arange(start + 1, start + T + 1).expand(B, T))
+
+
+def random_table(vocab, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, vocab, generator=g) * scale
+
+
+def chain_table(vocab, eos=EOS, end=7):
+    """Deterministic chain: after token i comes i + 1 (wrapping past the specials), after `end` eos."""
+    t = torch.full((vocab, vocab), -5.0)
+    for i in range(vocab):
+        nxt = eos if i == end else (i + 1 if i + 1 < vocab else 4)
+        if nxt == EOS and i != end:
+            nxt = 4
+        t[i, nxt] = 5.0
+    return t
+
+
+class CharTokenizer:
+    """Character tokenizer: 0 pad, 1 sos, 2 eos, 3 unk, then one id per character of ALPHABET."""
+
+    ALPHABET = "abcdefghijklmnop ."
+    pad_id, sos_id, eos_id, unk_id = 0, 1, 2, 3
+    sha256 = "fake"
+
+    @property
+    def vocab_size(self):
+        return 4 + len(self.ALPHABET)
+
+    def encode(self, s):
+        return [4 + self.ALPHABET.index(c) for c in s]
+
+    def decode(self, ids):
+        return "".join(self.ALPHABET[i - 4] for i in ids if i >= 4)
+
+    def incremental_decoder(self):
+        tok = self
+
+        class Dec:
+            def push(self, i):
+                return tok.decode([i])
+
+            def flush(self):
+                return ""
+
+        return Dec()
+
+
+# ----------------------------------------------------------------------------------- filtering
+def test_top_p_keeps_the_crossing_token():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda p: torch.isfinite(gen.filter_logits(logits, top_p=p))[0].tolist()
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.4) == [True, False, False, False]
+    assert kept(0.9) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+    # Order in the vocabulary does not matter, only probability.
+    shuffled = torch.tensor([[0.15, 0.5, 0.05, 0.3]]).log()
+    assert torch.isfinite(gen.filter_logits(shuffled, top_p=0.6))[0].tolist() == [False, True, False, True]
+
+
+def test_top_k():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 2.0]])
+    kept = lambda k: torch.isfinite(gen.filter_logits(logits, top_k=k))[0].tolist()
+    assert kept(1) == [False, True, False, False, False]  # exactly k, ties to the lower id
+    assert kept(3) == [False, True, True, False, True]
+    assert kept(0) == kept(None) == kept(5) == kept(100) == [True] * 5
+    # top-k then top-p on the renormalised top-k probabilities: [3, 3, 2] -> 0.42, 0.42, 0.16
+    assert torch.isfinite(gen.filter_logits(logits, top_k=3, top_p=0.5))[0].tolist() == [
+        False, True, True, False, False]
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1),
+                                    dict(top_p=0.0), dict(top_p=1.01), dict(top_p=-0.5), dict(num_samples=0)])
+def test_bad_sampling_values_raise(kwargs):
+    with pytest.raises(ValueError):
+        gen.sample(Bigram(random_table(8, 0)), [1], 3, **kwargs)
+
+
+def test_bad_common_values_raise():
+    m = Bigram(random_table(8, 0))
+    with pytest.raises(ValueError):
+        gen.greedy_search(m, [], 3)
+    with pytest.raises(ValueError):
+        gen.greedy_search(m, [1], -1)
+    with pytest.raises(ValueError):
+        gen.beam_search(m, [1], 3, beam_width=0)
+    with pytest.raises(ValueError):
+        gen.beam_search(m, [1], 3, length_penalty=float("inf"))
+
+
+def test_inverse_cdf_picks_exact_buckets_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(4, 4)
+    u = torch.tensor([0.25, 0.6, 0.9, 0.99], dtype=torch.float64)
+    assert gen._inverse_cdf(probs, u).tolist() == [0, 1, 2, 3]
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]]).expand(3, 4)
+    u = torch.tensor([0.0, 0.5, 1.0 - 1e-12], dtype=torch.float64)
+    assert gen._inverse_cdf(probs, u).tolist() == [1, 2, 2]
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    table = torch.zeros(6, 6)
+    table[:, :4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    table[:, 4:] = float("-inf")
+    out = gen.sample(Bigram(table), [0], 2000, seed=3)[0]
+    freq = np.bincount(out, minlength=6) / len(out)
+    assert np.allclose(freq[:4], [0.5, 0.3, 0.15, 0.05], atol=0.03) and freq[4:].sum() == 0
+    out = gen.sample(Bigram(table), [0], 500, top_p=0.6, seed=3)[0]
+    assert set(out) == {0, 1}
+    out = gen.sample(Bigram(table), [0], 500, temperature=0.5, seed=3)[0]
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert abs(out.count(0) / 500 - (p / p.sum())[0].item()) < 0.05
+
+
+# ----------------------------------------------------------------------------- greedy, sampling
+@pytest.mark.parametrize("model_cls", [Bigram, CachedBigram])
+def test_greedy_exact_tokens_and_eos_stop(model_cls):
+    m = model_cls(chain_table(10))
+    assert gen.greedy_search(m, [1, 4], 10, eos_id=EOS) == [5, 6, 7]  # 7 -> eos, eos not returned
+    assert gen.greedy_search(m, [1, 4], 2, eos_id=EOS) == [5, 6]
+    assert gen.greedy_search(m, [1, 4], 5) == [5, 6, 7, 2, 3]  # no eos_id: 2 is an ordinary token
+    assert gen.greedy_search(m, [1, 4], 0, eos_id=EOS) == []
+
+
+def test_eos_stops_whatever_the_filtering():
+    m = Bigram(chain_table(10))
+    for kw in (dict(top_k=1), dict(top_p=0.3), dict(temperature=0.2), dict(temperature=5.0, top_k=1)):
+        assert gen.sample(m, [6], 10, eos_id=EOS, seed=0, **kw)[0] == [7], kw
+    got = []
+    gen.sample(m, [6], 10, eos_id=EOS, top_k=1, on_token=lambda r, t: got.append((r, t)))
+    assert got == [(0, 7)]
+
+
+def test_temperature_zero_is_greedy():
+    m = CachedBigram(random_table(12, 1))
+    g = gen.greedy_search(m, [1], 20)
+    assert gen.sample(m, [1], 20, temperature=0.0, num_samples=2, seed=5) == [g, g]
+
+
+def test_same_seed_same_tokens_and_samples_independent_of_batch():
+    m = CachedBigram(random_table(16, 2, scale=1.0))
+    a = gen.sample(m, [1, 5], 30, seed=7, num_samples=3, top_k=8, top_p=0.95, eos_id=EOS)
+    b = gen.sample(m, [1, 5], 30, seed=7, num_samples=3, top_k=8, top_p=0.95, eos_id=EOS)
+    assert a == b
+    assert len({tuple(x) for x in a}) == 3  # the three samples differ
+    for i in range(3):  # sample i is the seed + i sample, alone or in a batch
+        assert gen.sample(m, [1, 5], 30, seed=7 + i, top_k=8, top_p=0.95, eos_id=EOS)[0] == a[i]
+    # cache or not: same draws
+    assert gen.sample(Bigram(m.table), [1, 5], 30, seed=7, num_samples=3, top_k=8, top_p=0.95, eos_id=EOS) == a
+
+
+def test_finished_rows_leave_the_batch():
+    table = random_table(10, 4, scale=0.5)
+    table[:, EOS] = -1.0  # eos likely enough that some samples end early
+    m = CachedBigram(table)
+    outs = gen.sample(m, [1], 40, seed=0, num_samples=6, eos_id=EOS)
+    lengths = sorted(len(o) for o in outs)
+    assert lengths[0] < 40 and EOS not in sum(outs, [])
+    batch_sizes = [s[0] for s in m.calls]
+    assert batch_sizes[0] == 6 and batch_sizes[-1] < 6 and batch_sizes == sorted(batch_sizes, reverse=True)
+
+
+# ------------------------------------------------------------------------------------- sliding
+@pytest.mark.parametrize("model", [Position(), CachedPosition(max_len=6)])
+def test_context_slides_to_the_last_half_window(model):
+    # max_len 6, keep 3: visible lengths 2, 3, 4, 5, 6, then the 7th token slides to 3, ...
+    assert gen.greedy_search(model, [1, 9], 10, max_len=6) == [2, 3, 4, 5, 6, 3, 4, 5, 6, 3]
+    # a prompt longer than max_len keeps its last max_len tokens
+    assert gen.greedy_search(model, list(range(1, 11)), 6, max_len=6) == [6, 3, 4, 5, 6, 3]
+    # odd max_len: keep max_len // 2 = 2
+    assert gen.greedy_search(model, [1], 8, max_len=5) == [1, 2, 3, 4, 5, 2, 3, 4]
+    assert gen.greedy_search(model, [1], 4, max_len=1) == [1, 1, 1, 1]
+
+
+def test_sliding_uses_the_model_cfg_max_len():
+    class WithCfg(CachedPosition):
+        class cfg:
+            max_len = 4
+
+    assert gen.greedy_search(WithCfg(max_len=4), [1], 6) == [1, 2, 3, 4, 2, 3]
+    hyp = gen.beam_search(WithCfg(max_len=4), [1], 6, beam_width=3)[0]
+    assert hyp.tokens == [1, 2, 3, 4, 2, 3]
+
+
+# ---------------------------------------------------------------------------------- beam search
+def known_table():
+    """Greedy picks 1 (p .55) and wanders; 3 (p .45) is followed by eos with p .99."""
+    p = torch.full((6, 6), 1e-6)
+    p[0, 1], p[0, 3] = 0.55, 0.45
+    p[1, 0], p[1, 1], p[1, 3], p[1, EOS] = 0.35, 0.33, 0.31, 0.01
+    p[3, EOS] = 0.99
+    p[2, 4] = p[4, 4] = p[5, 4] = 1.0
+    return (p / p.sum(-1, keepdim=True)).log()
+
+
+@pytest.mark.parametrize("model_cls", [Bigram, CachedBigram])
+def test_beam_finds_the_better_hypothesis_that_greedy_misses(model_cls):
+    m = model_cls(known_table())
+    assert gen.greedy_search(m, [0], 3, eos_id=EOS) == [1, 0, 1]
+    lp = known_table()
+    hyps = gen.beam_search(m, [0], 3, beam_width=2, eos_id=EOS, length_penalty=1.0)
+    best = hyps[0]
+    assert best.tokens == [3] and best.ended
+    assert best.logprob == pytest.approx((lp[0, 3] + lp[3, EOS]).item(), abs=1e-5)
+    assert best.score == pytest.approx(best.logprob / 2, abs=1e-6)
+    # a greedy-like hypothesis scores worse: ln .55 + ln .35 + ln .55 over 3 tokens
+    assert best.score > (lp[0, 1] + lp[1, 0] + lp[0, 1]).item() / 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("model_cls", [Bigram, CachedBigram])
+def test_beam_width_one_is_greedy(seed, model_cls):
+    table = random_table(9, seed, scale=1.5)
+    m = model_cls(table)
+    for eos in (EOS, None):
+        g = gen.greedy_search(m, [1, 3], 25, eos_id=eos)
+        for lp in (0.0, 1.0, 2.0):
+            assert gen.beam_search(m, [1, 3], 25, beam_width=1, eos_id=eos, length_penalty=lp)[0].tokens == g
+
+
+def brute_force_best(table, prompt_last, max_new, eos, alpha):
+    """Best score over every continuation of up to max_new tokens (ended by eos or cut at max_new)."""
+    lp = torch.log_softmax(table.double(), -1)
+    best = -math.inf
+    vocab = table.shape[0]
+    for m in range(1, max_new + 1):
+        for seq in itertools.product(range(vocab), repeat=m):
+            if eos in seq[:-1]:
+                continue
+            if seq[-1] != eos and m < max_new:
+                continue  # a continuation ends with eos or at max_new
+            s, prev = 0.0, prompt_last
+            for t in seq:
+                s, prev = s + lp[prev, t].item(), t
+            best = max(best, s / m ** alpha)
+    return best
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 0.0, 0.7, 1.0, 2.5])
+def test_exhaustive_beam_is_optimal_so_the_stopping_bound_is_sound(alpha):
+    # With a beam as wide as every candidate, beam search is exact search: it can only miss the
+    # optimum by stopping too early, which a bound that ignores future length would do.
+    for seed in range(4):
+        table = random_table(4, 100 + seed, scale=2.0)
+        table[:, EOS] += 1.0
+        hyps = gen.beam_search(Bigram(table), [1], 4, beam_width=128, eos_id=EOS, length_penalty=alpha)
+        assert hyps[0].score == pytest.approx(brute_force_best(table, 1, 4, EOS, alpha), abs=1e-9)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+def test_beam_runs_one_batched_forward_per_step():
+    m = CachedBigram(random_table(20, 9, scale=0.5))
+    hyps = gen.beam_search(m, [1, 5, 6], 12, beam_width=4, eos_id=None)
+    assert m.calls[0] == (1, 3)  # the prompt, once
+    assert m.calls[1:] == [(4, 1)] * 11  # then one forward over all 4 beams per new token
+    assert len(hyps) == 4 and all(len(h.tokens) == 12 and not h.ended for h in hyps)
+    m0 = Bigram(m.table)  # without a cache: the whole context of every beam, still one call per step
+    assert gen.beam_search(m0, [1, 5, 6], 12, beam_width=4)[0].tokens == hyps[0].tokens
+    assert m0.calls[1:] == [(4, 3 + n) for n in range(1, 12)]
+
+
+def test_beam_max_new_tokens_zero():
+    assert gen.beam_search(Bigram(random_table(5, 0)), [1], 0)[0].tokens == []
+
+
+# ----------------------------------------------------------------------------------- text level
+def test_generate_decodes_the_whole_sequence_and_streams_the_same_text():
+    tok = CharTokenizer()
+    m = CachedBigram(random_table(tok.vocab_size, 11, scale=1.0))
+    for kw in (dict(), dict(greedy=True), dict(beam_width=3), dict(top_k=5, top_p=0.9, temperature=0.8)):
+        pieces = []
+        text = gen.generate(m, tok, "ab c", max_new_tokens=12, seed=3, on_text=pieces.append, **kw)
+        assert text.startswith("ab c") and "".join(pieces) == text
+        assert text == gen.generate(m, tok, "ab c", max_new_tokens=12, seed=3, **kw)
+    new = gen.greedy_search(m, [1] + tok.encode("ab c"), 12, eos_id=EOS)
+    assert gen.generate(m, tok, "ab c", max_new_tokens=12, greedy=True) == "ab c" + tok.decode(new)
+    new = gen.greedy_search(m, tok.encode("ab c"), 12, eos_id=EOS)
+    assert gen.generate(m, tok, "ab c", max_new_tokens=12, greedy=True, add_sos=False) == "ab c" + tok.decode(new)
+    with pytest.raises(ValueError):
+        gen.generate(m, tok, "", add_sos=False)
+
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch):
+    tok = CharTokenizer()
+    model = CachedBigram(random_table(tok.vocab_size, 12, scale=1.0))
+    monkeypatch.setattr(gen, "_load", lambda checkpoint, device: (model, None, tok))
+    return model, tok
+
+
+CLI_DEFAULTS = dict(max_new_tokens=15, temperature=1.0, top_k=None, top_p=1.0, greedy=False, beam_width=1,
+                    length_penalty=1.0, num_samples=1, seed=42, add_sos=True, device="cpu", stream=False)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(num_samples=3, top_k=6), dict(greedy=True), dict(beam_width=3)])
+def test_cli_stream_prints_what_non_stream_prints(fake_checkpoint, capsys, opts):
+    kw = {**CLI_DEFAULTS, **opts}
+    texts = gen.cli_generate("ckpt.pt", "abc", **kw)
+    plain = capsys.readouterr().out
+    assert gen.cli_generate("ckpt.pt", "abc", **{**kw, "stream": True}) == texts
+    assert capsys.readouterr().out == plain
+    n = kw["num_samples"]
+    assert len(texts) == n and all(t.startswith("abc") for t in texts)
+    assert plain.count("--- sample") == (n if n > 1 else 0)
+
+
+@pytest.mark.parametrize("opts", [dict(temperature=-1.0), dict(top_p=1.5), dict(top_k=-2), dict(beam_width=0),
+                                  dict(num_samples=0), dict(num_samples=2, greedy=True),
+                                  dict(num_samples=2, beam_width=2), dict(max_new_tokens=-1),
+                                  dict(device="tpu"), dict(add_sos=False)])
+def test_cli_bad_values_are_one_line_errors(fake_checkpoint, opts):
+    with pytest.raises(XLabError) as e:
+        gen.cli_generate("ckpt.pt", "" if "add_sos" in opts else "abc", **{**CLI_DEFAULTS, **opts})
+    assert "\n" not in str(e.value)
+
+
+def test_device_resolution():
+    assert gen.resolve_device("cpu").type == "cpu"
+    assert gen.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(XLabError):
+            gen.resolve_device("cuda")
+
+
+# -------------------------------------------------------------------------------------- predict
+class FakeStore:
+    """The shard-store rows of the given articles (<sos> t1..tn <eos>, windows of seq_len + 1)."""
+
+    pad_id, sos_id, eos_id = 0, 1, 2
+
+    def __init__(self, articles, seq_len=4):
+        rows = []
+        for art in articles:
+            toks = [1] + art + [2]
+            for k in range(math.ceil((len(art) + 1) / seq_len)):
+                w = toks[k * seq_len: k * seq_len + seq_len + 1]
+                rows.append(w + [0] * (seq_len + 1 - len(w)))
+        self.data = np.array(rows, dtype=np.uint16)
+        self.splits = ["predict"]
+
+    def rows(self, split):
+        return len(self.data)
+
+    def read_rows(self, split, indices):
+        return self.data[indices]
+
+
+def test_predict_articles_reassembles_articles_across_rows():
+    arts = [[4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18], [5] * 8]
+    store = FakeStore(arts, seq_len=4)
+    found, skipped = gen.predict_articles(store, 10, 3, chunk_rows=2)
+    assert [a["tokens"] for a in found] == arts[1:] and skipped == 1
+    assert [a["index"] for a in found] == [1, 2, 3] and [a["row"] for a in found] == [1, 4, 6]
+    found, _ = gen.predict_articles(store, 2, 1, chunk_rows=3)
+    assert [a["tokens"] for a in found] == arts[:2]
+
+
+def test_predict_records_and_reference_loss():
+    tok = CharTokenizer()
+    table = random_table(tok.vocab_size, 13, scale=1.0)
+    m = CachedBigram(table)
+    arts = [tok.encode("abcdefgh"), tok.encode("ab"), tok.encode("hello bb"), tok.encode("pa ma.")]
+    recs, skipped = gen.predict(m, tok, FakeStore(arts, seq_len=3), num_articles=5, prompt_tokens=3,
+                                max_new_tokens=4, greedy=True)
+    assert skipped == 1 and [r["index"] for r in recs] == [0, 2, 3]
+    r = recs[0]
+    assert (r["prompt"], r["reference"], r["prompt_tokens"], r["reference_tokens"]) == ("abc", "defg", 3, 4)
+    assert recs[2]["reference"] == "ma." and recs[2]["reference_tokens"] == 4  # 3 tokens + eos
+    lp = torch.log_softmax(table, -1)
+    ids = tok.encode("abcdefg")
+    expect = -sum(lp[ids[i - 1], ids[i]].item() for i in range(3, 7)) / 4
+    assert r["reference_loss"] == pytest.approx(expect, rel=1e-5)
+    ids = tok.encode("pa ma.") + [EOS]
+    expect = -sum(lp[ids[i - 1], ids[i]].item() for i in range(3, 7)) / 4
+    assert recs[2]["reference_loss"] == pytest.approx(expect, rel=1e-5)
+    new = gen.greedy_search(m, [1] + tok.encode("abc"), 4, eos_id=EOS)
+    assert r["generated"] == tok.decode(new) and r["generated_tokens"] == len(new)
+    json.dumps(recs)  # plain JSON values
+
+
+def test_reference_nll_through_a_sliding_window_matches_generation_context():
+    model = CachedPosition(vocab=16, max_len=4)
+    # Position's next token is the visible length: targets that follow the window rule cost ~0.
+    nll = gen.reference_nll(model, [1, 9], [2, 3, 4, 2, 3], max_len=4)
+    assert max(nll) < 1e-3
+    nll = gen.reference_nll(model, [1, 9], [2, 3, 4, 5], max_len=4)  # 5 contradicts the slide
+    assert max(nll[:3]) < 1e-3 and nll[3] > 5

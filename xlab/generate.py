@@ -1,0 +1,811 @@
+"""Text generation: greedy search, sampling and beam search over token ids, and the ``xlab generate``
+and ``xlab predict`` commands.
+
+The search functions take any ``model`` callable that maps ids ``(B, T)`` int64 to logits
+``(B, T, V)``. When the model offers a KV cache (it has ``new_cache(batch_size, device=...)``, as the
+XLab :class:`~xlab.model.Transformer` does), the prompt is encoded once and every step feeds only the
+newest token; otherwise the whole visible context is recomputed at every step. Both paths follow the
+same context rule below, so they produce the same tokens.
+
+Context window. A model sees at most ``max_len`` tokens (``model.cfg.max_len``, or the ``max_len``
+argument; None means unlimited). A prompt longer than ``max_len`` is cut to its last ``max_len``
+tokens. When the visible context holds ``max_len`` tokens and one more must be fed, it slides: the
+visible context becomes the last ``max(1, max_len // 2)`` tokens of the sequence (the new token
+included), re-encoded from position 0, and generation continues from there. Keeping half the window
+makes the re-encoding cost amortise to O(1) per token with the cache (one re-encode of max_len/2
+tokens every max_len/2 steps), at the price of a context that varies between max_len/2 and max_len
+tokens instead of always being max_len.
+
+Randomness. Sample ``i`` of a call draws its uniforms from its own CPU ``torch.Generator`` seeded
+with ``seed + i`` and picks its token by inverse-CDF lookup in the (filtered) probabilities. The
+draws are therefore the same on CPU and CUDA and do not depend on how many samples run together:
+the same seed gives the same text wherever the model gives the same probabilities.
+
+Filtering order (as in the common Hugging Face ``generate`` recipe): temperature, then top-k, then
+top-p (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from xlab.errors import XLabError
+
+Model = Callable[..., torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------ checking
+def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> None:
+    """Raise ``ValueError`` for a negative or non-finite temperature, a negative ``top_k`` or a
+    ``top_p`` outside (0, 1]."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: off), got {top_k}")
+    if not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _check_common(prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt has no tokens; prepend <sos> to generate from nothing")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def _model_device(model: Model) -> torch.device:
+    """The device of the model's first parameter; CPU for parameter-free callables."""
+    params = getattr(model, "parameters", None)
+    if params is not None:
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def _model_max_len(model: Model, max_len: Optional[int]) -> Optional[int]:
+    if max_len is None:
+        max_len = getattr(getattr(model, "cfg", None), "max_len", None)
+    if max_len is not None and max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    return max_len
+
+
+# ----------------------------------------------------------------------------------- filtering
+def filter_logits(logits: torch.Tensor, *, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
+    """Set the logits of the tokens that top-k and then top-p remove to ``-inf``.
+
+    Args:
+        logits: ``(B, V)`` float logits, already divided by the temperature.
+        top_k: keep the ``top_k`` largest logits (exactly k; ties broken towards the lower id);
+            0 or None: off; ``top_k >= V``: nothing removed.
+        top_p: keep the smallest set of most probable tokens whose probability reaches ``top_p``,
+            the token that crosses ``top_p`` included (so the most probable token is always kept);
+            1.0: off. Probabilities [0.5, 0.3, 0.15, 0.05] with ``top_p=0.6`` keep tokens 0 and 1.
+
+    Returns:
+        ``(B, V)`` float logits, a new tensor.
+
+    Raises:
+        ValueError: ``top_k < 0`` or ``top_p`` outside (0, 1].
+    """
+    check_sampling(0.0, top_k, top_p)
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    if top_k and top_k < vocab:
+        # A stable descending sort breaks ties towards the lower id, like argmax.
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        logits.scatter_(-1, order[:, top_k:], float("-inf"))
+    if top_p < 1.0:
+        probs = torch.softmax(logits, dim=-1)
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        # Mass strictly before each token (exclusive cumsum): a token is kept while the tokens
+        # ranked above it have not yet reached top_p, which keeps the crossing token too.
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        before[:, 0] = 0.0
+        remove_sorted = before >= top_p
+        remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
+        logits.masked_fill_(remove, float("-inf"))
+    return logits
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Token ids ``(B,)`` int64 drawn from ``probs`` ``(B, V)`` with uniforms ``(B,)`` in [0, 1).
+
+    Picks the first id whose cumulative probability exceeds ``u * total``, so a zero-probability id
+    is never picked (clamped to the last positive id against rounding at u close to 1)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    u = uniforms.to(device=probs.device, dtype=probs.dtype) * cdf[:, -1]
+    idx = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1)
+    vocab = probs.shape[-1]
+    last_positive = vocab - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
+    return torch.minimum(idx, last_positive)
+
+
+# ---------------------------------------------------------------------------- the context window
+class _Context:
+    """The sequences being generated and what the model has seen of them.
+
+    ``seq`` is ``(B, T)`` int64, every row the same length; the model sees ``seq[:, start:]``
+    (at most ``max_len`` tokens; see the module docstring for how it slides). With a KV cache the
+    visible tokens are cached and each step feeds one token.
+    """
+
+    def __init__(self, model: Model, max_len: Optional[int]):
+        self.model = model
+        self.max_len = max_len
+        self.keep = None if max_len is None else max(1, max_len // 2)
+        self.cached = hasattr(model, "new_cache")
+        self.seq: torch.Tensor | None = None
+        self.start = 0
+        self.cache: Any = None
+
+    def _last_logits(self, ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        out = self.model(ids, cache=cache) if cache is not None else self.model(ids)
+        return out[:, -1].float()  # (B, V)
+
+    def _encode_visible(self) -> torch.Tensor:
+        visible = self.seq[:, self.start:]
+        if self.cached:
+            self.cache = self.model.new_cache(visible.shape[0], device=visible.device)
+            return self._last_logits(visible, self.cache)
+        return self._last_logits(visible)
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Encode prompts ``(B, T)``; return the next-token logits ``(B, V)`` float32."""
+        self.seq = ids
+        T = ids.shape[1]
+        self.start = 0 if self.max_len is None or T <= self.max_len else T - self.max_len
+        return self._encode_visible()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens`` ``(B,)``; return the next-token logits ``(B, V)`` float32."""
+        self.seq = torch.cat([self.seq, tokens.view(-1, 1).to(self.seq.device)], dim=1)
+        T = self.seq.shape[1]
+        if self.max_len is not None and T - self.start > self.max_len:
+            self.start = T - self.keep  # slide: re-encode the last `keep` tokens from position 0
+            return self._encode_visible()
+        if self.cached:
+            return self._last_logits(self.seq[:, -1:], self.cache)
+        return self._last_logits(self.seq[:, self.start:])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` ``(B_new,)`` int64 of the batch, in that order (repeats allowed)."""
+        index = index.to(self.seq.device)
+        self.seq = self.seq.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+# ------------------------------------------------------------------------- greedy and sampling
+Picker = Callable[[torch.Tensor, list], torch.Tensor]
+
+
+def _decode(model: Model, prompts: torch.Tensor, max_new_tokens: int, pick: Picker, *,
+            eos_id: Optional[int], max_len: Optional[int],
+            on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """Extend each row of ``prompts`` ``(B, T)`` token by token; ``pick(logits (b, V), rows)`` chooses
+    the next ids ``(b,)`` of the still-running rows ``rows`` (indices into the batch).
+
+    A row stops at ``eos_id`` (compared by id, never part of the result) or after ``max_new_tokens``;
+    stopped rows leave the batch so the others run on unchanged. Returns the new ids of each row."""
+    ctx = _Context(model, _model_max_len(model, max_len))
+    out: list[list[int]] = [[] for _ in range(prompts.shape[0])]
+    if max_new_tokens == 0:
+        return out
+    logits = ctx.prefill(prompts)
+    rows = list(range(prompts.shape[0]))
+    for step in range(max_new_tokens):
+        tokens = pick(logits, rows)
+        keep = []
+        for j, t in enumerate(tokens.tolist()):
+            if eos_id is not None and t == eos_id:
+                continue
+            out[rows[j]].append(t)
+            if on_token is not None:
+                on_token(rows[j], t)
+            keep.append(j)
+        if not keep or step + 1 == max_new_tokens:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, dtype=torch.long)
+            ctx.reorder(index)
+            tokens = tokens[index.to(tokens.device)]
+            rows = [rows[j] for j in keep]
+        logits = ctx.step(tokens)
+    return out
+
+
+def _greedy_pick(logits: torch.Tensor, rows: list) -> torch.Tensor:
+    return logits.argmax(-1)  # first maximum on ties
+
+
+def _sample_picker(temperature: float, top_k: Optional[int], top_p: float, seeds: Sequence[int]) -> Picker:
+    if temperature == 0:
+        return _greedy_pick
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def pick(logits: torch.Tensor, rows: list) -> torch.Tensor:
+        probs = torch.softmax(filter_logits(logits / temperature, top_k=top_k, top_p=top_p), dim=-1)
+        u = torch.cat([torch.rand(1, generator=gens[r], dtype=torch.float64) for r in rows])
+        return _inverse_cdf(probs, u)
+
+    return pick
+
+
+def _as_batch(prompt_ids: Sequence[int] | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1)
+    return ids.expand(n, -1).contiguous().to(device)
+
+
+@torch.inference_mode()
+def greedy_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
+                  eos_id: Optional[int] = None, max_len: Optional[int] = None,
+                  on_token: Optional[Callable[[int], None]] = None) -> list[int]:
+    """Extend ``prompt_ids`` with the most probable token at every step.
+
+    Args:
+        model: callable ids ``(B, T)`` int64 -> logits ``(B, T, V)``; its KV cache is used when it has
+            ``new_cache``.
+        prompt_ids: the prompt's token ids (at least one; include ``<sos>`` if the model expects it).
+        max_new_tokens: at most this many new tokens.
+        eos_id: stop when this id is chosen (it is not returned); None: never stop early.
+        max_len: the model's context size (default ``model.cfg.max_len``); see the module docstring.
+        on_token: called with each new id as it is chosen (streaming).
+
+    Returns:
+        The new token ids (without ``<eos>``). Ties go to the lowest id.
+
+    Raises:
+        ValueError: an empty prompt or a negative ``max_new_tokens``.
+    """
+    _check_common(prompt_ids, max_new_tokens)
+    cb = None if on_token is None else (lambda row, t: on_token(t))
+    return _decode(model, _as_batch(prompt_ids, 1, _model_device(model)), max_new_tokens, _greedy_pick,
+                   eos_id=eos_id, max_len=max_len, on_token=cb)[0]
+
+
+@torch.inference_mode()
+def sample(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
+           top_k: Optional[int] = None, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
+           eos_id: Optional[int] = None, max_len: Optional[int] = None,
+           on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """Draw ``num_samples`` continuations of ``prompt_ids``, batched in one forward pass per step.
+
+    Args:
+        model, prompt_ids, max_new_tokens, eos_id, max_len: as in :func:`greedy_search`.
+        temperature: logits are divided by it; 0 means greedy.
+        top_k, top_p: see :func:`filter_logits` (applied after the temperature, top-k first).
+        num_samples: independent samples; sample ``i`` uses a CPU generator seeded ``seed + i``, so
+            it is the same whatever ``num_samples`` is and whatever the device.
+        on_token: called as ``on_token(sample_index, id)`` for each new id.
+
+    Returns:
+        ``num_samples`` lists of new token ids (each without ``<eos>``).
+
+    Raises:
+        ValueError: bad temperature/top_k/top_p, ``num_samples < 1``, empty prompt, negative
+        ``max_new_tokens``.
+    """
+    check_sampling(temperature, top_k, top_p)
+    _check_common(prompt_ids, max_new_tokens)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    pick = _sample_picker(temperature, top_k, top_p, [seed + i for i in range(num_samples)])
+    return _decode(model, _as_batch(prompt_ids, num_samples, _model_device(model)), max_new_tokens, pick,
+                   eos_id=eos_id, max_len=max_len, on_token=on_token)
+
+
+# ---------------------------------------------------------------------------------- beam search
+@dataclass
+class Hypothesis:
+    """One finished beam-search hypothesis.
+
+    tokens: the new ids, without ``<eos>``; logprob: their summed natural-log probability (the
+    ``<eos>`` step included when ``ended``); score: ``logprob / num_tokens ** length_penalty`` with
+    ``num_tokens = len(tokens) + ended``; ended: True when it chose ``<eos>``, False when it was cut
+    at ``max_new_tokens``.
+    """
+
+    tokens: list
+    logprob: float
+    score: float
+    ended: bool
+
+
+@torch.inference_mode()
+def beam_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *, beam_width: int = 4,
+                length_penalty: float = 1.0, eos_id: Optional[int] = None,
+                max_len: Optional[int] = None) -> list[Hypothesis]:
+    """Beam search: keep the ``beam_width`` most probable partial continuations.
+
+    Each step runs ONE forward pass over all live beams (the KV cache is reordered to follow the
+    surviving beams) and ranks every one-token extension by its summed log-probability (float64,
+    ties towards the lower beam then the lower id). The best ``beam_width`` extensions are the next
+    step's beams, except that an extension ending in ``<eos>`` leaves the beam as a finished
+    hypothesis (so the beam narrows as hypotheses finish; with ``beam_width=1`` this is exactly
+    greedy search). A hypothesis's score is its summed log-probability divided by its number of new
+    tokens (``<eos>`` included) to the power ``length_penalty``: the prompt never counts.
+
+    Stopping: when no live beam can still beat the best finished score. A live beam with summed
+    log-probability ``L <= 0`` after ``n`` new tokens can only end with ``L' <= L`` after ``m`` tokens,
+    ``n < m <= max_new_tokens``, so its final score is at most ``L / m* ** length_penalty`` with
+    ``m* = max_new_tokens`` when ``length_penalty > 0`` (the longest ending divides the negative sum
+    most) and ``m* = n + 1`` otherwise. Dividing by the current length instead, the usual shortcut,
+    stops too early when ``length_penalty > 0``. Beams still live at ``max_new_tokens`` are scored as
+    they are (``ended=False``).
+
+    Args:
+        model, prompt_ids, max_new_tokens, eos_id, max_len: as in :func:`greedy_search`.
+        beam_width: number of beams (>= 1).
+        length_penalty: exponent of the length normalisation (0: raw sum; 1: mean log-probability).
+
+    Returns:
+        The finished hypotheses, best score first (stable on ties); the first is the search result.
+        With ``max_new_tokens=0``: one empty hypothesis of score 0.
+
+    Raises:
+        ValueError: ``beam_width < 1``, a non-finite ``length_penalty``, empty prompt, negative
+        ``max_new_tokens``.
+    """
+    _check_common(prompt_ids, max_new_tokens)
+    if beam_width < 1:
+        raise ValueError(f"beam_width must be >= 1, got {beam_width}")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be finite, got {length_penalty}")
+    if max_new_tokens == 0:
+        return [Hypothesis([], 0.0, 0.0, False)]
+    device = _model_device(model)
+    ctx = _Context(model, _model_max_len(model, max_len))
+    logits = ctx.prefill(_as_batch(prompt_ids, 1, device))  # one beam until the first expansion
+    beams: list[list[int]] = [[]]
+    beam_lp = torch.zeros(1, dtype=torch.float64, device=device)
+    finished: list[Hypothesis] = []
+    for n in range(1, max_new_tokens + 1):  # n: new tokens of every candidate of this step
+        logp = torch.log_softmax(logits.double(), dim=-1)  # (W, V) in float64: sums stay exact-ish
+        vocab = logp.shape[-1]
+        cand = (beam_lp[:, None] + logp).view(-1)  # (W * V)
+        k = min(beam_width, cand.numel())
+        # The k best with lowest-index tie-breaking: everything >= the k-th value, stably sorted.
+        kth = torch.topk(cand, k).values[-1]
+        idx = torch.nonzero(cand >= kth).view(-1)
+        vals, order = torch.sort(cand[idx], descending=True, stable=True)
+        idx, vals = idx[order[:k]].tolist(), vals[:k].tolist()
+        src, toks, lps = [], [], []
+        for flat, lp in zip(idx, vals):
+            if lp == float("-inf"):
+                break
+            b, t = divmod(flat, vocab)
+            if eos_id is not None and t == eos_id:
+                finished.append(Hypothesis(list(beams[b]), lp, lp / n ** length_penalty, True))
+            else:
+                src.append(b), toks.append(t), lps.append(lp)
+        beams = [beams[b] + [t] for b, t in zip(src, toks)]
+        if n == max_new_tokens:
+            finished += [Hypothesis(h, lp, lp / n ** length_penalty, False) for h, lp in zip(beams, lps)]
+            break
+        if not beams:
+            break
+        if finished:
+            m = max_new_tokens if length_penalty > 0 else n + 1
+            bound = max(lps) / m ** length_penalty
+            if max(h.score for h in finished) >= bound:
+                break
+        index = torch.tensor(src, dtype=torch.long, device=device)
+        ctx.reorder(index)
+        beam_lp = torch.tensor(lps, dtype=torch.float64, device=device)
+        logits = ctx.step(torch.tensor(toks, dtype=torch.long, device=device))
+    return sorted(finished, key=lambda h: -h.score)
+
+
+# ------------------------------------------------------------------------------------ text level
+def _continuations(model: Model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
+                   top_k: Optional[int], top_p: float, greedy: bool, beam_width: int, length_penalty: float,
+                   num_samples: int, seed: int, eos_id: Optional[int],
+                   on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """New ids for each of ``num_samples`` texts, by beam search (``beam_width > 1``), greedy search
+    (``greedy`` or temperature 0) or sampling. ``on_token`` is not called by beam search."""
+    check_sampling(temperature, top_k, top_p)
+    if beam_width > 1:
+        best = beam_search(model, prompt_ids, max_new_tokens, beam_width=beam_width,
+                           length_penalty=length_penalty, eos_id=eos_id)[0].tokens
+        return [best] * num_samples
+    if greedy:
+        temperature = 0.0
+    return sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  num_samples=num_samples, seed=seed, eos_id=eos_id, on_token=on_token)
+
+
+def generate(model: Model, tokenizer: Any, prompt: str, *, max_new_tokens: int = 100, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: float = 1.0, greedy: bool = False, beam_width: int = 1,
+             length_penalty: float = 1.0, seed: int = 42, add_sos: bool = True,
+             on_text: Optional[Callable[[str], None]] = None) -> str:
+    """Continue ``prompt`` and return the decoded text of the whole sequence (prompt + continuation).
+
+    Decoding the whole sequence at once means no space is inserted or lost where the prompt ends.
+    ``<sos>`` (when ``add_sos``) and ``<eos>`` are not part of the text.
+
+    Args:
+        model: as in :func:`greedy_search`.
+        tokenizer: XLab :class:`~xlab.tokenizer.Tokenizer` (encode, decode, sos_id, eos_id,
+            incremental_decoder).
+        prompt: the prompt text (may be empty when ``add_sos``).
+        beam_width: > 1 runs :func:`beam_search` (the sampling options are then ignored).
+        greedy: greedy search (same as ``temperature=0``).
+        seed: seed of the sampling generator.
+        add_sos: prepend ``<sos>``, as at the start of every training article.
+        on_text: streaming: called with successive pieces of text whose concatenation is the
+            returned text (through ``tokenizer.incremental_decoder()``); beam search, which knows its
+            result only at the end, calls it once with the whole text.
+        max_new_tokens, temperature, top_k, top_p, length_penalty: see :func:`sample` and
+            :func:`beam_search`.
+
+    Raises:
+        ValueError: bad option values, or an empty prompt without ``<sos>``.
+    """
+    prompt_ids = ([tokenizer.sos_id] if add_sos else []) + list(tokenizer.encode(prompt))
+    if not prompt_ids:
+        raise ValueError("the prompt is empty and add_sos is off: nothing to continue")
+    text_ids = prompt_ids[1:] if add_sos else prompt_ids
+    streamer = _Streamer(tokenizer, text_ids, on_text) if on_text is not None and beam_width <= 1 else None
+    new = _continuations(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, greedy=greedy, beam_width=beam_width, length_penalty=length_penalty,
+                         num_samples=1, seed=seed, eos_id=tokenizer.eos_id,
+                         on_token=None if streamer is None else streamer.push)[0]
+    text = tokenizer.decode(text_ids + new)
+    if streamer is not None:
+        streamer.flush()
+    elif on_text is not None:
+        on_text(text)
+    return text
+
+
+class _Streamer:
+    """Feeds the prompt and then each new id through the tokenizer's incremental decoder."""
+
+    def __init__(self, tokenizer: Any, text_ids: list[int], on_text: Callable[[str], None]):
+        self.dec = tokenizer.incremental_decoder()
+        self.on_text = on_text
+        for t in text_ids:
+            self._emit(self.dec.push(t))
+
+    def _emit(self, s: str) -> None:
+        if s:
+            self.on_text(s)
+
+    def push(self, row: int, token: int) -> None:
+        self._emit(self.dec.push(token))
+
+    def flush(self) -> None:
+        self._emit(self.dec.flush())
+
+
+# -------------------------------------------------------------------------------------- scoring
+@torch.inference_mode()
+def reference_nll(model: Model, prefix_ids: Sequence[int], target_ids: Sequence[int], *,
+                  max_len: Optional[int] = None) -> list[float]:
+    """Teacher-forced negative log-likelihood (nats) of each of ``target_ids`` after ``prefix_ids``.
+
+    The context follows the same window rule as generation (module docstring): when everything fits
+    in ``max_len`` it is one forward pass, else token by token through :class:`_Context`.
+
+    Returns:
+        ``len(target_ids)`` floats, ``-log p(target_i | prefix, target_<i)``.
+    """
+    _check_common(prefix_ids, 0)
+    targets = torch.as_tensor(list(target_ids), dtype=torch.long)
+    if targets.numel() == 0:
+        return []
+    max_len = _model_max_len(model, max_len)
+    device = _model_device(model)
+    prefix = torch.as_tensor(list(prefix_ids), dtype=torch.long)
+    if max_len is None or len(prefix) + len(targets) - 1 <= max_len:
+        ids = torch.cat([prefix, targets[:-1]]).view(1, -1).to(device)
+        logits = model(ids)[0, len(prefix) - 1:].float()  # (n_targets, V)
+    else:
+        ctx = _Context(model, max_len)
+        rows = [ctx.prefill(prefix.view(1, -1).to(device))]
+        for t in targets[:-1].tolist():
+            rows.append(ctx.step(torch.tensor([t], device=device)))
+        logits = torch.cat(rows)
+    nll = F.cross_entropy(logits, targets.to(logits.device), reduction="none")
+    return nll.tolist()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device, checked.
+
+    Raises:
+        XLabError: an unknown device name, or CUDA asked for where it is not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise XLabError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise XLabError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise XLabError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise XLabError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _load(checkpoint: Path, device: torch.device):
+    """(model, cfg, tokenizer) of a checkpoint .pt or an export folder, on ``device``."""
+    from xlab.checkpoint import load_model
+
+    if not Path(checkpoint).exists():
+        raise XLabError(f"checkpoint not found: {checkpoint}; train one with `xlab train`")
+    return load_model(checkpoint, device=str(device))
+
+
+def _check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float,
+                       beam_width: int = 1, num_samples: int = 1, greedy: bool = False) -> None:
+    if max_new_tokens < 0:
+        raise XLabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    try:
+        check_sampling(temperature, top_k, top_p)
+    except ValueError as e:
+        raise XLabError(str(e).replace("temperature", "--temperature").replace("top_k", "--top-k")
+                        .replace("top_p", "--top-p")) from None
+    if beam_width < 1:
+        raise XLabError(f"--beam-width must be >= 1, got {beam_width}")
+    if num_samples < 1:
+        raise XLabError(f"--num-samples must be >= 1, got {num_samples}")
+    if num_samples > 1 and (beam_width > 1 or greedy or temperature == 0):
+        raise XLabError("--num-samples > 1 needs sampling: drop --beam-width/--greedy or use --temperature > 0")
+
+
+def cli_generate(checkpoint: Path, prompt: str, *, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                 top_p: float, greedy: bool, beam_width: int, length_penalty: float, num_samples: int, seed: int,
+                 add_sos: bool, device: str, stream: bool) -> list[str]:
+    """``xlab generate``: print ``num_samples`` texts (prompt + continuation) on stdout.
+
+    Samples are printed one after the other, separated by a ``--- sample i/N ---`` line when there is
+    more than one. With ``stream`` the text appears as it is generated (samples then run one after
+    the other; sample ``i`` still uses seed ``seed + i``, so the text is the same as without
+    ``stream``); beam search prints its result when the search ends.
+
+    Returns:
+        The texts printed.
+
+    Raises:
+        XLabError: bad option values, a missing checkpoint, an unavailable device, an empty prompt
+        with ``--continue``.
+    """
+    _check_cli_options(max_new_tokens, temperature, top_k, top_p, beam_width, num_samples, greedy)
+    if not math.isfinite(length_penalty):
+        raise XLabError(f"--length-penalty must be finite, got {length_penalty}")
+    model, _cfg, tok = _load(checkpoint, resolve_device(device))
+    prompt_ids = ([tok.sos_id] if add_sos else []) + list(tok.encode(prompt))
+    if not prompt_ids:
+        raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
+    text_ids = prompt_ids[1:] if add_sos else prompt_ids
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                greedy=greedy, beam_width=beam_width, length_penalty=length_penalty, eos_id=tok.eos_id)
+
+    def header(i: int) -> None:
+        if num_samples > 1:
+            print(f"--- sample {i + 1}/{num_samples} ---", flush=True)
+
+    texts = []
+    if stream and beam_width <= 1:
+        for i in range(num_samples):
+            header(i)
+            streamer = _Streamer(tok, text_ids, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            new = _continuations(model, prompt_ids, num_samples=1, seed=seed + i, on_token=streamer.push, **opts)[0]
+            streamer.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            texts.append(tok.decode(text_ids + new))
+    else:
+        news = _continuations(model, prompt_ids, num_samples=num_samples, seed=seed, **opts)
+        for i, new in enumerate(news):
+            header(i)
+            texts.append(tok.decode(text_ids + new))
+            print(texts[-1], flush=True)
+    return texts
+
+
+# -------------------------------------------------------------------------------------- predict
+def predict_articles(store: Any, num_articles: int, min_tokens: int, *, split: str = "predict",
+                     chunk_rows: int = 1024) -> tuple[list[dict], int]:
+    """The first ``num_articles`` articles of ``split`` with at least ``min_tokens`` text tokens.
+
+    Reads rows in store order, ``chunk_rows`` at a time, and stops as soon as it has enough. An
+    article starts at a row whose first token is ``<sos>``; consecutive rows of one article overlap
+    by one token (the store's window rule), and the article ends at its ``<eos>``.
+
+    Returns:
+        (articles, skipped): each article ``{"index": ordinal in the split, "row": first row,
+        "tokens": list[int] text ids (no <sos>/<eos>)}``; ``skipped``: shorter articles passed over.
+    """
+    import numpy as np
+
+    total = store.rows(split)
+    sos, eos, pad = store.sos_id, store.eos_id, store.pad_id
+    found: list[dict] = []
+    skipped = 0
+    ordinal = -1
+    current: dict | None = None
+    is_open = False  # the current article has not reached its <eos> yet
+
+    def close(article: dict | None) -> None:
+        nonlocal skipped
+        if article is None:
+            return
+        if len(article["tokens"]) >= min_tokens:
+            found.append(article)
+        else:
+            skipped += 1
+
+    for lo in range(0, total, chunk_rows):
+        rows = store.read_rows(split, np.arange(lo, min(lo + chunk_rows, total)))
+        for r, row in enumerate(rows.tolist()):
+            if row[0] == sos:
+                close(current)
+                if len(found) >= num_articles:
+                    return found, skipped
+                ordinal += 1
+                current = {"index": ordinal, "row": lo + r, "tokens": []}
+                is_open = True
+                body = row[1:]
+            elif not is_open:
+                continue  # a row of an article whose start we did not see (cannot happen in a valid store)
+            else:
+                body = row[1:]  # row[0] repeats the previous row's last token
+            for t in body:
+                if t == eos or t == pad:
+                    is_open = False
+                    break
+                current["tokens"].append(t)
+    close(current)
+    return found[:num_articles], skipped
+
+
+def predict(model: Model, tokenizer: Any, store: Any, *, num_articles: int, prompt_tokens: int,
+            max_new_tokens: int, greedy: bool = False, seed: int = 42, temperature: float = 1.0,
+            top_k: Optional[int] = None, top_p: float = 1.0, split: str = "predict") -> tuple[list[dict], int]:
+    """Continue the first ``prompt_tokens`` tokens of the first ``num_articles`` articles of ``split``.
+
+    Each prompt is ``<sos>`` + the article's first K text tokens. The reference is the article's next
+    ``max_new_tokens`` tokens (with ``<eos>`` when the article ends within them); its mean per-token
+    loss is the teacher-forced negative log-likelihood (nats) under the model. Article ``i`` is
+    sampled with seed ``seed + i``. Articles with K tokens or fewer are skipped.
+
+    Returns:
+        (records, skipped). Each record: ``index``, ``row``, ``prompt``, ``reference``,
+        ``generated`` (texts; ``prompt + reference`` and ``prompt + generated`` each equal the decode of
+        the whole token sequence), ``prompt_tokens``, ``reference_tokens`` (``<eos>`` counted),
+        ``generated_tokens``, ``reference_loss`` (mean nats per reference token).
+    """
+    articles, skipped = predict_articles(store, num_articles, prompt_tokens + 1, split=split)
+    eos = tokenizer.eos_id
+    records = []
+    for i, art in enumerate(articles):
+        text_prompt = art["tokens"][:prompt_tokens]
+        rest = art["tokens"][prompt_tokens:]
+        ref = rest[:max_new_tokens]
+        ref_targets = ref + ([eos] if len(rest) < max_new_tokens else [])
+        prompt_ids = [tokenizer.sos_id] + text_prompt
+        new = _continuations(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, greedy=greedy, beam_width=1, length_penalty=1.0,
+                             num_samples=1, seed=seed + i, eos_id=eos)[0]
+        nll = reference_nll(model, prompt_ids, ref_targets)  # never empty: the article has > K tokens
+        prompt_text, ref_text = _split_decode(tokenizer, text_prompt, ref)
+        _, gen_text = _split_decode(tokenizer, text_prompt, new)
+        records.append({
+            "index": art["index"], "row": art["row"], "prompt": prompt_text, "reference": ref_text,
+            "generated": gen_text, "prompt_tokens": len(text_prompt), "reference_tokens": len(ref_targets),
+            "generated_tokens": len(new), "reference_loss": sum(nll) / len(nll),
+        })
+    return records, skipped
+
+
+def _split_decode(tokenizer: Any, head: list[int], tail: list[int]) -> tuple[str, str]:
+    """Texts of ``head`` and ``tail`` whose concatenation is ``decode(head + tail)`` (through the
+    incremental decoder, so a character split across the boundary lands in the tail)."""
+    dec = tokenizer.incremental_decoder()
+    a = "".join(dec.push(t) for t in head)
+    b = "".join(dec.push(t) for t in tail) + dec.flush()
+    return a, b
+
+
+def _store_path(checkpoint: Path, cfg: Any, shards_dir: Optional[Path]) -> Path:
+    """The shard store of ``xlab predict``: ``--shards``, else the store the checkpoint recorded,
+    else ``shards/<data.name>`` of the checkpoint's configuration."""
+    if shards_dir is not None:
+        return Path(shards_dir)
+    if Path(checkpoint).is_file():
+        from xlab.checkpoint import load_checkpoint
+
+        recorded = load_checkpoint(checkpoint).get("shards")
+        if recorded:
+            return Path(recorded)
+    from xlab.config import stage_paths
+
+    try:
+        return stage_paths(cfg).shards
+    except Exception:
+        raise XLabError("cannot tell which shard store the model was trained on; pass --shards") from None
+
+
+def cli_predict(checkpoint: Path, *, out: Path, num_articles: int, prompt_tokens: int, max_new_tokens: int,
+                shards_dir: Optional[Path], greedy: bool, seed: int, device: str) -> dict:
+    """``xlab predict``: write one JSON line per article (see :func:`predict`) to ``out`` atomically
+    and print a summary; sampling uses the checkpoint configuration's ``generate`` settings.
+
+    Returns:
+        Summary dict: articles, skipped, reference_loss (token-weighted mean, nats), out.
+
+    Raises:
+        XLabError: bad option values, a missing checkpoint or store, a store encoded with another
+        tokenizer, no article long enough.
+    """
+    from xlab.io import atomic_write_text
+    from xlab.shards import ShardStore
+
+    if num_articles < 1:
+        raise XLabError(f"--num-articles must be >= 1, got {num_articles}")
+    if prompt_tokens < 1:
+        raise XLabError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
+    if max_new_tokens < 1:
+        raise XLabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    model, cfg, tok = _load(checkpoint, resolve_device(device))
+    gen_cfg = _get(cfg, "generate")
+    temperature = float(_get(gen_cfg, "temperature", 1.0))
+    top_k = _get(gen_cfg, "top_k", None)
+    top_p = float(_get(gen_cfg, "top_p", 1.0))
+    _check_cli_options(max_new_tokens, temperature, top_k, top_p)
+    store = ShardStore(_store_path(checkpoint, cfg, shards_dir))
+    if getattr(store, "tokenizer_sha256", None) != getattr(tok, "sha256", None):
+        raise XLabError(f"the shard store {store.path} was encoded with another tokenizer than the model's; "
+                        "pass the model's store with --shards")
+    if "predict" not in store.splits:
+        raise XLabError(f"the shard store {store.path} has no predict split; run `xlab data encode`")
+    records, skipped = predict(model, tok, store, num_articles=num_articles, prompt_tokens=prompt_tokens,
+                               max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+    if not records:
+        raise XLabError(f"no predict-split article has more than {prompt_tokens} tokens; lower --prompt-tokens")
+    n_tokens = sum(r["reference_tokens"] for r in records)
+    mean_loss = sum(r["reference_loss"] * r["reference_tokens"] for r in records) / n_tokens
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summary = {"articles": len(records), "skipped": skipped, "reference_tokens": n_tokens,
+               "reference_loss": mean_loss, "reference_perplexity": math.exp(mean_loss), "out": str(out)}
+    _print_summary(summary, greedy)
+    return summary
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _print_summary(summary: dict, greedy: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="xlab predict", show_header=False)
+    table.add_row("articles", f"{summary['articles']} ({summary['skipped']} shorter ones skipped)")
+    table.add_row("decoding", "greedy" if greedy else "sampling")
+    table.add_row("reference tokens", str(summary["reference_tokens"]))
+    table.add_row("reference loss", f"{summary['reference_loss']:.4f} nats/token "
+                                    f"(perplexity {summary['reference_perplexity']:.2f})")
+    table.add_row("written", summary["out"])
+    Console(highlight=False).print(table)
