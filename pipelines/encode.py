@@ -59,16 +59,16 @@ def _init_worker(loader: Callable, tok_path: str, settings: dict) -> None:
     _W.update(settings)
 
 
-def _encode_texts(tok, texts: list[str]) -> list[Any]:
+def _encode_texts(tok, texts: list[str], threads: int) -> list[Any]:
     """Token lists for ``texts``; an entry is a ``str`` error message where the tokenizer raised
     ValueError for that text (the batch is retried text by text to find which)."""
     try:
-        return tok.encode(texts)
+        return tok.encode(texts, num_threads=threads)
     except ValueError:
         out: list[Any] = []
         for t in texts:
             try:
-                out.append(tok.encode([t])[0])
+                out.append(tok.encode([t], num_threads=1)[0])
             except ValueError as e:
                 out.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return out
@@ -92,7 +92,7 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
         b_ids, b_texts = ids[a:a + SUB_BATCH], texts[a:a + SUB_BATCH]
         keep_idx = [i for i, t in enumerate(b_texts) if t and not t.isspace()]
         rec["empty"] += len(b_texts) - len(keep_idx)
-        encoded = _encode_texts(tok, [b_texts[i] for i in keep_idx])
+        encoded = _encode_texts(tok, [b_texts[i] for i in keep_idx], _W["threads"])
         good = []
         for i, enc in zip(keep_idx, encoded):
             if isinstance(enc, str):
@@ -250,7 +250,10 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
     n_todo = sum(len(v) for v in todo.values())
     n_mine = sum(len(v) for v in mine.values())
     num_proc = int(cfg.shards.num_proc or os.cpu_count() or 1)
-    settings = {"seq_len": job["params"]["seq_len"], "out": str(out), "dtype": job["dtype"]}
+    # Tokenizer threads per process: the cores divided among the processes (one process with all
+    # cores' threads avoids the pool altogether).
+    threads = max(1, (os.cpu_count() or 1) // num_proc)
+    settings = {"seq_len": job["params"]["seq_len"], "out": str(out), "dtype": job["dtype"], "threads": threads}
     units = (u for s in SPLITS if todo[s] for u in _iter_units(split_files[s], s, todo[s], a))
     label = f"encode ({n_mine - n_todo}/{n_mine} units done before)" if n_todo < n_mine else "encode"
     _execute(units, n_todo, num_proc, tokenizer_loader, str(tok_path), settings, label)

@@ -44,7 +44,7 @@ class CharTokenizer:
             raise ValueError("text holds an unsupported character")
         return [4 + ord(c) if 4 + ord(c) < self.vocab_size else self.unk_id for c in text]
 
-    def encode(self, texts):
+    def encode(self, texts, num_threads=None):
         return [self._one(t) for t in texts] if isinstance(texts, list) else self._one(texts)
 
     def decode(self, ids):

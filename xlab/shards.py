@@ -239,8 +239,10 @@ class ShardStore:
     # ------------------------------------------------------------------------------ metadata
     @property
     def splits(self) -> list[str]:
-        """Split names in the store, in manifest order."""
-        return list(self._splits)
+        """Split names in the store: train, val, test, predict first, then any other, by name."""
+        from xlab.config import SPLITS
+
+        return sorted(self._splits, key=lambda s: (SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
 
     def split_info(self, split: str) -> dict:
         """The manifest entry of ``split`` (rows, articles, real_tokens, target_tokens, text_bytes,

@@ -1,0 +1,229 @@
+"""``xlab stats``: statistics of a shard store and its tokenizer, as tables (and a histogram).
+
+Per split: articles, sequences (rows), real tokens, padding fraction (of target positions),
+characters and UTF-8 bytes per text token, article length in tokens (mean, median, std, p99).
+Article lengths are read from the rows themselves: an article starts at a row whose first token
+is ``<sos>``, and an article of ``n`` tokens has ``n + 1`` non-pad targets (``t1..tn``, ``<eos>``).
+Vocabulary: learned pieces, single characters, byte pieces, and the fraction of text tokens that
+are byte-fallback pieces, measured on a seeded random sample of training rows.
+Also the add-one-smoothed unigram cross entropy of val under train counts: the loss a model must
+beat to have learned more than token frequencies.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+from pipelines.stage import console
+from xlab.config import stage_paths
+
+SAMPLE_ROWS = 4096  # rows drawn (seeded) for the byte-fallback measurement
+SAMPLE_SEED = 0
+CHUNK_ROWS = 65536
+
+
+def _chunks(store, split: str) -> Iterator:
+    """Row arrays of ``split``, each ``(k, seq_len + 1)`` of whole articles (one shard at a time,
+    memory-mapped; a shard always holds whole articles)."""
+    import numpy as np
+
+    for p in store.shard_paths(split):
+        arr = np.load(p, mmap_mode="r")
+        if len(arr):
+            yield arr
+
+
+def target_counts(store, split: str):
+    """``(vocab_size,)`` int64 counts of the non-pad target tokens of ``split``."""
+    import numpy as np
+
+    counts = np.zeros(store.vocab_size, dtype=np.int64)
+    for arr in _chunks(store, split):
+        for a in range(0, len(arr), CHUNK_ROWS):
+            t = np.asarray(arr[a:a + CHUNK_ROWS, 1:]).ravel()
+            counts += np.bincount(t[t != store.pad_id], minlength=store.vocab_size)
+    return counts
+
+
+def unigram_baseline(store, fit_split: str = "train", eval_split: str = "val") -> float:
+    """Cross entropy (nats per target token) of ``eval_split``'s targets under the unigram
+    distribution of ``fit_split``'s targets with add-one (Laplace) smoothing over the vocabulary:
+    ``p(t) = (c(t) + 1) / (N + V)``. Targets include ``<eos>``, exclude padding.
+
+    Raises:
+        XLabError: a split is missing from the store.
+        ValueError: ``eval_split`` has no targets.
+    """
+    import numpy as np
+
+    fit = target_counts(store, fit_split)
+    ev = target_counts(store, eval_split)
+    if ev.sum() == 0:
+        raise ValueError(f"split {eval_split!r} has no target tokens")
+    logp = np.log(fit + 1.0) - math.log(fit.sum() + store.vocab_size)
+    return float(-(ev * logp).sum() / ev.sum())
+
+
+def article_lengths(store, split: str):
+    """``(articles,)`` int64 lengths in text tokens (``<sos>``/``<eos>`` excluded) of ``split``."""
+    import numpy as np
+
+    out = []
+    for arr in _chunks(store, split):
+        rows = np.asarray(arr)
+        starts = rows[:, 0] == store.sos_id
+        article = np.cumsum(starts) - 1  # article index of each row within the shard
+        targets = np.count_nonzero(rows[:, 1:] != store.pad_id, axis=1)
+        out.append(np.bincount(article, weights=targets).astype(np.int64) - 1)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def split_stats(store, split: str) -> dict:
+    """The per-split figures of the module docstring, as a dict."""
+    import numpy as np
+
+    info = store.split_info(split)
+    lengths = article_lengths(store, split)
+    rows = store.rows(split)
+    text_tokens = int(lengths.sum())
+    target_positions = rows * store.seq_len
+    targets = text_tokens + len(lengths)
+    pct = (lambda q: float(np.percentile(lengths, q))) if len(lengths) else (lambda q: float("nan"))
+    return {
+        "articles": int(len(lengths)),
+        "sequences": rows,
+        "real_tokens": int(info.get("real_tokens", 0)),
+        "target_tokens": targets,
+        "padding_fraction": (target_positions - targets) / target_positions if target_positions else float("nan"),
+        "chars_per_token": info.get("text_chars", 0) / text_tokens if text_tokens else float("nan"),
+        "bytes_per_token": info.get("text_bytes", 0) / text_tokens if text_tokens else float("nan"),
+        "length_mean": float(lengths.mean()) if len(lengths) else float("nan"),
+        "length_median": pct(50),
+        "length_std": float(lengths.std()) if len(lengths) else float("nan"),
+        "length_p99": pct(99),
+        "lengths": lengths,
+    }
+
+
+def vocab_stats(tok, store, split: str = "train") -> dict:
+    """Vocabulary composition and byte-fallback usage (seeded random sample of ``split``'s rows).
+
+    Pieces are: special (pad/sos/eos/unk), byte (``<0xNN>``), single characters (one code point,
+    the word-boundary marker ``▁`` not counted), learned (the rest: merges of two or more characters).
+    """
+    import numpy as np
+
+    special = {store.pad_id, store.sos_id, store.eos_id, store.unk_id}
+    is_byte = np.zeros(tok.vocab_size, dtype=bool)
+    single = learned = 0
+    for i in range(tok.vocab_size):
+        if i in special:
+            continue
+        if tok.is_byte(i):
+            is_byte[i] = True
+        elif len(tok.id_to_piece(i).replace("\u2581", " ")) == 1:
+            single += 1
+        else:
+            learned += 1
+    fallback = float("nan")
+    n = store.rows(split) if split in store.splits else 0
+    if n:
+        rng = np.random.default_rng(SAMPLE_SEED)
+        idx = np.sort(rng.choice(n, size=min(n, SAMPLE_ROWS), replace=False))
+        t = store.read_rows(split, idx)[:, 1:].ravel().astype(np.int64)
+        text = t[~np.isin(t, list(special))]
+        fallback = float(is_byte[text].mean()) if len(text) else float("nan")
+    return {"vocab_size": int(tok.vocab_size), "special": len(special), "byte_pieces": int(is_byte.sum()),
+            "single_chars": single, "learned_pieces": learned, "byte_fallback_fraction": fallback,
+            "sample_rows": int(min(n, SAMPLE_ROWS))}
+
+
+def run(cfg, shards_dir=None, plot=None) -> dict:
+    """Print the store's statistics; with ``plot``, write the article-length histograms (PNG).
+
+    Returns:
+        ``{"splits": {split: stats}, "vocab": {...} or None, "unigram_val_nats": float or None}``
+        (article length arrays left out).
+
+    Raises:
+        XLabError: no store at the folder (names ``xlab data encode``).
+    """
+    from rich.table import Table
+
+    from xlab.shards import ShardStore
+
+    path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
+    store = ShardStore(path)
+    per = {s: split_stats(store, s) for s in store.splits}
+
+    t = Table(title=f"shard store {path} (seq_len {store.seq_len}, {store.dtype}, vocab {store.vocab_size:,})")
+    for c in ("split", "articles", "sequences", "real tokens", "padding", "chars/tok", "bytes/tok"):
+        t.add_column(c, justify="left" if c == "split" else "right")
+    for s, d in per.items():
+        t.add_row(s, f"{d['articles']:,}", f"{d['sequences']:,}", f"{d['real_tokens']:,}",
+                  f"{d['padding_fraction']:.1%}", f"{d['chars_per_token']:.2f}", f"{d['bytes_per_token']:.2f}")
+    console.print(t)
+    t = Table(title="article length (tokens)")
+    for c in ("split", "mean", "median", "std", "p99"):
+        t.add_column(c, justify="left" if c == "split" else "right")
+    for s, d in per.items():
+        t.add_row(s, f"{d['length_mean']:.1f}", f"{d['length_median']:.0f}", f"{d['length_std']:.1f}",
+                  f"{d['length_p99']:.0f}")
+    console.print(t)
+
+    vocab = None
+    tok_path = store.tokenizer_path
+    if tok_path is not None:
+        from xlab.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(tok_path)
+        vocab = vocab_stats(tok, store, "train" if "train" in store.splits else store.splits[0])
+        v = Table(title=f"vocabulary ({tok_path})")
+        for c in ("pieces", "special", "bytes", "single chars", "learned", "byte fallback"):
+            v.add_column(c, justify="right")
+        v.add_row(f"{vocab['vocab_size']:,}", str(vocab["special"]), f"{vocab['byte_pieces']:,}",
+                  f"{vocab['single_chars']:,}", f"{vocab['learned_pieces']:,}",
+                  f"{vocab['byte_fallback_fraction']:.3%}")
+        console.print(v)
+        console.print(f"byte fallback: share of text tokens that are byte pieces, in {vocab['sample_rows']:,} "
+                      f"seeded random rows of the train split")
+    else:
+        console.print("[yellow]tokenizer file not found; vocabulary statistics skipped[/yellow]")
+
+    unigram = None
+    if {"train", "val"} <= set(store.splits) and per["val"]["target_tokens"]:
+        unigram = unigram_baseline(store)
+        console.print(f"unigram baseline on val (add-one smoothed train counts): {unigram:.3f} nats/token "
+                      f"({unigram / math.log(2):.3f} bits/token)")
+    if plot is not None:
+        _plot(per, Path(plot))
+        console.print(f"article-length histogram written to {plot}")
+    return {"splits": {s: {k: v for k, v in d.items() if k != "lengths"} for s, d in per.items()},
+            "vocab": vocab, "unigram_val_nats": unigram}
+
+
+def _plot(per: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(len(per), 1, figsize=(8, 2.4 * len(per)), squeeze=False)
+    for ax, (s, d) in zip(axes[:, 0], per.items()):
+        lengths = d["lengths"]
+        if len(lengths):
+            hi = max(1, int(lengths.max()))
+            bins = np.unique(np.geomspace(1, hi + 1, 50).astype(int)) if hi > 50 else np.arange(0, hi + 2)
+            ax.hist(lengths, bins=bins)
+            if hi > 50:
+                ax.set_xscale("log")
+        ax.set_title(f"{s}: {len(lengths):,} articles, median {d['length_median']:.0f} tokens")
+        ax.set_ylabel("articles")
+    axes[-1, 0].set_xlabel("article length (tokens)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,101 @@
+"""``xlab stats`` and the unigram baseline, on a store encoded with a real (tiny) tokenizer."""
+
+import math
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from xlab.config import SPLITS, load_config
+from xlab.shards import ShardStore
+
+WORDS = ["the", "river", "city", "was", "founded", "in", "north", "königsberg", "東京", "über", "1871", "\n"]
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    """A store encoded end to end with a trained SentencePiece tokenizer of 320 ids."""
+    from pipelines import encode
+    from xlab.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("stats")
+    rng = np.random.default_rng(0)
+    d = root / "data" / "splits" / "wiki"
+    d.mkdir(parents=True)
+    texts = {}
+    for s in SPLITS:
+        n = 80 if s == "train" else 30
+        # never whitespace-only: encode skips those as empty articles
+        texts[s] = [" ".join(["river"] + list(rng.choice(WORDS, size=int(rng.integers(0, 60))))) for _ in range(n)]
+        texts[s][0] += " ᚠᚢᚦᚨᚱᚲ 𝔘𝔫𝔦𝔠"  # characters each seen once: too rare for a piece, left to bytes
+        ids = [f"{s}{i}" for i in range(n)]
+        pq.write_table(pa.table({"id": ids, "url": ids, "title": ids, "text": texts[s]}), d / f"{s}.parquet")
+    tok = Tokenizer.train(texts["train"], 320, root / "tokenizers" / "wiki.model", num_threads=1)
+    cfg = load_config([], [f"paths.data_dir={root / 'data'}", f"paths.tokenizer_dir={root / 'tokenizers'}",
+                           f"paths.shards_dir={root / 'shards'}", "shards.seq_len=12",
+                           "shards.articles_per_shard=16", "shards.num_proc=1"], use_defaults_file=False)
+    encode.run(cfg)
+    return cfg, tok, texts, ShardStore(root / "shards" / "wiki")
+
+
+def test_real_tokenizer_round_trip(encoded):
+    cfg, tok, texts, store = encoded
+    from pipelines import validate
+
+    assert validate.run(cfg) == 0
+    rows = store.read_rows("val", np.arange(store.rows("val")))
+    arts, cur = [], None
+    for r in rows.tolist():
+        if r[0] == tok.sos_id:
+            cur = []
+            arts.append(cur)
+        cur.extend(t for t in r[1:] if t not in (tok.pad_id, tok.eos_id))
+    assert tok.decode(arts) == texts["val"]
+
+
+def test_split_stats_and_lengths(encoded):
+    from pipelines import stats
+
+    cfg, tok, texts, store = encoded
+    d = stats.split_stats(store, "train")
+    n = [len(x) for x in tok.encode(texts["train"])]
+    assert d["articles"] == 80 and stats.article_lengths(store, "train").tolist() == n
+    assert d["length_mean"] == pytest.approx(np.mean(n)) and d["length_median"] == np.median(n)
+    assert d["length_p99"] == pytest.approx(np.percentile(n, 99))
+    assert d["bytes_per_token"] == pytest.approx(sum(len(t.encode()) for t in texts["train"]) / sum(n))
+    assert d["chars_per_token"] == pytest.approx(sum(len(t) for t in texts["train"]) / sum(n))
+    slots = store.rows("train") * 12
+    assert d["padding_fraction"] == pytest.approx((slots - sum(n) - 80) / slots)
+
+
+def test_unigram_baseline_matches_direct_count(encoded):
+    from pipelines import stats
+
+    _, tok, texts, store = encoded
+    fit = Counter(t for ids in tok.encode(texts["train"]) for t in ids + [tok.eos_id])
+    ev = [t for ids in tok.encode(texts["val"]) for t in ids + [tok.eos_id]]
+    total = sum(fit.values())
+    want = -sum(math.log((fit[t] + 1) / (total + tok.vocab_size)) for t in ev) / len(ev)
+    assert stats.unigram_baseline(store) == pytest.approx(want, rel=1e-9)
+
+
+def test_vocab_stats_and_run_with_plot(encoded, tmp_path, capsys):
+    from pipelines import stats
+
+    cfg, tok, texts, store = encoded
+    v = stats.vocab_stats(tok, store)
+    assert v["byte_pieces"] == 256 and v["special"] == 4
+    assert v["byte_pieces"] + v["single_chars"] + v["learned_pieces"] + 4 == tok.vocab_size
+    # every training row is in the sample here, so the fraction is exact
+    ids = [t for x in tok.encode(texts["train"]) for t in x]
+    assert v["sample_rows"] == store.rows("train")
+    assert v["byte_fallback_fraction"] == pytest.approx(sum(tok.is_byte(t) for t in ids) / len(ids))
+    assert v["byte_fallback_fraction"] > 0  # the CJK word falls back to bytes at this vocabulary size
+    out = stats.run(cfg, plot=tmp_path / "len.png")
+    assert (tmp_path / "len.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out["unigram_val_nats"] == pytest.approx(stats.unigram_baseline(store))
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "unigram baseline" in printed and "predict" in printed and "byte fallback" in printed
+    assert list(out["splits"]) == ["train", "val", "test", "predict"]
