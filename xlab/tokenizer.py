@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import itertools
 import os
 import random
 import re
@@ -129,6 +130,7 @@ def training_sentences(texts: Iterable[str], max_sentence_length: int, stats: di
     """
     for key in ("texts", "lines", "lines_split", "sentences", "bytes"):
         stats.setdefault(key, 0)
+    limit = max_sentence_length
     for s in texts:
         stats["texts"] += 1
         try:
@@ -136,36 +138,40 @@ def training_sentences(texts: Iterable[str], max_sentence_length: int, stats: di
         except UnicodeEncodeError:
             err = _surrogate_error([s])
             raise ValueError(f"training text {stats['texts'] - 1}: {err}") from None
-        for para in s.split("\n"):
-            if not para:
-                continue
-            for k, seg in enumerate(para.split(META)):
-                line = " " + seg if k == 0 else seg
-                if not line:
-                    continue
-                stats["lines"] += 1
-                if len(line) * 4 > max_sentence_length and len(line.encode("utf-8")) > max_sentence_length:
+        if META in s:  # rare: cut at U+2581 too; only a paragraph's first segment gets the space
+            lines = [
+                " " + seg if k == 0 else seg
+                for para in s.split("\n") if para
+                for k, seg in enumerate(para.split(META)) if k == 0 or seg
+            ]
+        else:  # the common case, done by C string methods: every paragraph gets its leading space
+            lines = (" " + s.replace("\n", "\n ")).split("\n")
+            lines = [line for line in lines if line != " "]  # " " was an empty paragraph
+        stats["lines"] += len(lines)
+        # A line of n characters has at most 4n UTF-8 bytes: measure bytes only when that may exceed.
+        if lines and max(map(len, lines)) * 4 > limit:
+            cut: list[str] = []
+            for line in lines:
+                if len(line) * 4 > limit and len(line.encode("utf-8")) > limit:
                     stats["lines_split"] += 1
-                    parts = _split_long(line, max_sentence_length)
-                    stats["sentences"] += len(parts)
-                    yield from parts
+                    cut.extend(_split_long(line, limit))
                 else:
-                    stats["sentences"] += 1
-                    yield line
+                    cut.append(line)
+            lines = cut
+        stats["sentences"] += len(lines)
+        yield from lines
 
 
 def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
     """A uniform sample of at most ``k`` items (Vitter's algorithm R) with ``random.Random(seed)``;
     all items, in order, when there are at most ``k``. Memory: O(k) items."""
     rng = random.Random(seed)
-    out: list[str] = []
-    for i, x in enumerate(items):
-        if i < k:
-            out.append(x)
-        else:
-            j = rng.randrange(i + 1)
-            if j < k:
-                out[j] = x
+    it = iter(items)
+    out = list(itertools.islice(it, k))
+    for i, x in enumerate(it, start=k):
+        j = rng.randrange(i + 1)
+        if j < k:
+            out[j] = x
     return out
 
 
