@@ -20,9 +20,11 @@ and feed-forward output) N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2 (Radford e
 2.3), so the residual stream's variance does not grow with depth. The token embedding is NOT multiplied
 by sqrt(d_model). The original drew it from N(0, 1) and then scaled it by sqrt(d_model) (std 22.6 at
 d_model 512), which swamped the sinusoidal encodings (entries in [-1, 1], RMS 0.71) by a factor of ~30:
-the model could barely see positions, and the fixed table cannot grow to catch up. Here the
-learnable side (the token embedding) starts small instead; Adam grows it to a useful scale within a
-few dozen steps, while positions are visible from the first step.
+the first LayerNorm rescales the sum, so only the ratio matters, and at 30:1 the model could barely
+see positions; the fixed table cannot grow to catch up. Here the learnable side, the token embedding,
+starts small instead (token identity stays fully recoverable: it is a linear part of the sum); Adam
+moves each entry by about lr per step, so it grows as far as training needs, while positions are
+visible from the first step.
 
 Shapes in comments: B batch, T new tokens, S keys (cached + new), C = d_model, H query heads,
 K key/value heads, D = C // H head size, V vocabulary size.
