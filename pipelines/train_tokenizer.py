@@ -170,7 +170,8 @@ def show(cfg: Any, text: str, tokenizer_path: Path | None = None) -> dict:
     except ValueError as e:
         raise XLabError(f"{path}: {e}") from None
     pieces = [tok.id_to_piece(i) for i in ids]
-    table = Table(title=f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes ({path})", title_justify="left")
+    table = Table(title=f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes", caption=str(path),
+                  title_justify="left", caption_justify="left")
     table.add_column("#", justify="right", style="dim")
     table.add_column("id", justify="right")
     table.add_column("piece")

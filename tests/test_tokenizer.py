@@ -4,6 +4,7 @@ determinism and sampling, the incremental decoder, and the `xlab tokenizer` stag
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from xlab.errors import XLabError
 from xlab.io import sha256_file
-from xlab.tokenizer import META, Tokenizer, _split_long, reservoir_sample, training_sentences
+from xlab.tokenizer import META, Tokenizer, _prepare, _split_long, _unprepare, reservoir_sample, training_sentences
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SPLITS = REPO / "data" / "splits" / "wiki"
@@ -89,6 +90,28 @@ def test_special_ids_and_files(tok, tmp_path):
     assert again.sha256 == tok.sha256 == sha256_file(p)
     text = "Kalo the mus 1999.\nZürich"
     assert Tokenizer.from_bytes(tok.to_bytes()).encode(text) == tok.encode(text)
+    assert pickle.loads(pickle.dumps(tok)).encode(text) == tok.encode(text)  # for worker processes
+
+
+def test_decode_accepts_arrays(tok):
+    import numpy as np
+
+    texts = ["Kalo the\n", "mus 1999 é"]
+    ids = tok.encode(texts)
+    assert tok.decode(np.array(ids[0], dtype=np.uint16)) == texts[0]
+    assert tok.decode([np.int64(i) for i in ids[1]]) == texts[1]
+    width = max(map(len, ids))
+    padded = np.array([x + [tok.pad_id] * (width - len(x)) for x in ids], dtype=np.int32)  # (2, width)
+    assert tok.decode(padded) == texts  # pad ids are skipped
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([" ", "\n", "a", "\r", META]), max_size=30).map("".join))
+def test_codec_spacing_is_exactly_invertible(s):
+    t = _prepare(s)
+    assert _unprepare(t) == s
+    # every newline is followed by a newline, the end, or an inserted space
+    assert all(t[k + 1 : k + 2] in ("", "\n", " ") for k, c in enumerate(t) if c == "\n")
 
 
 def test_special_token_text_is_ordinary_text(tok):

@@ -411,7 +411,7 @@ class Tokenizer:
         """
         if hasattr(ids, "tolist"):  # numpy array or torch tensor
             ids = ids.tolist()
-        if len(ids) and isinstance(ids[0], (list, tuple)) or (len(ids) and hasattr(ids[0], "tolist")):
+        if len(ids) and (isinstance(ids[0], (list, tuple)) or getattr(ids[0], "ndim", 0) >= 1):
             return [self._decode_one(x.tolist() if hasattr(x, "tolist") else x) for x in ids]
         return self._decode_one(ids)
 
@@ -430,6 +430,13 @@ class Tokenizer:
     def incremental_decoder(self) -> "IncrementalDecoder":
         """A decoder for generation: feed ids one at a time (see :class:`IncrementalDecoder`)."""
         return IncrementalDecoder(self)
+
+    def __getstate__(self) -> dict:  # pickles as the model bytes (for worker processes)
+        return {"model": self._bytes, "num_threads": self.num_threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"])
+        self.num_threads = state["num_threads"]
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}…)"
