@@ -14,6 +14,15 @@ from xlab.errors import XLabError
 EOS = 2
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread avoids losing time to thread wake-ups on busy cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------- stand-ins
 class Bigram:
     """A model whose next-token logits depend only on the last token: logits[b, t] = table[ids[b, t]].
@@ -375,7 +384,7 @@ def test_generate_decodes_the_whole_sequence_and_streams_the_same_text():
 def fake_checkpoint(monkeypatch):
     tok = CharTokenizer()
     model = CachedBigram(random_table(tok.vocab_size, 12, scale=1.0))
-    monkeypatch.setattr(gen, "_load", lambda checkpoint, device: (model, None, tok))
+    monkeypatch.setattr(gen, "_load", lambda checkpoint, device: (model, None, tok, {}))
     return model, tok
 
 
@@ -476,3 +485,121 @@ def test_reference_nll_through_a_sliding_window_matches_generation_context():
     assert max(nll) < 1e-3
     nll = gen.reference_nll(model, [1, 9], [2, 3, 4, 5], max_len=4)  # 5 contradicts the slide
     assert max(nll[:3]) < 1e-3 and nll[3] > 5
+
+
+# ------------------------------------------------------------------------- the real Transformer
+def tiny_transformer(seed=0, **kw):
+    from xlab.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=50, max_len=12, d_model=32, n_layers=2, n_heads=4, d_ff=48), **kw})
+    return Transformer(cfg).eval()
+
+
+class NoCache:
+    """The same model without its cache: every step recomputes the visible context."""
+
+    def __init__(self, model):
+        self.model, self.cfg = model, model.cfg
+        self.calls = 0
+
+    def __call__(self, ids):
+        self.calls += 1
+        return self.model(ids)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned", "rope"])
+def test_transformer_cache_and_recompute_agree_past_max_len(position):
+    model = tiny_transformer(position=position)
+    plain = NoCache(model)
+    prompt = [1, 7, 8, 9, 10]
+    g = gen.greedy_search(model, prompt, 40)  # max_len 12: slides five times
+    assert g == gen.greedy_search(plain, prompt, 40) and len(g) == 40
+    s = gen.sample(model, prompt, 30, seed=4, num_samples=2, top_k=20)
+    assert s == gen.sample(plain, prompt, 30, seed=4, num_samples=2, top_k=20)
+    b = gen.beam_search(model, prompt, 20, beam_width=3, eos_id=2)
+    assert [h.tokens for h in b] == [h.tokens for h in gen.beam_search(plain, prompt, 20, beam_width=3, eos_id=2)]
+    assert gen.beam_search(model, prompt, 20, beam_width=1)[0].tokens == gen.greedy_search(model, prompt, 20)
+
+
+def test_transformer_reference_nll_matches_one_forward():
+    model = tiny_transformer(max_len=64)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11]])
+    expect = torch.nn.functional.cross_entropy(model(ids[:, :-1])[0, 2:], ids[0, 3:], reduction="none")
+    assert gen.reference_nll(model, [1, 5, 6], [7, 8, 9, 10, 11]) == pytest.approx(expect.tolist(), rel=1e-5)
+    # past max_len the window rule applies: cached stepping, same numbers with or without the cache
+    small = tiny_transformer(max_len=4)
+    a = gen.reference_nll(small, [1, 5, 6], [7, 8, 9, 10, 11])
+    assert a == pytest.approx(gen.reference_nll(NoCache(small), [1, 5, 6], [7, 8, 9, 10, 11]), rel=1e-4)
+
+
+# ------------------------------------------------------------- real tokenizer, store, checkpoint
+def made_up_texts(n, seed):
+    import random
+
+    rng = random.Random(seed)
+    words = ["ka", "lo", "rith", "the", "an", "mus", "ter", "ion", "pa", "veld", "storm", "or", "é"]
+    return [" ".join(rng.choices(words, k=rng.randint(12, 40))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    """A random tiny model saved as a training checkpoint, with a real tokenizer and predict store."""
+    from xlab.checkpoint import save_checkpoint, tokenizer_bytes_tensor
+    from xlab.config import load_config, to_dict
+    from xlab.model import Transformer
+    from xlab.shards import write_store
+    from xlab.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("gen")
+    tok = Tokenizer.train(made_up_texts(200, 1), 320, root / "tok.model", seed=1, num_threads=1)
+    store = root / "store"
+    write_store(store, {"predict": tok.encode(made_up_texts(6, 2))}, seq_len=16, vocab_size=tok.vocab_size,
+                pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id, unk_id=tok.unk_id,
+                tokenizer_sha256=tok.sha256)
+    cfg = load_config([], ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+                           f"model.vocab_size={tok.vocab_size}", "model.max_len=16", "generate.top_k=10"],
+                      use_defaults_file=False)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    path = root / "last.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "step": 0, "shards": str(store),
+                           "tokenizer": tokenizer_bytes_tensor(tok.to_bytes()), "tokenizer_sha256": tok.sha256})
+    return path, tok, store
+
+
+def test_cli_generate_with_a_real_checkpoint(real_checkpoint, capsys):
+    path, tok, _ = real_checkpoint
+    kw = {**CLI_DEFAULTS, "max_new_tokens": 30, "num_samples": 2}
+    texts = gen.cli_generate(path, "the storm", **kw)
+    out = capsys.readouterr().out
+    assert gen.cli_generate(path, "the storm", **{**kw, "stream": True}) == texts
+    assert capsys.readouterr().out == out
+    assert all(t.startswith("the storm") for t in texts) and texts[0] != texts[1]
+    assert gen.cli_generate(path, "the storm", **kw) == texts  # same seed, same text
+    capsys.readouterr()
+    with pytest.raises(XLabError):
+        gen.cli_generate(path.parent / "missing.pt", "x", **kw)
+
+
+def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
+    path, tok, store = real_checkpoint
+    out = tmp_path / "pred.jsonl"
+    summary = gen.cli_predict(path, out=out, num_articles=4, prompt_tokens=5, max_new_tokens=6, shards_dir=None,
+                              greedy=True, seed=1, device="cpu")
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    texts = made_up_texts(6, 2)
+    assert len(rows) == 4 and summary["articles"] == 4 and "reference loss" in capsys.readouterr().out
+    for r, text in zip(rows, texts):
+        assert set(r) == {"index", "row", "prompt", "reference", "generated", "prompt_tokens",
+                          "reference_tokens", "generated_tokens", "reference_loss"}
+        ids = tok.encode(text)
+        assert r["prompt"] + r["reference"] == tok.decode(ids[:11])
+        assert r["prompt_tokens"] == 5 and r["reference_tokens"] == 6 and r["reference_loss"] > 0
+    mean = sum(r["reference_loss"] * r["reference_tokens"] for r in rows) / sum(r["reference_tokens"] for r in rows)
+    assert summary["reference_loss"] == pytest.approx(mean)
+    # a random model is near uniform: about ln(vocab) nats per token
+    assert abs(summary["reference_loss"] - math.log(tok.vocab_size)) < 1.0
+    with pytest.raises(XLabError):
+        gen.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
+                        greedy=True, seed=1, device="cpu")

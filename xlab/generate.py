@@ -143,13 +143,18 @@ class _Context:
         self.max_len = max_len
         self.keep = None if max_len is None else max(1, max_len // 2)
         self.cached = hasattr(model, "new_cache")
+        # Models with forward == head(hidden) (the XLab Transformer) skip the (B, T, V) logits of a
+        # prefill, of which only the last position is needed.
+        self.split_head = hasattr(model, "hidden") and hasattr(model, "head")
         self.seq: torch.Tensor | None = None
         self.start = 0
         self.cache: Any = None
 
     def _last_logits(self, ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        out = self.model(ids, cache=cache) if cache is not None else self.model(ids)
-        return out[:, -1].float()  # (B, V)
+        kw = {} if cache is None else {"cache": cache}
+        if self.split_head:  # project only the last position onto the vocabulary
+            return self.model.head(self.model.hidden(ids, **kw)[:, -1]).float()  # (B, V)
+        return self.model(ids, **kw)[:, -1].float()
 
     def _encode_visible(self) -> torch.Tensor:
         visible = self.seq[:, self.start:]
@@ -543,12 +548,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _load(checkpoint: Path, device: torch.device):
-    """(model, cfg, tokenizer) of a checkpoint .pt or an export folder, on ``device``."""
-    from xlab.checkpoint import load_model
+    """(model, cfg, tokenizer, meta) of a checkpoint .pt or an export folder, the model on ``device``;
+    ``meta`` holds ``shards`` (the store trained on) and ``tokenizer_sha256``."""
+    from xlab.checkpoint import load_model_meta
 
     if not Path(checkpoint).exists():
         raise XLabError(f"checkpoint not found: {checkpoint}; train one with `xlab train`")
-    return load_model(checkpoint, device=str(device))
+    return load_model_meta(checkpoint, device=str(device))
 
 
 def _check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float,
@@ -588,7 +594,7 @@ def cli_generate(checkpoint: Path, prompt: str, *, max_new_tokens: int, temperat
     _check_cli_options(max_new_tokens, temperature, top_k, top_p, beam_width, num_samples, greedy)
     if not math.isfinite(length_penalty):
         raise XLabError(f"--length-penalty must be finite, got {length_penalty}")
-    model, _cfg, tok = _load(checkpoint, resolve_device(device))
+    model, _cfg, tok, _meta = _load(checkpoint, resolve_device(device))
     prompt_ids = ([tok.sos_id] if add_sos else []) + list(tok.encode(prompt))
     if not prompt_ids:
         raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
@@ -723,17 +729,13 @@ def _split_decode(tokenizer: Any, head: list[int], tail: list[int]) -> tuple[str
     return a, b
 
 
-def _store_path(checkpoint: Path, cfg: Any, shards_dir: Optional[Path]) -> Path:
+def _store_path(cfg: Any, meta: dict, shards_dir: Optional[Path]) -> Path:
     """The shard store of ``xlab predict``: ``--shards``, else the store the checkpoint recorded,
     else ``shards/<data.name>`` of the checkpoint's configuration."""
     if shards_dir is not None:
         return Path(shards_dir)
-    if Path(checkpoint).is_file():
-        from xlab.checkpoint import load_checkpoint
-
-        recorded = load_checkpoint(checkpoint).get("shards")
-        if recorded:
-            return Path(recorded)
+    if meta.get("shards"):
+        return Path(meta["shards"])
     from xlab.config import stage_paths
 
     try:
@@ -763,14 +765,14 @@ def cli_predict(checkpoint: Path, *, out: Path, num_articles: int, prompt_tokens
         raise XLabError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
     if max_new_tokens < 1:
         raise XLabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    model, cfg, tok = _load(checkpoint, resolve_device(device))
+    model, cfg, tok, meta = _load(checkpoint, resolve_device(device))
     gen_cfg = _get(cfg, "generate")
     temperature = float(_get(gen_cfg, "temperature", 1.0))
     top_k = _get(gen_cfg, "top_k", None)
     top_p = float(_get(gen_cfg, "top_p", 1.0))
     _check_cli_options(max_new_tokens, temperature, top_k, top_p)
-    store = ShardStore(_store_path(checkpoint, cfg, shards_dir))
-    if getattr(store, "tokenizer_sha256", None) != getattr(tok, "sha256", None):
+    store = ShardStore(_store_path(cfg, meta, shards_dir))
+    if store.tokenizer_sha256 != tok.sha256:
         raise XLabError(f"the shard store {store.path} was encoded with another tokenizer than the model's; "
                         "pass the model's store with --shards")
     if "predict" not in store.splits:
