@@ -330,6 +330,8 @@ def test_training_is_deterministic_across_processes(tmp_path):
 def test_training_refuses_empty_and_surrogates():
     with pytest.raises(ValueError, match="no training text"):
         Tokenizer.train(["", ""], 300, None)
+    with pytest.raises(ValueError, match="max_sentence_length"):
+        Tokenizer.train(["abc"], 300, None, max_sentence_length=3)
     with pytest.raises(ValueError, match="training text 1.*position 3"):
         Tokenizer.train(["ok", "abc\ud800"], 300, None)
 
