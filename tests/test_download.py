@@ -198,7 +198,8 @@ def test_hub_probe(monkeypatch):
 
     def hang(*args, **kwargs):  # a name lookup that never answers
         import time
-        time.sleep(3)
+        time.sleep(1)
+        raise OSError("too late")
 
     monkeypatch.setattr(download.socket, "create_connection", hang)
     assert "no answer within 0.1 s" in download.hub_unreachable_reason(0.1)
@@ -254,3 +255,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, cli, args, words):
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(err.splitlines()) == 1
     assert err.startswith("error:") and all(w in err for w in words)
     assert not (tmp_path / "data" / "raw" / "wiki").exists()
+
+
+def test_dump_max_articles_stops_early_in_parallel(tmp_path):
+    dump = compressed_copies(tmp_path)["bz2"]
+    cfg = make_cfg(tmp_path, "data.source=dump", f"data.dump_path={dump}", "data.num_proc=2", "data.max_articles=1")
+    out = download.run(cfg)
+    assert [r["id"] for r in read_rows(tmp_path)] == ["101"] and out["counts"]["articles"] == 1
