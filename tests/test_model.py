@@ -107,8 +107,12 @@ def test_autocast_bf16_gives_bf16_logits_close_to_fp32():
     x = ids()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
-    assert out.dtype == torch.bfloat16
+        cache = m.new_cache(2)  # in the autocast dtype: keys and values are bf16 there
+        steps = [m(x[:, :8], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(8, 16)]
+    assert out.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16
+    assert m.new_cache(2).k.dtype == torch.float32
     assert maxdiff(out, m(x)) < 5e-2
+    assert maxdiff(torch.cat(steps, 1), out) < 5e-2
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])

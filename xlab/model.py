@@ -387,12 +387,20 @@ class Transformer(nn.Module):
     # -- forward -------------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, device: Any = None, dtype: Optional[torch.dtype] = None) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` rows and ``cfg.max_len`` tokens, on the model's
-        device and in its parameter dtype unless given (pass bf16 when decoding under bf16 autocast)."""
+        """An empty :class:`KVCache` for ``batch_size`` rows and ``cfg.max_len`` tokens.
+
+        Device: the model's unless given. Dtype: unless given, the autocast dtype when called under
+        autocast (keys and values are computed in it, so the cache then needs no conversion at every
+        step), else the parameter dtype.
+        """
         p = self.lm_head.weight
         c = self.cfg
+        device = p.device if device is None else torch.device(device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
         return KVCache(c.n_layers, batch_size, c.n_kv_heads or c.n_heads, c.max_len, c.d_model // c.n_heads,
-                       device=p.device if device is None else device, dtype=p.dtype if dtype is None else dtype)
+                       device=device, dtype=dtype)
 
     def hidden(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Final-normed hidden states.
