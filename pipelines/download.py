@@ -98,9 +98,12 @@ def run(cfg: Any, force: bool = False) -> dict:
         ``non_articles``, ``duplicates``, ``parse_errors``, plus the same per source in ``sources``.
 
     Raises:
-        XLabError: missing or altered sample files, a missing or unreadable dump, an unreachable Hub.
+        XLabError: missing or altered sample files, a missing or unreadable dump, an unreachable Hub,
+        ``max_articles`` below 1.
     """
     d = cfg.data
+    if d.max_articles is not None and d.max_articles < 1:
+        raise XLabError("data.max_articles must be at least 1 (or null for all articles)")
     paths = stage_paths(cfg)
     out_dir = paths.raw
     manifest_path = out_dir / "manifest.json"
@@ -387,17 +390,16 @@ def _write_parquet(rows: Iterable[Row], path: Path, max_articles: Optional[int],
             writer.write_batch(pa.record_batch([pa.array(col, pa.string()) for col in cols], schema=schema))
             buf.clear()
 
-        if max_articles is None or max_articles > 0:
-            for row in rows:
-                buf.append(row)
-                articles += 1
-                characters += len(row[3])
-                buf_chars += len(row[3])
-                if len(buf) >= batch_rows or buf_chars >= batch_chars:
-                    flush()
-                    buf_chars = 0
-                if max_articles is not None and articles >= max_articles:
-                    break
+        for row in rows:
+            buf.append(row)
+            articles += 1
+            characters += len(row[3])
+            buf_chars += len(row[3])
+            if len(buf) >= batch_rows or buf_chars >= batch_chars:
+                flush()
+                buf_chars = 0
+            if max_articles is not None and articles >= max_articles:
+                break
         if buf:
             flush()
     if hasattr(rows, "close"):

@@ -167,6 +167,11 @@ def test_sample_skip_force_and_max_articles(tmp_path):
     assert again["skipped"] is False and len(read_rows(tmp_path)) == 10  # a new parameter redoes it
 
 
+def test_max_articles_below_one_refused(tmp_path):
+    with pytest.raises(XLabError, match="data.max_articles must be at least 1"):
+        download.run(make_cfg(tmp_path, "data.max_articles=0"))
+
+
 def test_sample_file_checks(monkeypatch):
     wrong = download.SampleFile(download.SAMPLE_DUMP.dist, "4.4.0", download.SAMPLE_DUMP.path,
                                 download.SAMPLE_DUMP.size, "0" * 64)
