@@ -213,7 +213,8 @@ class Tokenizer:
             else:
                 surf.append(sp.id_to_piece(i).replace(META, " ").encode("utf-8"))
         self._surface = surf
-        self.num_threads = _default_threads()
+        self.num_threads = _default_threads()  # default for batched encode
+        self.train_report: dict | None = None  # set by :meth:`train`
 
     def _check_compatible(self) -> None:
         sp = self._sp
