@@ -234,7 +234,6 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.backend = cfg.attention
         self.dropout = cfg.dropout
-        self.rope = cfg.position == "rope"
         # One matmul for q, k and v: (C) -> (H + 2K) * D. Same parameters as three projections.
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # writes into the residual stream
