@@ -82,8 +82,11 @@ def run(cfg: Any, force: bool = False) -> dict:
     inputs = {"train.parquet": sha256_file(train_path)}
     manifest_path = paths.tokenizer_manifest
     if not force and is_up_to_date(manifest_path, params, inputs, outputs=[paths.tokenizer]):
-        skipped(f"tokenizer train ({cfg.data.name})", manifest_path)
-        return read_manifest(manifest_path)
+        m = read_manifest(manifest_path)
+        # the model file must still be the one the manifest describes (not replaced or damaged)
+        if (m.get("tokenizer") or {}).get("sha256") == sha256_file(paths.tokenizer):
+            skipped(f"tokenizer train ({cfg.data.name})", manifest_path)
+            return m
 
     t0 = time.perf_counter()
     with console.status(f"training a {params['vocab_size']}-piece BPE tokenizer on {train_path} ..."):

@@ -381,6 +381,9 @@ def test_stage_train_skip_force_and_show(tmp_path, corpus, capsys):
                                                      abs=1e-3)
     assert train_tokenizer.run(cfg)["created_unix"] == m["created_unix"]  # up to date: skipped
     assert "up to date" in capsys.readouterr().out
+    model.write_bytes(model.read_bytes() + b"x")  # a damaged model file is retrained
+    again = train_tokenizer.run(cfg)
+    assert again["created_unix"] > m["created_unix"] and again["tokenizer"]["sha256"] == sha256_file(model)
     assert train_tokenizer.run(_cfg(tmp_path, "tokenizer.vocab_size=450"))["counts"]["vocab_size"] == 450
     assert train_tokenizer.run(_cfg(tmp_path, "tokenizer.vocab_size=450"), force=True)["created_unix"] > m["created_unix"]
 
