@@ -231,8 +231,9 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
         mpath.unlink()
     work = out / WORK
     old = read_manifest(work / "job.json")
-    if old is not None and old != job:
-        # Other parameters or inputs: nothing in the folder can be reused.
+    if old != job:
+        # No record of this job (other parameters or inputs, or a finished store being redone):
+        # nothing in the folder can be reused, and no stale shard may linger beside the new ones.
         for s in SPLITS:
             shutil.rmtree(out / s, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -372,7 +373,7 @@ def _print_summary(out: Path, m: dict) -> None:
     from rich.table import Table
 
     t = Table(title=f"shard store {out} (seq_len {m['seq_len']}, {m['dtype']})")
-    for c in ("split", "articles", "empty", "rejected", "rows", "target tokens", "text MB", "shards"):
+    for c in ("split", "articles", "empty", "rejected", "rows", "targets", "text MB", "shards"):
         t.add_column(c, justify="right" if c != "split" else "left")
     for s, i in m["splits"].items():
         t.add_row(s, f"{i['articles']:,}", f"{i['empty_articles']:,}", f"{i['rejected_articles']:,}",

@@ -261,3 +261,18 @@ def test_validate_passes_then_lists_every_problem(tmp_path, capsys):
     assert "row 1" in text and "padding" in text
     assert "row 2" in text
     assert "val/000000.npy" in text and "missing" in text
+
+
+def test_validate_cli_exit_codes(tmp_path, cli):
+    write_corpus(tmp_path, n=10)
+    cfg = config(tmp_path)
+    encode(cfg)
+    store = tmp_path / "shards" / "wiki"
+    args = ["data", "validate", "--shards", store, "-o", f"paths.tokenizer_dir={tmp_path / 'tokenizers'}"]
+    assert cli(args, cwd=tmp_path).returncode == 0
+    p = store / "val" / "000000.npy"
+    rows = np.load(p)
+    rows[0, 1] = 60_000  # beyond the 300-id vocabulary
+    np.save(p, rows)
+    r = cli(args, cwd=tmp_path, check=False)
+    assert r.returncode == 1 and "val/000000.npy" in r.stdout and "60000" in r.stdout

@@ -228,3 +228,20 @@ def test_read_npy_header(tmp_path):
     shape, dtype, fortran, offset = read_npy_header(tmp_path / "a.npy")
     assert shape == (3, 5) and dtype == np.uint32 and not fortran
     assert (tmp_path / "a.npy").stat().st_size == offset + a.nbytes
+
+
+def test_background_prefetch_matches_plain_and_stops(tmp_path):
+    import threading
+
+    store, _ = make_store(tmp_path)
+    plain = [b for b in ShardLoader(store, "train", 8, seed=5)]
+    bg = ShardLoader(store, "train", 8, seed=5, background=True, prefetch=2)
+    it = iter(bg)
+    first = [next(it) for _ in range(3)]
+    assert bg.state_dict() == {"epoch": 0, "position": 3, "seed": 5}  # yielded, not prefetched, batches
+    it.close()  # an abandoned iteration stops its prefetch thread
+    assert not any(t.name == "xlab-shard-prefetch" for t in threading.enumerate())
+    rest = list(bg)
+    assert bg.epoch == 1 and len(first) + len(rest) == len(plain)
+    for (x1, y1), (x2, y2) in zip(first + rest, plain):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

@@ -417,8 +417,10 @@ class ShardLoader:
         seed: permutation seed.
         shuffle: permute rows each epoch; False gives store order.
         rank, world_size: this process's rank and the number of data-parallel ranks.
-        device: ``"cpu"`` or a CUDA device; on CUDA batches are pinned and copied by a background
-            prefetch thread with non-blocking transfers.
+        device: ``"cpu"`` or a CUDA device; on CUDA batches are read by a background prefetch
+            thread into pinned memory and copied with non-blocking transfers.
+        prefetch: batches the background thread may read ahead.
+        background: use the prefetch thread (default: only on CUDA).
 
     Iterating yields the remaining batches of the current epoch, each ``(inputs, targets)``, both
     ``torch.int64`` of shape ``(batch_size, seq_len)``: ``inputs = row[:-1]``, ``targets = row[1:]``
@@ -430,7 +432,8 @@ class ShardLoader:
     """
 
     def __init__(self, store: ShardStore, split: str, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, device: Any = "cpu", prefetch: int = 4):
+                 rank: int = 0, world_size: int = 1, device: Any = "cpu", prefetch: int = 4,
+                 background: bool | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if batch_size < 1:
@@ -444,6 +447,7 @@ class ShardLoader:
         self.world_size = int(world_size)
         self.device = device
         self.prefetch = max(1, int(prefetch))
+        self.background = _is_cuda(device) if background is None else bool(background)
         self.num_rows = store.rows(split)
         self._len = self.num_rows // (self.batch_size * self.world_size)
         if self._len == 0:
@@ -509,17 +513,18 @@ class ShardLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
     def __iter__(self):
-        if _is_cuda(self.device):
-            return self._iter_cuda()
-        return self._iter_cpu()
+        if self.background:
+            return self._iter_background()
+        return self._iter_plain()
 
-    def _iter_cpu(self):
+    def _iter_plain(self):
         for e, p in list(self._steps()):
             batch = self.make_batch(self.batch_indices(e, p))
             self._advance()  # before yielding, so state_dict() after a batch points at the next one
             yield batch
 
-    def _iter_cuda(self):
+    def _iter_background(self):
+        cuda = _is_cuda(self.device)
         steps = list(self._steps())
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -530,7 +535,7 @@ class ShardLoader:
                     if stop.is_set():
                         return
                     x, y = self.make_batch(self.batch_indices(e, p))
-                    q.put((x.pin_memory(), y.pin_memory()))
+                    q.put((x.pin_memory(), y.pin_memory()) if cuda else (x, y))
                 q.put(None)
             except BaseException as exc:  # surfaced in the consumer
                 q.put(exc)
@@ -543,7 +548,7 @@ class ShardLoader:
                 if isinstance(item, BaseException):
                     raise item
                 x, y = item
-                batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                batch = (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) if cuda else item
                 self._advance()
                 yield batch
         finally:
