@@ -45,15 +45,16 @@ def gpu_peak_flops(device_name: str) -> Optional[float]:
     return None
 
 
-def measure_cpu_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+def measure_cpu_matmul_flops(n: int = 768, seconds: float = 0.15) -> float:
     """fp32 FLOP/s of ``n x n`` matrix products on this CPU with torch's current thread count.
 
     Runs one warm-up product, then as many as fit in about ``seconds``; one product is ``2 n^3`` FLOPs.
     """
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # a private generator: the global RNG stream is left untouched
+    a = torch.randn(n, n, generator=g)
+    b = torch.randn(n, n, generator=g)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)
     reps = 0

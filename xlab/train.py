@@ -234,9 +234,10 @@ class _Trainer:
         cfg = from_dict(to_dict(cfg))
         cfg.model.vocab_size = self.store.vocab_size
         cfg.model.max_len = self.store.seq_len
-        if self.ckpt is not None:
-            cfg.model = OmegaConf.create(self.ckpt["config"]["model"])
-            cfg = from_dict(to_dict(cfg))
+        if self.ckpt is not None:  # the architecture is the checkpoint's, whatever the command line says
+            d = to_dict(cfg)
+            d["model"] = dict(self.ckpt["config"]["model"])
+            cfg = from_dict(d)
         self.cfg = cfg
         t = cfg.train
 
@@ -328,30 +329,35 @@ class _Trainer:
 
         return save_checkpoint(self.ckpt_dir / "last.pt", self._state())
 
-    def _update_best(self, val_loss: float, last: Path) -> None:
-        """Keep ``last.pt`` of this step as ``best-stepN.pt`` if it is among the ``keep_best`` lowest."""
+    def _rank_best(self, val_loss: float) -> tuple[Optional[str], list[str]]:
+        """Enter this step in the best list if its ``val_loss`` is among the ``keep_best`` lowest.
+
+        Returns ``(file name for this step or None, files that fell out of the list)``; the list is
+        updated first so that the checkpoint saved next records it.
+        """
         k = int(self.cfg.train.keep_best)
         if k <= 0 or not math.isfinite(val_loss):
-            return
-        ranked = sorted(self.best, key=lambda b: b["loss"])
-        if len(ranked) >= k and val_loss >= ranked[-1]["loss"]:
-            return
+            return None, []
         name = f"best-step{self.step:07d}.pt"
+        ranked = sorted([b for b in self.best if b["file"] != name] +
+                        [{"loss": float(val_loss), "step": self.step, "file": name}], key=lambda b: b["loss"])
+        self.best = ranked[:k]
+        entered = name if any(b["file"] == name for b in self.best) else None
+        return entered, [b["file"] for b in ranked[k:] if b["file"] != name]
+
+    def _link_best(self, last: Path, name: str, dropped: list[str]) -> None:
+        """Snapshot ``last`` as ``name`` (a hard link: last.pt is replaced, never rewritten in place)."""
         tmp = self.ckpt_dir / f".{name}.link"
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         try:
-            os.link(last, tmp)  # last.pt is replaced (never rewritten in place), so a hard link is a snapshot
+            os.link(last, tmp)
         except OSError:
             import shutil
 
             shutil.copyfile(last, tmp)
         os.replace(tmp, self.ckpt_dir / name)
-        ranked = sorted([b for b in self.best if b["file"] != name] +
-                        [{"loss": float(val_loss), "step": self.step, "file": name}], key=lambda b: b["loss"])
-        for b in ranked[k:]:
-            (self.ckpt_dir / b["file"]).unlink(missing_ok=True)
-        self.best = ranked[:k]
+        for f in dropped:
+            (self.ckpt_dir / f).unlink(missing_ok=True)
 
     # -------------------------------------------------------------------------- one step
     def _micro_batches(self):
@@ -531,10 +537,13 @@ class _Trainer:
                     if (self.step % t.eval_every == 0 or at_end) and not stop:
                         do_eval()
                         evaluated = True
-                    if main and (self.step % t.checkpoint_every == 0 or at_end or stop or evaluated):
+                    best_name, dropped = (None, [])
+                    if main and evaluated and last_val is not None:
+                        best_name, dropped = self._rank_best(last_val["loss"])
+                    if main and (self.step % t.checkpoint_every == 0 or at_end or stop or best_name):
                         last_ckpt = self._save_last()
-                        if evaluated and last_val is not None:
-                            self._update_best(last_val["loss"], last_ckpt)
+                        if best_name is not None:
+                            self._link_best(last_ckpt, best_name, dropped)
                     if stop:
                         interrupted = True
                         sigint = r["stop"]

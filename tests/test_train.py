@@ -1,0 +1,247 @@
+"""The trainer: schedule, parameter groups, the fused chunked loss, exact gradient accumulation, exact
+resume, refusal to overwrite a run, NaN handling and Ctrl-C."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+from train_helpers import make_cfg, make_store, one_thread, read_metrics
+
+import xlab.loss
+from xlab.checkpoint import load_checkpoint
+from xlab.errors import XLabError
+from xlab.loss import chunked_cross_entropy, full_cross_entropy, linear_cross_entropy
+from xlab.train import lr_at, param_groups, train
+
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data"))
+
+
+def test_lr_schedule():
+    kw = dict(lr=1.0, total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, **kw) == pytest.approx(0.1)
+    assert lr_at(500, **kw) == pytest.approx(0.1)  # held at the floor
+    assert lr_at(50, **{**kw, "schedule": "constant"}) == 1.0
+    lrs = [lr_at(s, **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    from xlab.model import Transformer
+
+    cfg = make_cfg("/unused").model
+    cfg.vocab_size, cfg.position = 300, "learned"
+    model = Transformer(cfg)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    d = {names[id(p)] for p in decay["params"]}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert d and all(p.ndim == 2 for p in decay["params"])
+    assert "lm_head.weight" in d
+    assert any("bias" in n for n in nd) and any("norm" in n or "ln" in n for n in nd)
+    emb = {names[id(m.weight)] for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    assert len(emb) == 2 and emb <= nd  # token and learned position tables
+    assert len(d) + len(nd) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_fused_and_checkpointed_losses_match_full_logits(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (3, 11), generator=g)
+    t[0, 3:] = -100
+    t[2, :] = -100
+    results = []
+    for kind in ("full", "fused", "ckpt"):
+        for p in (h, w, b):
+            p.grad = None
+        if kind == "full":
+            loss, correct, count = full_cross_entropy(h @ w.T + b, t)
+        elif kind == "fused":
+            loss, correct, count = linear_cross_entropy(h, w, b, t, chunk)
+        else:
+            loss, correct, count = chunked_cross_entropy(h, lambda x: x @ w.T + b, t, chunk)
+        (loss * 0.37).backward()
+        results.append((loss.detach(), int(correct), int(count), h.grad.clone(), w.grad.clone(), b.grad.clone()))
+    ref = results[0]
+    assert ref[2] == 3 + 11  # non-ignored targets
+    for r in results[1:]:
+        assert r[1:3] == ref[1:3]
+        for a, e in zip(r[:1] + r[3:], ref[:1] + ref[3:]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_all_padding_gives_zero_loss_and_zero_gradients():
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t = torch.full((2, 5), -100)
+    loss, correct, count = linear_cross_entropy(h, w, None, t, 3)
+    loss.backward()
+    assert loss.item() == 0.0 and int(correct) == 0 and int(count) == 0
+    assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+    assert torch.isfinite(h.grad).all()
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(64, 32, generator=g)
+    w = torch.randn(50, 32, generator=g) * 0.1
+    t = torch.randint(0, 50, (64,), generator=g)
+    ref, _, _ = linear_cross_entropy(h, w, None, t, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _, _ = linear_cross_entropy(h, w, None, t, 16)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def test_accumulating_four_micro_batches_equals_one_four_times_larger(store, tmp_path):
+    # The loader deals the same rows in the same order whatever the batch size (one epoch), so
+    # batch 8 x accumulation 1 and batch 2 x accumulation 4 see identical rows at every step.
+    whole_val = "train.eval_batches=null"  # evaluation batches follow batch_size; compare on all of val
+    big = train(make_cfg(tmp_path / "a", "train.batch_size=8", "train.grad_accum=1", whole_val), shards_dir=store)
+    acc = train(make_cfg(tmp_path / "b", "train.batch_size=2", "train.grad_accum=4", whole_val), shards_dir=store)
+    la = [r["loss"] for r in read_metrics(tmp_path / "a" / "t")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "b" / "t")]
+    assert len(la) == len(lb) == 6
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert big["val_loss"] == pytest.approx(acc["val_loss"], rel=1e-5)
+    wa = load_checkpoint(tmp_path / "a" / "t" / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "b" / "t" / "checkpoints" / "last.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_padding_micro_batch_contributes_nothing(store, tmp_path):
+    from xlab.distributed import DistInfo
+    from xlab.train import _Trainer
+
+    cfg = make_cfg(tmp_path)
+    one = _Trainer(cfg, store, False, DistInfo(), torch.device("cpu"))
+    two = _Trainer(make_cfg(tmp_path, "train.run_name=u"), store, False, DistInfo(), torch.device("cpu"))
+    x, y = next(iter(one.loader))
+    pad = (x.clone(), torch.full_like(y, -100))
+    r1 = one.train_step([(x, y)])
+    r2 = two.train_step([pad, (x, y), pad])
+    assert r1["count"] == r2["count"] > 0
+    assert r2["loss_sum"] == pytest.approx(r1["loss_sum"], rel=1e-6)
+    for p1, p2 in zip(one.raw_model.parameters(), two.raw_model.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
+        assert torch.isfinite(p2).all()
+
+
+def test_resume_is_exact(store, tmp_path):
+    n = 8
+    extra = (f"train.max_steps={n}", "train.eval_every=3", "train.checkpoint_every=2", "model.dropout=0.1")
+    full = train(make_cfg(tmp_path / "one", *extra), shards_dir=store)
+    cfg = make_cfg(tmp_path / "two", *extra)
+    half = train(cfg, shards_dir=store, stop_after=n // 2 + 1)  # stop between two checkpoint steps
+    assert half["interrupted"] and half["steps"] == n // 2 + 1
+    rest = train(cfg, shards_dir=store, resume=True)
+    assert rest["steps"] == n and not rest["interrupted"]
+    a = read_metrics(tmp_path / "one" / "t")
+    b = read_metrics(tmp_path / "two" / "t")
+    assert [r["step"] for r in b] == list(range(1, n + 1))  # one record per step, none repeated
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    assert read_metrics(tmp_path / "one" / "t", "val") == read_metrics(tmp_path / "two" / "t", "val")
+    assert full["val_loss"] == rest["val_loss"]
+    wa = load_checkpoint(tmp_path / "one" / "t" / "checkpoints" / "last.pt")
+    wb = load_checkpoint(tmp_path / "two" / "t" / "checkpoints" / "last.pt")
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+    assert wa["loader"] == wb["loader"] and wa["step"] == wb["step"] == n
+    sa, sb = wa["optimizer"]["state"], wb["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_run_folder_is_never_overwritten(store, tmp_path):
+    cfg = make_cfg(tmp_path, "train.max_steps=2")
+    with pytest.raises(XLabError, match="--resume"):
+        train(cfg, shards_dir=store, resume=True)  # nothing to resume yet
+    train(cfg, shards_dir=store)
+    last = tmp_path / "t" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    with pytest.raises(XLabError, match="--resume.*--run-name"):
+        train(cfg, shards_dir=store)
+    assert last.read_bytes() == before
+
+
+def test_checkpoint_contents_and_best_kept(store, tmp_path):
+    cfg = make_cfg(tmp_path, "train.max_steps=6", "train.eval_every=1", "train.keep_best=2")
+    s = train(cfg, shards_dir=store)
+    ck = tmp_path / "t" / "checkpoints"
+    bests = sorted(p.name for p in ck.glob("best-*.pt"))
+    assert len(bests) == 2
+    c = load_checkpoint(ck / "last.pt")
+    vals = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "t", "val")}
+    assert sorted(b["file"] for b in c["best"]) == bests
+    assert sorted(b["loss"] for b in c["best"]) == sorted(vals.values())[:2]
+    assert c["step"] == 6 and c["config"]["model"]["vocab_size"] == 300 and c["config"]["model"]["max_len"] == 16
+    assert c["tokenizer"].dtype == torch.uint8 and c["shards"] == str(store)
+    assert c["loader"] == {"epoch": 0, "position": 6, "seed": 42}
+    assert (tmp_path / "t" / "config.yaml").is_file() and any((tmp_path / "t" / "tb").iterdir())
+    rec = read_metrics(tmp_path / "t")[-1]
+    assert set(rec) >= {"loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "mfu"} and rec["mfu"] > 0
+    v = read_metrics(tmp_path / "t", "val")[-1]
+    assert v["perplexity"] == pytest.approx(math.exp(v["loss"]))
+    info = __import__("xlab.shards", fromlist=["ShardStore"]).ShardStore(store).split_info("val")
+    assert s["val_bits_per_byte"] == pytest.approx(
+        v["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2)))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
+    real = xlab.loss.model_loss
+    calls = {"n": 0}
+
+    def poisoned(model, x, y, chunk, *a):
+        loss, c, n = real(model, x, y, chunk, *a)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                loss = loss * float("nan")
+        return loss, c, n
+
+    monkeypatch.setattr(xlab.loss, "model_loss", poisoned)
+    cfg = make_cfg(tmp_path, "train.checkpoint_every=2", "train.eval_every=100")
+    with pytest.raises(XLabError, match="non-finite loss at step 5"):
+        train(cfg, shards_dir=store)
+    c = load_checkpoint(tmp_path / "t" / "checkpoints" / "last.pt")
+    assert c["step"] == 4
+    assert all(torch.isfinite(v).all() for v in c["model"].values())
+
+
+def test_ctrl_c_saves_then_raises(store, tmp_path, monkeypatch):
+    real = xlab.loss.model_loss
+    calls = {"n": 0}
+
+    def interrupting(model, x, y, chunk, *a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the step in progress completes
+        return real(model, x, y, chunk, *a)
+
+    monkeypatch.setattr(xlab.loss, "model_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(tmp_path, "train.eval_every=100"), shards_dir=store)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    c = load_checkpoint(tmp_path / "t" / "checkpoints" / "last.pt")
+    assert c["step"] == 3  # the flag is seen at the start of the next step, which is completed
+    monkeypatch.setattr(xlab.loss, "model_loss", real)
+    s = train(make_cfg(tmp_path, "train.eval_every=100"), shards_dir=store, resume=True)
+    assert s["steps"] == 6
