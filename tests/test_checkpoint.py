@@ -1,0 +1,139 @@
+"""Checkpoints, export and evaluation: weights_only loading, RNG round trips, refusal of unsafe or
+corrupt files, the safetensors export (size, no overwrite, same outputs), and `xlab evaluate`."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import make_cfg, make_store, one_thread
+
+import xlab
+from xlab.checkpoint import export, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state
+from xlab.errors import XLabError
+from xlab.evaluate import run as evaluate_run
+from xlab.shards import ShardStore
+from xlab.train import train
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ck")
+    store = make_store(root)
+    train(make_cfg(root / "runs", "train.max_steps=4", "train.eval_every=100"), shards_dir=store)
+    return store, root / "runs" / "t" / "checkpoints" / "last.pt", root
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_rng_state_round_trip():
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    torch.rand(5), np.random.rand(7), random.random()
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
+
+
+def test_checkpoint_loads_weights_only_and_refuses_pickled_objects(tmp_path, trained):
+    _, last, _ = trained
+    # The real checkpoint has only tensors and plain data: torch's own weights_only loader accepts it.
+    ck = torch.load(last, weights_only=True)
+    assert {"model", "optimizer", "step", "loader", "rng", "config", "tokenizer", "shards",
+            "xlab_version"} <= set(ck)
+    assert ck["xlab_version"] == xlab.__version__ and isinstance(ck["config"], dict)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "xlab-checkpoint", "format_version": 1, "model": Evil()}, evil)
+    with pytest.raises(XLabError, match="refusing to load"):
+        load_checkpoint(evil)
+    with pytest.raises(XLabError, match="refusing to load"):
+        load_model(evil)
+
+
+def test_missing_corrupt_and_foreign_files(tmp_path, trained):
+    _, last, _ = trained
+    with pytest.raises(XLabError, match="not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(last.read_bytes()[: 5000])
+    with pytest.raises(XLabError, match="corrupt"):
+        load_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(XLabError, match="not an XLab training checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(XLabError, match="not an XLab export"):
+        load_model(tmp_path)
+
+
+def test_save_is_atomic(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"step": 1})
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        save_checkpoint(p, {"step": 2, "x": lambda: 0})  # fails half-way through writing
+    assert load_checkpoint(p)["step"] == 1 and [f.name for f in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_export_and_load_model_both_forms(tmp_path, trained):
+    _, last, _ = trained
+    out = export(last, tmp_path / "exp")
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "config.yaml", "meta.json",
+                                                     "model.safetensors", "tokenizer.model"]
+    ratio = sum(f.stat().st_size for f in out.iterdir()) / last.stat().st_size
+    assert 0.2 < ratio < 0.45  # AdamW's two moments stay behind
+    with pytest.raises(XLabError, match="already exists"):
+        export(last, out)
+    m1, cfg1, tok1 = load_model(last)
+    m2, cfg2, tok2 = xlab.load_model(out)
+    assert not m1.training and not m2.training
+    assert cfg1 == cfg2 and tok1.sha256 == tok2.sha256
+    ids = torch.tensor([tok1.encode("the kalo ri an.")])
+    with torch.no_grad():
+        assert torch.equal(m1(ids), m2(ids))
+    assert tok2.decode(tok2.encode("mus ter ion")) == "mus ter ion"
+
+
+def test_evaluate_whole_split_matches_full_logits(tmp_path, trained):
+    store_path, last, _ = trained
+    m = evaluate_run(last, split="val", json_out=tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["loss"] == m["loss"]
+    store = ShardStore(store_path)
+    info = store.split_info("val")
+    assert m["complete"] and m["tokens"] == info["target_tokens"]  # every target, the last batch too
+    # Reference: naive full logits over every row.
+    model, _, _ = load_model(last)
+    rows = store.read_rows("val", np.arange(store.rows("val"))).astype(np.int64)
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+    y = torch.where(y == store.pad_id, -100, y)
+    with torch.no_grad():
+        logits = model(x)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+    assert m["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    acc = ((logits.argmax(-1) == y) & (y != -100)).sum().item() / (y != -100).sum().item()
+    assert m["accuracy"] == pytest.approx(acc)
+    assert m["perplexity"] == pytest.approx(math.exp(m["loss"]))
+    assert m["bits_per_byte"] == pytest.approx(m["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2)))
+    part = evaluate_run(last, split="val", max_batches=1)
+    assert not part["complete"] and part["tokens"] < m["tokens"]
+    assert part["bits_per_byte"] == pytest.approx(
+        part["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2)))
+    with pytest.raises(XLabError, match="not in shard store"):
+        evaluate_run(last, split="test")
+
+
+def test_evaluate_refuses_a_store_with_another_tokenizer(tmp_path, trained):
+    _, last, _ = trained
+    other = make_store(tmp_path, vocab=320)
+    with pytest.raises(XLabError, match="another tokenizer"):
+        evaluate_run(last, split="val", shards_dir=other)
