@@ -1,0 +1,52 @@
+"""DDP on CPU (gloo): 2 processes with batch B follow the loss curve of 1 process with batch 2B."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from train_helpers import make_cfg, make_store, one_thread, read_metrics
+
+from xlab.checkpoint import load_checkpoint
+from xlab.train import train
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+TESTS = Path(__file__).resolve().parent
+STEPS = 5
+COMMON = (f"train.max_steps={STEPS}", "train.grad_accum=2", "train.eval_every=100", "train.eval_batches=null")
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
+    store = make_store(tmp_path)
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import torch
+        torch.set_num_threads(1)
+        from train_helpers import make_cfg
+        from xlab.train import train
+        train(make_cfg({str(tmp_path / "ddp")!r}, "train.batch_size=2", *{COMMON!r}), shards_dir={str(store)!r})
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = train(make_cfg(tmp_path / "one", "train.batch_size=4", *COMMON), shards_dir=store)
+
+    a = read_metrics(tmp_path / "ddp" / "t")
+    b = read_metrics(tmp_path / "one" / "t")
+    assert [r["step"] for r in a] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    assert [r["accuracy"] for r in a] == pytest.approx([r["accuracy"] for r in b], rel=1e-4)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
+    va, vb = read_metrics(tmp_path / "ddp" / "t", "val"), read_metrics(tmp_path / "one" / "t", "val")
+    assert va[-1]["tokens"] == vb[-1]["tokens"] and va[-1]["loss"] == pytest.approx(one["val_loss"], rel=1e-4)
+    # Only rank 0 wrote: one checkpoint folder, and its loader state counts per-rank batches.
+    ck = load_checkpoint(tmp_path / "ddp" / "t" / "checkpoints" / "last.pt")
+    assert ck["loader"]["position"] == STEPS * 2 and ck["step"] == STEPS
+    assert "2 process(es)" in proc.stdout
