@@ -189,6 +189,11 @@ def main() -> None:
         shard_bytes = sum(f.stat().st_size for f in (stage_paths(cfg).shards).rglob("*.npy"))
         slots = sum(s["rows"] for s in splits) * manifest["row_len"]
         loader_tps = time_loader(work)
+        import resource
+
+        # ru_maxrss is in KiB on Linux; children = the encode workers (and the datasets.map workers)
+        peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
         res = {
             "text_MB": round(mb, 2),
@@ -202,6 +207,8 @@ def main() -> None:
             "arrow_int64_bytes_per_token": round(hf_bytes / hf_tokens, 3),
             "loader_tokens_per_s_b64_s512": round(loader_tps),
             "ratio_loader_vs_20M_target": round(loader_tps / 20e6, 2),
+            "peak_rss_MB_main_process": round(peak_self),
+            "peak_rss_MB_largest_child": round(peak_children),
         }
         print(json.dumps(res, indent=2))
         print(f"encode to verified shards (num_proc={cores}, the default): "

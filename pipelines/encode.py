@@ -315,6 +315,7 @@ def _up_to_date(out: Path, job: dict) -> bool:
     if m is None:
         return False
     files = [out / sh["file"] for info in m.get("splits", {}).values() for sh in info.get("shards", [])]
+    files.append(out / "tokenizer.model")
     return is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files)
 
 

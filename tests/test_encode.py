@@ -103,17 +103,15 @@ def store_bytes(path: Path) -> dict:
     return out
 
 
-def articles_from_rows(rows: np.ndarray, seq_len: int, tok: CharTokenizer) -> list[list[int]]:
-    """Rebuild each article's text tokens from its rows (windows overlap by one token)."""
+def articles_from_rows(rows: np.ndarray, tok: CharTokenizer) -> list[list[int]]:
+    """Rebuild each article's text tokens from its rows: the targets (row[1:]) of its rows, in order,
+    are t1..tn <eos> exactly once (consecutive windows share one token)."""
     out, cur = [], None
     for r in rows.tolist():
         if r[0] == tok.sos_id:
             cur = []
             out.append(cur)
-            body = r[1:]
-        else:
-            body = r[1:]
-        cur.extend(t for t in body if t != tok.pad_id)
+        cur.extend(t for t in r[1:] if t != tok.pad_id)
     for a in out:
         assert a[-1] == tok.eos_id
         a.pop()
@@ -131,7 +129,7 @@ def test_encode_rows_round_trip_and_manifest(tmp_path):
     table = pq.read_table(tmp_path / "data/splits/wiki/train.parquet").to_pydict()
     kept = [t for t in table["text"] if t.strip() and REJECT not in t]
     rows = store.read_rows("train", np.arange(store.rows("train")))
-    assert articles_from_rows(rows, 16, tok) == [tok.encode(t) for t in kept]
+    assert articles_from_rows(rows, tok) == [tok.encode(t) for t in kept]
     info = m["splits"]["train"]
     assert info["articles"] == len(kept) and info["empty_articles"] == 2 and info["rejected_articles"] == 1
     assert info["rejected"][0]["id"] == "x8" and "unsupported" in info["rejected"][0]["error"]
