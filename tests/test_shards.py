@@ -45,6 +45,26 @@ def test_pack_windows_match_contract():
     assert (targets != PAD).any(axis=1).all()
 
 
+def reference_rows(arts, seq_len):
+    out = []
+    for a in arts:
+        full = [SOS] + list(a) + [EOS]
+        k = 0
+        while k * seq_len < len(full) - 1:  # a window exists while it holds at least one target
+            w = full[k * seq_len:k * seq_len + seq_len + 1]
+            out.append(w + [PAD] * (seq_len + 1 - len(w)))
+            k += 1
+    return out
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 7, 16])
+def test_pack_random_against_reference(seq_len):
+    arts = articles(200, vocab=60, seed=seq_len, max_len=50)
+    rows = pack_articles(arts, seq_len, sos_id=SOS, eos_id=EOS, pad_id=PAD, vocab_size=60)
+    assert rows.tolist() == reference_rows(arts, seq_len)
+    assert len(rows) == sum(-(-(len(a) + 1) // seq_len) for a in arts)
+
+
 def test_pack_exact_multiple_has_no_pad_only_row():
     # n + 1 == seq_len: one full row ending in eos, no extra row
     rows = pack_articles([[5, 6, 7]], 4, sos_id=SOS, eos_id=EOS, pad_id=PAD, vocab_size=10)
