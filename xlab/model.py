@@ -86,8 +86,17 @@ class KVCache:
         ``beam_width`` rows after the prefill.
         """
         index = index.to(self.k.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        if self.k.requires_grad or self.v.requires_grad:  # out= below is not differentiable
+            self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
+            return
+        # Copy only the cached positions: the rest of the capacity is written before it is read, and
+        # copying all of it would cost beam search as much per step as the weights' reads.
+        n = self.length
+        shape = (self.k.shape[0], index.numel(), *self.k.shape[2:])
+        k, v = self.k.new_empty(shape), self.v.new_empty(shape)
+        torch.index_select(self.k[:, :, :, :n], 1, index, out=k[:, :, :, :n])
+        torch.index_select(self.v[:, :, :, :n], 1, index, out=v[:, :, :, :n])
+        self.k, self.v = k, v
 
     def _check(self, batch_size: int, n_new: int) -> None:
         if batch_size != self.batch_size:
