@@ -165,6 +165,12 @@ def test_top_k():
     assert kept(1) == [False, True, False, False, False]  # exactly k, ties to the lower id
     assert kept(3) == [False, True, True, False, True]
     assert kept(0) == kept(None) == kept(5) == kept(100) == [True] * 5
+    ties = torch.tensor([[3.0, 1.0, 3.0, 3.0, float("-inf")]])
+    assert torch.isfinite(gen.filter_logits(ties, top_k=2))[0].tolist() == [True, False, True, False, False]
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    mask = torch.isfinite(gen.filter_logits(x, top_k=7))
+    assert mask.sum(-1).tolist() == [7, 7, 7]
+    assert all(set(mask[b].nonzero().view(-1).tolist()) == set(x[b].topk(7).indices.tolist()) for b in range(3))
     # top-k then top-p on the renormalised top-k probabilities: [3, 3, 2] -> 0.42, 0.42, 0.16
     assert torch.isfinite(gen.filter_logits(logits, top_k=3, top_p=0.5))[0].tolist() == [
         False, True, True, False, False]

@@ -100,16 +100,21 @@ def filter_logits(logits: torch.Tensor, *, top_k: Optional[int] = None, top_p: f
     logits = logits.float().clone()
     vocab = logits.shape[-1]
     if top_k and top_k < vocab:
-        # A stable descending sort breaks ties towards the lower id, like argmax.
-        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-        logits.scatter_(-1, order[:, top_k:], float("-inf"))
+        # Keep everything above the k-th value, then, of the ids equal to it, the lowest ones up to
+        # k in all (like argmax's tie rule); O(V) where a full sort would be O(V log V).
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        above = logits > kth
+        tied = logits == kth
+        room = top_k - above.sum(-1, keepdim=True)  # (B, 1) tied ids that still fit
+        keep = above | (tied & (torch.cumsum(tied.int(), dim=-1) <= room))
+        logits.masked_fill_(~keep, float("-inf"))
     if top_p < 1.0:
         probs = torch.softmax(logits, dim=-1)
         sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
         # Mass strictly before each token (exclusive cumsum): a token is kept while the tokens
         # ranked above it have not yet reached top_p, which keeps the crossing token too.
-        before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-        before[:, 0] = 0.0
+        before = torch.zeros_like(sorted_p)
+        before[:, 1:] = torch.cumsum(sorted_p, dim=-1)[:, :-1]
         remove_sorted = before >= top_p
         remove = torch.zeros_like(remove_sorted).scatter_(-1, order, remove_sorted)
         logits.masked_fill_(remove, float("-inf"))
