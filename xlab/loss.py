@@ -57,14 +57,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tc = targets[s:e]  # (C,)
             valid = valid_all[s:e]
             logits = F.linear(hc, w, b).float()  # (C, V) fp32: the softmax and its sums need the range
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
             safe_t = torch.where(valid, tc, torch.zeros_like(tc))
             tgt = logits.gather(1, safe_t[:, None]).squeeze(1)  # (C,)
-            loss += torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum(dtype=torch.float64)
             correct += ((logits.argmax(dim=-1) == tc) & valid).sum()
+            # log-sum-exp written out so that it works in place: torch.logsumexp would allocate a
+            # second (C, V) buffer, and the chunk's memory is the one thing this function is for.
+            m = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+            ex = logits.sub_(m).exp_()  # (C, V) exp(logit - max), in place
+            total = ex.sum(dim=-1, keepdim=True)  # (C, 1)
+            lse = (m + total.log()).squeeze(1)  # (C,)
+            loss += torch.where(valid, lse - tgt, torch.zeros_like(lse)).sum(dtype=torch.float64)
             if need_grad:
                 # d(sum of losses)/d(logits) = softmax - onehot(target), zero on ignored rows.
-                g = logits.sub_(lse[:, None]).exp_()  # in place: the chunk holds one (C, V) buffer
+                g = ex.div_(total)  # softmax, in place
                 g.scatter_add_(1, safe_t[:, None], -valid[:, None].to(g.dtype))
                 g.mul_(valid[:, None].to(g.dtype))
                 gc = g.to(compute_dtype)
@@ -72,7 +77,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w += (gc.t() @ hc).float()  # (V, D)
                 if grad_b is not None:
                     grad_b += g.sum(0)
-            del logits
+                del g, gc
+            # Drop every name of the (C, V) buffer before the next chunk allocates its own.
+            del logits, ex
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(correct, count)
