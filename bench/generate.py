@@ -13,7 +13,9 @@ number of steps (the context slides once, at token 257, by the rule of ``xlab.ge
    greedy search, both cached, as time per generated token. Target: <= 3x.
 
 The variants run in alternating rounds in one process, so load from other processes hits them
-alike; each figure is the median over the rounds.
+alike; each figure is the median over the rounds. On a machine whose cores are busy with other
+work, pass ``--threads 1``: a multi-threaded step of this small model then mostly waits for its
+descheduled threads, which measures the neighbours rather than the decoder.
 
 Usage: python bench/generate.py [--rounds 3] [--new-tokens 256] [--threads N] [--device cpu|cuda]
 """
