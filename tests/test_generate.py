@@ -342,11 +342,12 @@ def brute_force_best(table, prompt_last, max_new, eos, alpha):
     return best
 
 
-@pytest.mark.parametrize("alpha", [-0.5, 0.0, 0.7, 1.0, 2.5])
+@pytest.mark.parametrize("alpha", [-2.0, -1.0, -0.5, 0.0, 0.7, 1.0, 2.5])
 def test_exhaustive_beam_is_optimal_so_the_stopping_bound_is_sound(alpha):
     # With a beam as wide as every candidate, beam search is exact search: it can only miss the
-    # optimum by stopping too early, which a bound that ignores future length would do.
-    for seed in range(4):
+    # optimum by stopping too early, which a bound that ignores future length would do (for
+    # alpha > 0 dividing by the current length, for alpha < 0 by max_new_tokens; both fail here).
+    for seed in range(30):
         table = random_table(4, 100 + seed, scale=2.0)
         table[:, EOS] += 1.0
         hyps = gen.beam_search(Bigram(table), [1], 4, beam_width=128, eos_id=EOS, length_penalty=alpha)
