@@ -190,7 +190,8 @@ def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[
     m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
     m.update({"split": split, "checkpoint": str(checkpoint), "step": meta.get("step"), "batches": n_batches,
               "complete": n_batches == total_batches, "shards": str(store.path)})
-    table = Table(title=f"{checkpoint} on {split}" + ("" if m["complete"] else f" (first {n_batches} batches)"))
+    table = Table(title=f"evaluate: {split}" + ("" if m["complete"] else f", first {n_batches} batches"),
+                  caption=str(checkpoint))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens"):
