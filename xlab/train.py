@@ -193,9 +193,10 @@ class _Trainer:
     """State of one training run; :func:`train` is the entry point."""
 
     def __init__(self, cfg: Any, shards_dir, resume: bool, info, device) -> None:
-        import numpy as np  # noqa: F401  (numpy RNG is seeded below)
+        import random
+
+        import numpy as np
         import torch
-        from omegaconf import OmegaConf
 
         from xlab.checkpoint import build_model, load_checkpoint
         from xlab.config import from_dict, stage_paths, to_dict
@@ -261,12 +262,8 @@ class _Trainer:
         self.best: list[dict] = []
         # Dropout differs per rank (different data, different masks), from a seed that resume restores.
         torch.manual_seed(t.seed + 1000003 * info.rank)
-        import random as _random
-
-        import numpy as _np
-
-        _random.seed(t.seed + info.rank)
-        _np.random.seed((t.seed + info.rank) % 2**32)
+        random.seed(t.seed + info.rank)
+        np.random.seed((t.seed + info.rank) % 2**32)
         if self.ckpt is not None:
             self._restore(self.ckpt)
 
@@ -379,11 +376,11 @@ class _Trainer:
 
         t = self.cfg.train
         dev = self.device
-        head = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y in micro), float(stop_flag)],
-                            dtype=torch.float64, device=dev)
+        # Built on the device without a host sync, so CUDA keeps running ahead of Python.
+        count = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro]).sum().double()
+        head = torch.stack([count, torch.tensor(float(stop_flag), dtype=torch.float64, device=dev)])
         all_reduce_sum(head)
-        global_count = float(head[0])
-        scale = self.info.world_size / max(global_count, 1.0)
+        scale = (self.info.world_size / head[0].clamp(min=1.0)).float()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         for i, (x, y) in enumerate(micro):
@@ -397,9 +394,10 @@ class _Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = float(t.grad_clip) if t.grad_clip and t.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        stats = torch.stack([loss_sum, correct, grad_norm.double()])
+        stats = torch.stack([loss_sum, correct, grad_norm.double().to(dev)])
         all_reduce_sum(stats[:2])
         loss_sum_v, correct_v, gn = (float(v) for v in stats.tolist())
+        global_count, stop = (float(v) for v in head.tolist())
         if not (math.isfinite(loss_sum_v) and math.isfinite(gn)):
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(loss_sum_v) else "gradient norm"
@@ -413,7 +411,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"loss_sum": loss_sum_v, "correct": correct_v, "count": global_count, "grad_norm": gn,
-                "lr": lr, "stop": float(head[1]) > 0}
+                "lr": lr, "stop": stop > 0}
 
     # ------------------------------------------------------------------------ evaluation
     def evaluate_val(self) -> Optional[dict]:
