@@ -19,7 +19,9 @@ TensorBoard event files in ``tb/``, and ``checkpoints/last.pt`` plus ``best-*.pt
 ``keep_best`` by validation loss). Only rank 0 writes. A checkpoint is written atomically every
 ``checkpoint_every`` steps, at the end, and on Ctrl-C (after the step in progress; a second Ctrl-C
 stops at once without saving). ``resume=True`` continues from ``last.pt`` exactly: the same losses
-and, with ``train.deterministic``, bit-identical weights to an uninterrupted run.
+and, with ``train.deterministic``, bit-identical weights to an uninterrupted run. (Under DDP the
+checkpoint holds rank 0's random state; the other ranks re-seed theirs, which matters only for
+dropout.)
 """
 
 from __future__ import annotations
@@ -241,6 +243,12 @@ class _Trainer:
             cfg = from_dict(d)
         self.cfg = cfg
         t = cfg.train
+        # Train settings may change on resume (e.g. a larger max_steps); say which ones did.
+        self.changed = []
+        if self.ckpt is not None:
+            old = self.ckpt["config"].get("train", {})
+            self.changed = [f"{k} {old.get(k)!r}->{v!r}" for k, v in to_dict(cfg)["train"].items()
+                            if k in old and old[k] != v]
 
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -463,6 +471,8 @@ class _Trainer:
                 f"{self.info.world_size} process(es) on {self.device}, "
                 f"{t.batch_size}x{t.grad_accum}x{self.info.world_size} rows of {self.store.seq_len} tokens per step, "
                 f"steps {self.step}->{self.total_steps}" + (" (resumed)" if self.ckpt else ""), soft_wrap=True)
+            if self.changed:
+                console.print(f"resumed with changed train settings: {', '.join(self.changed)}", soft_wrap=True)
         peak = peak_flops(self.device)
         tokens_per_step = t.batch_size * t.grad_accum * self.info.world_size * self.store.seq_len
         jsonl = open(metrics_path, "a", encoding="utf-8") if main else None
