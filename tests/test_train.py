@@ -145,13 +145,17 @@ def test_padding_micro_batch_contributes_nothing(store, tmp_path):
         assert torch.isfinite(p2).all()
 
 
-def test_resume_is_exact(store, tmp_path):
-    n = 8
-    extra = (f"train.max_steps={n}", "train.eval_every=3", "train.checkpoint_every=2", "model.dropout=0.1")
+def test_resume_is_exact(tmp_path):
+    # 32 rows, batch 4: 8 batches per epoch. Stop at step 8 (the end of epoch 0, between two
+    # checkpoint steps) and resume into epoch 1; dropout makes the RNG state matter too.
+    store = make_store(tmp_path, n_train=5)
+    n, stop = 12, 8
+    extra = (f"train.max_steps={n}", "train.eval_every=5", "train.checkpoint_every=3", "model.dropout=0.1")
     full = train(make_cfg(tmp_path / "one", *extra), shards_dir=store)
     cfg = make_cfg(tmp_path / "two", *extra)
-    half = train(cfg, shards_dir=store, stop_after=n // 2 + 1)  # stop between two checkpoint steps
-    assert half["interrupted"] and half["steps"] == n // 2 + 1
+    half = train(cfg, shards_dir=store, stop_after=stop)
+    assert half["interrupted"] and half["steps"] == stop
+    assert load_checkpoint(tmp_path / "two" / "t" / "checkpoints" / "last.pt")["loader"]["epoch"] == 1
     rest = train(cfg, shards_dir=store, resume=True)
     assert rest["steps"] == n and not rest["interrupted"]
     a = read_metrics(tmp_path / "one" / "t")
@@ -165,7 +169,8 @@ def test_resume_is_exact(store, tmp_path):
     wb = load_checkpoint(tmp_path / "two" / "t" / "checkpoints" / "last.pt")
     for k in wa["model"]:
         assert torch.equal(wa["model"][k], wb["model"][k]), k
-    assert wa["loader"] == wb["loader"] and wa["step"] == wb["step"] == n
+    assert wa["loader"] == wb["loader"] == {"epoch": 1, "position": n - 8, "seed": 42}
+    assert wa["step"] == wb["step"] == n
     sa, sb = wa["optimizer"]["state"], wb["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
