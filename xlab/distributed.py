@@ -50,6 +50,14 @@ def init(info: DistInfo, device) -> None:
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, **kwargs)
 
 
+def barrier() -> None:
+    """Wait until every process gets here (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def destroy() -> None:
     """Stop the default process group if one is running."""
     import torch.distributed as dist

@@ -185,7 +185,11 @@ def train(cfg: Any, shards_dir: Optional[str | os.PathLike] = None, resume: bool
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     xdist.init(info, device)
     try:
-        return _Trainer(cfg, shards_dir, resume, info, device).run(stop_after)
+        summary = _Trainer(cfg, shards_dir, resume, info, device).run(stop_after)
+        # Rank 0 finishes last (it saves); a rank that tears its gloo group down while a peer is
+        # still busy can abort at exit, so all leave together.
+        xdist.barrier()
+        return summary
     finally:
         xdist.destroy()
         torch.use_deterministic_algorithms(deterministic_before)  # process-wide: leave it as found
