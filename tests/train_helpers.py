@@ -7,8 +7,6 @@ import random
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from xlab.config import load_config
 from xlab.shards import FORMAT, FORMAT_VERSION, pack_articles, token_dtype, write_shard
 from xlab.tokenizer import Tokenizer

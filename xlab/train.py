@@ -446,7 +446,6 @@ class _Trainer:
 
     # ------------------------------------------------------------------------------- run
     def run(self, stop_after: Optional[int]) -> dict:
-        import torch
         from omegaconf import OmegaConf
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -497,7 +496,8 @@ class _Trainer:
         win = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "seconds": 0.0}
         t_start = time.perf_counter()
         start_step = self.step
-        last_tps, last_mfu = None, None
+        last_mfu = None
+        train_seconds = 0.0  # time in training steps only (not evaluation or saving)
 
         progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                             TimeRemainingColumn(), console=console, disable=not main, transient=True)
@@ -524,14 +524,16 @@ class _Trainer:
                     t_step = time.perf_counter()
                     micro = [next(micro_iter) for _ in range(t.grad_accum)]
                     r = self.train_step(micro, stop_flag=intr.requested)
-                    win["seconds"] += time.perf_counter() - t_step  # evaluation and saving excluded
+                    dt_step = time.perf_counter() - t_step
+                    win["seconds"] += dt_step
+                    train_seconds += dt_step
                     for k in ("loss_sum", "correct", "count"):
                         win[k] += r[k]
                     win["steps"] += 1
                     progress.update(task, advance=1, info=f"loss {r['loss_sum'] / max(r['count'], 1):.4f}")
                     if self.step % t.log_every == 0 or self.step == self.total_steps:
                         tps = win["steps"] * tokens_per_step / max(win["seconds"], 1e-9)
-                        last_tps, last_mfu = tps, mfu(self.flops_per_token, tps, peak)
+                        last_mfu = mfu(self.flops_per_token, tps, peak)
                         last_train_loss = win["loss_sum"] / max(win["count"], 1.0)
                         acc = win["correct"] / max(win["count"], 1.0)
                         log({"step": self.step, "split": "train", "loss": last_train_loss, "accuracy": acc,
@@ -574,7 +576,7 @@ class _Trainer:
             "val_perplexity": last_val and last_val["perplexity"],
             "val_bits_per_byte": last_val and last_val["bits_per_byte"],
             "tokens": done * tokens_per_step, "seconds": seconds,
-            "tokens_per_s": done * tokens_per_step / seconds if seconds > 0 else None,
+            "tokens_per_s": done * tokens_per_step / train_seconds if train_seconds > 0 else None,
             "mfu": last_mfu, "interrupted": interrupted, "run_dir": str(self.run_dir),
             "last_checkpoint": str(last_ckpt) if last_ckpt else None,
         }
