@@ -190,14 +190,15 @@ def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[
     m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
     m.update({"split": split, "checkpoint": str(checkpoint), "step": meta.get("step"), "batches": n_batches,
               "complete": n_batches == total_batches, "shards": str(store.path)})
-    table = Table(title=f"evaluate: {split}" + ("" if m["complete"] else f", first {n_batches} batches"),
-                  caption=str(checkpoint))
+    table = Table(title=f"{split} split" + ("" if m["complete"] else f", first {n_batches} batches"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens"):
         v = m[k]
         table.add_row(k, "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.print(f"[bold]evaluate[/bold] {checkpoint} (step {m['step']}) on {store.path}", soft_wrap=True)
+    console.print(table)
     if json_out is not None:
         atomic_write_json(Path(json_out), m)
     return m
