@@ -250,3 +250,27 @@ def test_ctrl_c_saves_then_raises(store, tmp_path, monkeypatch):
     monkeypatch.setattr(xlab.loss, "model_loss", real)
     s = train(make_cfg(tmp_path, "train.eval_every=100"), shards_dir=store, resume=True)
     assert s["steps"] == 6
+
+
+def test_cli_ctrl_c_saves_and_exits_130(store, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "xlab.cli", "train", "--shards", str(store), "--max-steps", "100000",
+           "-o", f"paths.runs_dir={tmp_path}", "-o", "model.d_model=32", "-o", "model.n_layers=2",
+           "-o", "model.n_heads=2", "-o", "model.d_ff=64", "-o", "train.batch_size=4", "-o", "train.log_every=1",
+           "-o", "train.eval_every=100000", "-o", "train.device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if line.startswith("step"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped at step" in out
+    c = load_checkpoint(tmp_path / "demo" / "checkpoints" / "last.pt")
+    assert c["step"] >= 1 and c["loader"]["position"] == c["step"]
