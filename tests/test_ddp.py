@@ -1,4 +1,5 @@
-"""DDP on CPU (gloo): 2 processes with batch B follow the loss curve of 1 process with batch 2B."""
+"""DDP on CPU (gloo): 2 processes with batch B follow the loss curve of 1 process with batch 2B, and
+a 2-process run stopped and resumed equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import make_cfg, make_store, one_thread, read_metrics
 
 from xlab.checkpoint import load_checkpoint
@@ -20,8 +22,13 @@ STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.grad_accum=2", "train.eval_every=100", "train.eval_batches=null")
 
 
-def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
-    store = make_store(tmp_path)
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("ddp"))
+
+
+def torchrun(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False) -> str:
+    """Run ``xlab.train.train`` in 2 gloo processes; return rank 0's stdout."""
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -30,12 +37,18 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
         torch.set_num_threads(1)
         from train_helpers import make_cfg
         from xlab.train import train
-        train(make_cfg({str(tmp_path / "ddp")!r}, "train.batch_size=2", *{COMMON!r}), shards_dir={str(store)!r})
+        train(make_cfg({str(runs)!r}, *{overrides!r}), shards_dir={str(store)!r}, resume={resume!r},
+              stop_after={stop_after!r})
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(store, tmp_path):
+    out = torchrun(tmp_path, store, tmp_path / "ddp", "train.batch_size=2", *COMMON)
     one = train(make_cfg(tmp_path / "one", "train.batch_size=4", *COMMON), shards_dir=store)
 
     a = read_metrics(tmp_path / "ddp" / "t")
@@ -49,4 +62,22 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     # Only rank 0 wrote: one checkpoint folder, and its loader state counts per-rank batches.
     ck = load_checkpoint(tmp_path / "ddp" / "t" / "checkpoints" / "last.pt")
     assert ck["loader"]["position"] == STEPS * 2 and ck["step"] == STEPS
-    assert "2 process(es)" in proc.stdout
+    assert "2 process(es)" in out
+
+
+def test_two_process_resume_is_exact(store, tmp_path):
+    # Dropout on: each rank's random stream must be saved and restored, not only rank 0's.
+    o = ("train.batch_size=2", "model.dropout=0.2", "train.max_steps=6", "train.eval_every=100",
+         "train.checkpoint_every=100")
+    torchrun(tmp_path, store, tmp_path / "full", *o)
+    torchrun(tmp_path, store, tmp_path / "cut", *o, stop_after=3)
+    torchrun(tmp_path, store, tmp_path / "cut", *o, resume=True)
+    a = read_metrics(tmp_path / "full" / "t")
+    b = read_metrics(tmp_path / "cut" / "t")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    wa = load_checkpoint(tmp_path / "full" / "t" / "checkpoints" / "last.pt")
+    wb = load_checkpoint(tmp_path / "cut" / "t" / "checkpoints" / "last.pt")
+    assert len(wb["rank_rng"]) == 2 and not torch.equal(wb["rank_rng"][0]["torch"], wb["rank_rng"][1]["torch"])
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k

@@ -15,6 +15,7 @@ and a checkpoint from elsewhere cannot run code on load:
 ``tokenizer_sha256``  sha256 of those bytes
 ``shards``            the path of the shard store trained on
 ``best``              the best checkpoints kept so far: ``[{"loss", "step", "file"}]``
+``rank_rng``          under DDP, every rank's torch random state ``[{"torch", "cuda"?}]`` (else empty)
 
 An export folder (``xlab export``) holds ``model.safetensors`` (weights only), ``config.json`` and
 ``config.yaml`` (the configuration), ``tokenizer.model`` and ``meta.json`` (step, store path,

@@ -19,9 +19,9 @@ TensorBoard event files in ``tb/``, and ``checkpoints/last.pt`` plus ``best-*.pt
 ``keep_best`` by validation loss). Only rank 0 writes. A checkpoint is written atomically every
 ``checkpoint_every`` steps, at the end, and on Ctrl-C (after the step in progress; a second Ctrl-C
 stops at once without saving). ``resume=True`` continues from ``last.pt`` exactly: the same losses
-and, with ``train.deterministic``, bit-identical weights to an uninterrupted run. (Under DDP the
-checkpoint holds rank 0's random state; the other ranks re-seed theirs, which matters only for
-dropout.)
+and, with ``train.deterministic``, bit-identical weights to an uninterrupted run. Under DDP the
+checkpoint also holds every rank's torch random state (dropout), restored when resuming with the
+same number of processes.
 """
 
 from __future__ import annotations
@@ -305,7 +305,29 @@ class _Trainer:
             return {}
 
     # ----------------------------------------------------------------------------- state
-    def _state(self) -> dict:
+    def _gather_rank_rng(self) -> Optional[list]:
+        """Every rank's torch random state (CPU, and CUDA on CUDA), gathered to all ranks; None in one process.
+
+        Collective: every rank must call it at the same step.
+        """
+        if not self.info.distributed:
+            return None
+        import torch
+        import torch.distributed as dist
+
+        on = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
+        states = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        out: list[dict] = [{} for _ in range(self.info.world_size)]
+        for key, st in states.items():
+            parts = [torch.empty_like(st, device=on) for _ in range(self.info.world_size)]
+            dist.all_gather(parts, st.to(on))
+            for r, part in enumerate(parts):
+                out[r][key] = part.cpu()
+        return out
+
+    def _state(self, rank_rng: Optional[list] = None) -> dict:
         from xlab.checkpoint import rng_state, tokenizer_bytes_tensor
 
         return {
@@ -320,6 +342,7 @@ class _Trainer:
             "tokenizer_sha256": self.tok_sha,
             "shards": str(self.store.path),
             "best": list(self.best),
+            "rank_rng": rank_rng or [],
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -330,13 +353,20 @@ class _Trainer:
         self.step = int(ckpt["step"])
         self.loader.load_state_dict(ckpt["loader"])
         self.best = [dict(b) for b in ckpt.get("best", [])]
-        if self.info.rank == 0:
-            set_rng_state(ckpt["rng"])  # other ranks keep their own seeded streams (dropout only)
+        import torch
 
-    def _save_last(self) -> Path:
+        if self.info.rank == 0:
+            set_rng_state(ckpt["rng"])
+        rank_rng = ckpt.get("rank_rng") or []
+        if len(rank_rng) == self.info.world_size and self.info.distributed:
+            torch.set_rng_state(rank_rng[self.info.rank]["torch"])
+            if "cuda" in rank_rng[self.info.rank] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rank_rng[self.info.rank]["cuda"], self.device)
+
+    def _save_last(self, rank_rng: Optional[list] = None) -> Path:
         from xlab.checkpoint import save_checkpoint
 
-        return save_checkpoint(self.ckpt_dir / "last.pt", self._state())
+        return save_checkpoint(self.ckpt_dir / "last.pt", self._state(rank_rng))
 
     def _rank_best(self, val_loss: float) -> tuple[Optional[str], list[str]]:
         """Enter this step in the best list if its ``val_loss`` is among the ``keep_best`` lowest.
@@ -551,13 +581,17 @@ class _Trainer:
                     if (self.step % t.eval_every == 0 or at_end) and not stop:
                         do_eval()
                         evaluated = True
+                    # Every rank keeps the same best list (the validation loss is all-reduced), so all
+                    # agree on when to save and can take part in gathering their random states.
                     best_name, dropped = (None, [])
-                    if main and evaluated and last_val is not None:
+                    if evaluated and last_val is not None:
                         best_name, dropped = self._rank_best(last_val["loss"])
-                    if main and (self.step % t.checkpoint_every == 0 or at_end or stop or best_name):
-                        last_ckpt = self._save_last()
-                        if best_name is not None:
-                            self._link_best(last_ckpt, best_name, dropped)
+                    if self.step % t.checkpoint_every == 0 or at_end or stop or best_name:
+                        rank_rng = self._gather_rank_rng()
+                        if main:
+                            last_ckpt = self._save_last(rank_rng)
+                            if best_name is not None:
+                                self._link_best(last_ckpt, best_name, dropped)
                     if stop:
                         interrupted = True
                         sigint = r["stop"]
