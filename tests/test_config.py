@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from conftest import ROOT
 from xlab.config import from_dict, load_config, stage_paths, to_dict
 from xlab.errors import XLabError
 
@@ -75,3 +76,24 @@ def test_cli_bad_option_exit_code_2(tmp_path, cli):
     p = cli(["data", "split", "-o", "train.batch_size=abc"], cwd=tmp_path, check=False)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error: bad configuration") and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("extra", sorted(p.name for p in (ROOT / "conf" / "extra").glob("*.yaml")))
+def test_extra_configs_load_over_both_bases(extra):
+    for base in ([], [ROOT / "conf" / "xlab.yaml"]):
+        cfg = load_config(base + [ROOT / "conf" / "extra" / extra])
+        assert cfg.model.d_model % cfg.model.n_heads == 0
+
+
+def test_modern_extra_builds_a_model_that_runs():
+    import torch
+
+    from xlab.model import Transformer
+
+    cfg = load_config([ROOT / "conf" / "extra" / "modern.yaml"],
+                      ["model.vocab_size=64", "model.max_len=16", "model.d_model=32", "model.n_heads=4",
+                       "model.d_ff=64", "model.n_layers=2"])
+    model = Transformer(cfg.model)
+    logits = model(torch.randint(0, 64, (2, 16)))
+    assert logits.shape == (2, 16, 64)
+    assert model.cfg.position == "rope" and model.cfg.n_kv_heads == 2

@@ -55,7 +55,6 @@ class TokenizerConfig:
 @dataclass
 class ShardsConfig:
     seq_len: int = 128  # tokens per training sequence; each row stores seq_len + 1 tokens
-    rows_per_shard: int = 32768
     articles_per_shard: int = 2048  # articles per shard file (the unit of parallel, resumable encoding)
     num_proc: Optional[int] = None  # None: all cores
 
@@ -202,7 +201,6 @@ def validate_config(cfg: Any) -> None:
         (cfg.data.source in ("sample", "hf", "dump"), "data.source must be sample, hf or dump"),
         (cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size must be at least 64"),
         (cfg.shards.seq_len >= 2, "shards.seq_len must be at least 2"),
-        (cfg.shards.rows_per_shard >= 1, "shards.rows_per_shard must be at least 1"),
         (cfg.shards.articles_per_shard >= 1, "shards.articles_per_shard must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
