@@ -116,11 +116,21 @@ def _run_status(run_dir, cfg) -> str:
         return "none"
     ckpt = load_checkpoint(last)
     old, new = ckpt.get("config", {}), to_dict(cfg)
-    # The trainer fills model.vocab_size and model.max_len from the store, so compare the rest.
-    skip = {"vocab_size", "max_len"}
-    same = all(old.get(k) == new.get(k) for k in ("data", "tokenizer", "shards", "train")) and \
-        {k: v for k, v in old.get("model", {}).items() if k not in skip} == \
-        {k: v for k, v in new["model"].items() if k not in skip}
-    if not same:
+    if _training_identity(old) != _training_identity(new):
         return "different"
     return "finished" if int(ckpt["step"]) >= int(ckpt["total_steps"]) else "partial"
+
+
+# Settings that change neither the data a run sees nor the weights it computes.
+_NOT_IDENTITY = {"num_proc", "num_threads", "device", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_best", "compile", "hf_timeout_s"}
+
+
+def _training_identity(cfg: dict) -> dict:
+    """The parts of a configuration that define a training run (the trainer fills model.vocab_size
+    and model.max_len from the store, so those are left out too)."""
+    out = {}
+    for section in ("data", "tokenizer", "shards", "model", "train"):
+        out[section] = {k: v for k, v in cfg.get(section, {}).items()
+                        if k not in _NOT_IDENTITY and not (section == "model" and k in ("vocab_size", "max_len"))}
+    return out

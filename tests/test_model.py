@@ -225,7 +225,15 @@ def test_initialization():
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=4096, max_len=16, d_model=128, n_layers=8, n_heads=4, d_ff=512)
     m = Transformer(cfg)
-    assert abs(m.tok_emb.weight.std().item() - 0.02) < 1e-3  # no N(0, 1), no sqrt(d_model) scaling
+    # Sinusoidal positions: embeddings N(0, 1/d_model), scaled by sqrt(d_model) to unit RMS, the
+    # table's scale (RMS 1/sqrt(2)); not 0.2's N(0, 1) * sqrt(d_model), nor GPT-2's 0.02 next to it.
+    assert abs(m.tok_emb.weight.std().item() - 1 / math.sqrt(128)) < 2e-3
+    x = m.tok_emb.weight * m.emb_scale
+    assert abs(x.pow(2).mean().sqrt().item() - 1.0) < 0.02
+    assert abs(m.pe.pow(2).mean().sqrt().item() - 1 / math.sqrt(2)) < 0.02
+    for position in ("learned", "rope"):  # no fixed table to match: GPT-2's N(0, 0.02), unscaled
+        other = Transformer(ModelConfig(**{**cfg.__dict__, "position": position}))
+        assert other.emb_scale == 1.0 and abs(other.tok_emb.weight.std().item() - 0.02) < 1e-3
     assert abs(m.blocks[0].attn.qkv.weight.std().item() - 0.02) < 1e-3
     resid = 0.02 / math.sqrt(2 * cfg.n_layers)
     assert abs(m.blocks[3].attn.proj.weight.std().item() - resid) < 1e-3

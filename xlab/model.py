@@ -14,17 +14,20 @@ The original's listed future work is available as configuration (:class:`ModelCo
 or ReLU, learned or rotary positions, tied embeddings, no biases, grouped-query attention, and three
 attention backends (PyTorch SDPA, the flash-attn package, an explicit reference implementation).
 
-Initialization (see ``Transformer._init_weights``): every matrix and embedding N(0, 0.02), biases
-zero, norms at identity, and the two projections that write into the residual stream (attention output
-and feed-forward output) N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2 (Radford et al. 2019, section
-2.3), so the residual stream's variance does not grow with depth. The token embedding is NOT multiplied
-by sqrt(d_model). The original drew it from N(0, 1) and then scaled it by sqrt(d_model) (std 22.6 at
-d_model 512), which swamped the sinusoidal encodings (entries in [-1, 1], RMS 0.71) by a factor of ~30:
-the first LayerNorm rescales the sum, so only the ratio matters, and at 30:1 the model could barely
-see positions; the fixed table cannot grow to catch up. Here the learnable side, the token embedding,
-starts small instead (token identity stays fully recoverable: it is a linear part of the sum); Adam
-moves each entry by about lr per step, so it grows as far as training needs, while positions are
-visible from the first step.
+Initialization (see ``Transformer._init_weights``): every matrix N(0, 0.02), biases zero, norms at
+identity, and the two projections that write into the residual stream (attention output and
+feed-forward output) N(0, 0.02 / sqrt(2 * n_layers)), as in GPT-2 (Radford et al. 2019, section 2.3),
+so the residual stream's variance does not grow with depth.
+
+The token embedding and the fixed sinusoidal table must start on the same scale, because the first
+norm divides their sum by its RMS and only the ratio of the two survives. The original XLab drew
+embeddings from N(0, 1) and scaled them by sqrt(d_model) (std 22.6 at d_model 512) against encodings
+of RMS 0.71, so positions were ~30 times too faint to see. The opposite mistake (GPT-2's N(0, 0.02)
+embeddings next to the same table) hides the tokens instead: measured on the demo, the model sat at the
+unigram loss for its first ~200 steps while Adam grew the embeddings. With sinusoidal positions XLab
+therefore follows Vaswani et al. (2017, section 3.4) as intended: embeddings N(0, 1/d_model),
+multiplied by sqrt(d_model), so tokens enter with unit RMS next to positions of RMS 0.71. With learned
+or rotary positions the embedding is GPT-2's N(0, 0.02), unscaled.
 
 Shapes in comments: B batch, T new tokens, S keys (cached + new), C = d_model, H query heads,
 K key/value heads, D = C // H head size, V vocabulary size.
@@ -372,6 +375,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(C, cfg.vocab_size, bias=cfg.bias)
+        # Vaswani et al. 2017, section 3.4: see the module docstring (Initialization).
+        self.emb_scale = math.sqrt(C) if cfg.position == "sinusoidal" else 1.0
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # (V, C) shared; both were drawn N(0, 0.02)
@@ -379,7 +384,9 @@ class Transformer(nn.Module):
     def _init_weights(self) -> None:
         """N(0, 0.02) for matrices and embeddings; zero biases; norms at identity (their default).
         The two projections per block that write into the residual stream get std 0.02 / sqrt(2 L)
-        (GPT-2): the stream is a sum of 2 L such terms, so its variance stays O(1) at any depth."""
+        (GPT-2): the stream is a sum of 2 L such terms, so its variance stays O(1) at any depth.
+        With sinusoidal positions the token embedding is N(0, 1/d_model) instead, scaled by
+        sqrt(d_model) in :meth:`hidden` (unit RMS, on the scale of the fixed table)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=INIT_STD)
@@ -387,6 +394,8 @@ class Transformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=INIT_STD)
+        if self.emb_scale != 1.0:
+            nn.init.normal_(self.tok_emb.weight, std=1.0 / self.emb_scale)
         residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
@@ -433,6 +442,8 @@ class Transformer(nn.Module):
         elif T > self.cfg.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len {self.cfg.max_len}")
         x = self.tok_emb(ids)  # (B, T, C)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale
         rope = None
         if self.cfg.position == "sinusoidal":
             x = x + self.pe[start:start + T]  # (T, C) broadcast over B
