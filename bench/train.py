@@ -83,7 +83,7 @@ def speed(args) -> None:
 
     from xlab.config import load_config
     from xlab.distributed import DistInfo
-    from xlab.evaluate import autocast_factory, resolve_device
+    from xlab.device import autocast_factory, resolve_device
     from xlab.mfu import mfu, peak_flops
     from xlab.train import _Trainer
 

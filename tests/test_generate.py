@@ -422,11 +422,16 @@ def test_cli_bad_values_are_one_line_errors(fake_checkpoint, opts):
 
 
 def test_device_resolution():
-    assert gen.resolve_device("cpu").type == "cpu"
-    assert gen.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    from xlab.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu0", "mps"):
+        with pytest.raises(XLabError):
+            resolve_device(bad)
     if not torch.cuda.is_available():
         with pytest.raises(XLabError):
-            gen.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 # -------------------------------------------------------------------------------------- predict

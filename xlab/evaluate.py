@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from xlab.device import autocast_factory, resolve_device
 from xlab.errors import XLabError
 
 IGNORE_INDEX = -100
@@ -107,40 +108,6 @@ def metrics(loss_sum: float, correct: int, count: int, split_info: Optional[dict
         "bits_per_byte": bpb,
         "tokens": count,
     }
-
-
-def resolve_device(device: str, local_rank: int = 0):
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:<local_rank>``.
-
-    Raises:
-        XLabError: CUDA was asked for and is not available.
-    """
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise XLabError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
-def autocast_factory(precision: str, device: Any):
-    """A zero-argument factory of the autocast context for ``precision`` (auto | bf16 | fp32), or None.
-
-    ``auto`` is bf16 on CUDA and fp32 on CPU.
-    """
-    import torch
-
-    device = torch.device(device)
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return None
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[str | os.PathLike] = None,

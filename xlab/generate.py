@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from xlab.device import resolve_device
 from xlab.errors import XLabError
 
 Model = Callable[..., torch.Tensor]
@@ -530,28 +531,6 @@ def reference_nll(model: Model, prefix_ids: Sequence[int], target_ids: Sequence[
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device, checked.
-
-    Raises:
-        XLabError: an unknown device name, or CUDA asked for where it is not available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise XLabError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise XLabError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise XLabError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise XLabError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
-    return dev
-
-
 def _load(checkpoint: Path, device: torch.device):
     """(model, cfg, tokenizer, meta) of a checkpoint .pt or an export folder, the model on ``device``;
     ``meta`` holds ``shards`` (the store trained on) and ``tokenizer_sha256``."""

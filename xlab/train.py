@@ -173,7 +173,7 @@ def train(cfg: Any, shards_dir: Optional[str | os.PathLike] = None, resume: bool
     from xlab import distributed as xdist
 
     info = xdist.dist_info()
-    from xlab.evaluate import resolve_device
+    from xlab.device import resolve_device
 
     device = resolve_device(cfg.train.device, info.local_rank)
     if device.type == "cuda":
@@ -206,7 +206,7 @@ class _Trainer:
 
         from xlab.checkpoint import build_model, load_checkpoint
         from xlab.config import from_dict, stage_paths, to_dict
-        from xlab.evaluate import autocast_factory
+        from xlab.device import autocast_factory
         from xlab.io import sha256_bytes
         from xlab.shards import ShardLoader, ShardStore
 
