@@ -97,3 +97,12 @@ def test_modern_extra_builds_a_model_that_runs():
     logits = model(torch.randint(0, 64, (2, 16)))
     assert logits.shape == (2, 16, 64)
     assert model.cfg.position == "rope" and model.cfg.n_kv_heads == 2
+
+
+def test_cli_unusable_path_is_one_line_exit_2(tmp_path, cli):
+    (tmp_path / "data").write_text("a file where the data folder should be")
+    p = cli(["data", "download", "-o", "data.max_articles=5"], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    err = p.stderr.strip()
+    assert err.startswith("error: Not a directory") and "data" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "data").read_text() == "a file where the data folder should be"

@@ -275,6 +275,13 @@ def main() -> None:
     except XLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # A path the user pointed at (or a folder a stage writes to) that cannot be used: a file where a
+        # folder should be, a read-only folder, a full disk. Every stage writes atomically, so what an
+        # earlier run wrote is intact; the message names the path.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
