@@ -200,7 +200,8 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
             ``shards.num_proc``, the paths and ``data.name``).
         force: redo the stage (this part's units) even if up to date.
         num_shards, shard_index: encode only the units ``u % num_shards == shard_index``; with
-            ``num_shards > 1`` no manifest is written (``xlab data merge`` does that).
+            ``num_shards > 1`` no manifest is written (``xlab data merge`` does that). A part run
+            on a complete store that is up to date changes nothing (without ``force``).
         tokenizer_loader: ``path -> tokenizer`` (picklable; tests pass a stand-in).
 
     Returns:
@@ -222,8 +223,16 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
     out = paths.shards
     job = _job(cfg, tok, split_files, tok_path)
     mpath = out / "manifest.json"
-    if not force and num_shards == 1 and _up_to_date(out, job):
-        skipped("encode", mpath)
+    if not force and _up_to_date(out, job):
+        # A complete store made from these very inputs and parameters already holds every unit of
+        # every part (a unit's bytes depend only on its articles), so a part run has nothing to add;
+        # redoing it would first have to remove the manifest and the other parts' shards.
+        if num_shards == 1:
+            skipped("encode", mpath)
+        else:
+            console.print(f"[bold]encode[/bold]: the store {out} is already complete and up to date "
+                          f"(it holds part {shard_index} of {num_shards}); nothing to do. Use --force to "
+                          f"re-encode it from scratch as a part folder.")
         return read_json(mpath)
 
     # From here the store is being changed: first make sure no manifest claims it is complete.

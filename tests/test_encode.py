@@ -179,6 +179,25 @@ def test_parts_merge_equals_single_machine(tmp_path):
         encode(cfg, num_shards=2, shard_index=2)
 
 
+def test_part_run_leaves_a_complete_store_alone(tmp_path, capsys):
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    m = encode(cfg)
+    before = store_bytes(tmp_path / "shards/wiki")
+    capsys.readouterr()
+    for i in (0, 1):
+        assert encode(cfg, num_shards=2, shard_index=i) == m
+        assert "already complete" in capsys.readouterr().out
+    assert store_bytes(tmp_path / "shards/wiki") == before
+    ShardStore(tmp_path / "shards/wiki").check()
+    from pipelines import encode as enc
+
+    assert enc.merge(cfg) == m  # nothing to merge: the store is complete
+    # other inputs: the outdated store is redone as a part folder (no manifest until merge)
+    r = encode(config(tmp_path, seq_len=9), num_shards=2, shard_index=0)
+    assert r["parts_missing"] == [1] and not (tmp_path / "shards/wiki/manifest.json").exists()
+
+
 def test_missing_inputs_name_the_command(tmp_path):
     with pytest.raises(XLabError, match="xlab data split"):
         encode(config(tmp_path))
