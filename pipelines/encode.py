@@ -10,7 +10,8 @@ byte-identical for any number of worker processes, machines or interruptions:
   stays bounded by a few units whatever the corpus size;
 - atomic and resumable: a worker writes its shard to a temporary name, renames it into place, then
   writes a small done-record in ``.work/``; a rerun skips units whose record and shard exist, so a
-  run killed at any moment (even SIGKILL) is finished by running the same command again;
+  run killed at any moment (even SIGKILL) is finished by running the same command again, and the
+  worker processes die with it;
 - scale-out: with ``--num-shards N --shard-index I`` a machine encodes the units ``u`` with
   ``u % N == I`` of every split; once all parts' folders are copied together, ``xlab data merge``
   writes the manifest, which equals the one a single machine writes;
@@ -26,6 +27,10 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,8 +58,40 @@ def load_tokenizer(path: str | os.PathLike):
 _W: dict = {}  # per-process worker state: tokenizer and settings
 
 
-def _init_worker(loader: Callable, tok_path: str, settings: dict) -> None:
-    """Worker initializer: load the tokenizer once per process."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when the process that started it ends, however it ends.
+
+    A pool's workers otherwise outlive a parent killed with SIGKILL (nothing can run in the
+    parent then), blocked forever on their task queue, and with them the resource tracker they
+    keep open. On Linux the kernel delivers SIGKILL to the worker when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``os.getppid()``. Either way a
+    parent that died before this call is noticed here and the worker exits at once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent is already gone (we were re-parented)
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="xlab-parent-watch", daemon=True).start()
+
+
+def _init_worker(loader: Callable, tok_path: str, settings: dict, parent_pid: int | None = None) -> None:
+    """Worker initializer: tie the worker's life to its parent's (pool workers only), then load
+    the tokenizer once per process."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     _W["tok"] = loader(tok_path)
     _W.update(settings)
 
@@ -303,7 +340,7 @@ def _execute(units: Iterator[tuple], total: int, num_proc: int, loader: Callable
 
             # spawn, not fork: the parent holds pyarrow/tokenizer threads that fork would copy mid-state.
             with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(loader, tok_path, settings)) as pool:
+                                     initargs=(loader, tok_path, settings, os.getpid())) as pool:
                 pending = set()
                 for item in units:
                     pending.add(pool.submit(_encode_unit, *item))

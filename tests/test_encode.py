@@ -255,6 +255,60 @@ def test_sigkill_then_rerun_is_byte_identical(tmp_path):
     assert store_bytes(out) == store_bytes(tmp_path / "clean" / "shards" / "wiki")
 
 
+class SlowCharTokenizer(CharTokenizer):
+    def encode(self, texts, num_threads=None):
+        time.sleep(0.2)
+        return super().encode(texts, num_threads)
+
+
+def load_slow_char_tokenizer(path):
+    return SlowCharTokenizer.load(path)
+
+
+POOL_SCRIPT = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_encode as te
+from pipelines import encode as enc
+enc.run(te.config(__import__('pathlib').Path({dir!r}), num_proc=2), tokenizer_loader=te.load_slow_char_tokenizer)
+"""
+
+
+def test_sigkill_of_encode_leaves_no_worker_processes(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    write_corpus(tmp_path, n=120)
+    script = POOL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), dir=str(tmp_path))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out = tmp_path / "shards" / "wiki"
+    deadline = time.time() + 60
+    while not (out / ".work" / "train" / "000001.json").exists():  # the pool is at work
+        assert p.poll() is None, p.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    children = psutil.Process(p.pid).children(recursive=True)
+    assert len(children) >= 2  # the two workers (and the resource tracker)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+    def alive():
+        out = []
+        for c in children:
+            try:
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.05)
+    left = alive()
+    for c in left:  # clean up before failing
+        c.kill()
+    assert not left, f"processes outlived the killed encode: {[c.pid for c in left]}"
+
+
 def test_validate_passes_then_lists_every_problem(tmp_path, capsys):
     from pipelines import validate
 
