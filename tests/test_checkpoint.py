@@ -67,7 +67,7 @@ def test_missing_corrupt_and_foreign_files(tmp_path, trained):
         load_checkpoint(tmp_path / "none.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(last.read_bytes()[: 5000])
-    with pytest.raises(XLabError, match="corrupt"):
+    with pytest.raises(XLabError, match="cannot read checkpoint"):
         load_checkpoint(bad)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
@@ -82,7 +82,7 @@ def test_save_is_atomic(tmp_path):
     save_checkpoint(p, {"step": 1})
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         save_checkpoint(p, {"step": 2, "x": lambda: 0})  # fails half-way through writing
-    assert load_checkpoint(p)["step"] == 1 and [f.name for f in tmp_path.iterdir()] == ["c.pt"]
+    assert torch.load(p, weights_only=True)["step"] == 1 and [f.name for f in tmp_path.iterdir()] == ["c.pt"]
 
 
 def test_export_and_load_model_both_forms(tmp_path, trained):
@@ -137,3 +137,67 @@ def test_evaluate_refuses_a_store_with_another_tokenizer(tmp_path, trained):
     other = make_store(tmp_path, vocab=320)
     with pytest.raises(XLabError, match="another tokenizer"):
         evaluate_run(last, split="val", shards_dir=other)
+
+
+def _ck_variant(tmp_path, last, name, **change):
+    ck = torch.load(last, weights_only=True)
+    for k, v in change.items():
+        if v is None:
+            del ck[k]
+        else:
+            ck[k] = v
+    p = tmp_path / name
+    torch.save(ck, p)
+    return p
+
+
+def test_broken_checkpoints_are_one_line_errors_everywhere(tmp_path, trained, cli):
+    _, last, _ = trained
+    rng = np.random.default_rng(0)
+    files = {"random.pt": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "text.pt": b"hello\n",
+             "empty.pt": b"", "truncated.pt": last.read_bytes()[:20000]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    bad = [tmp_path / n for n in files]
+    bad.append(_ck_variant(tmp_path, last, "nomodel.pt", model=None))
+    bad.append(_ck_variant(tmp_path, last, "tokstr.pt", tokenizer="abc"))
+    bad.append(_ck_variant(tmp_path, last, "cfglist.pt", config=[1, 2]))
+    cfg = dict(torch.load(last, weights_only=True)["config"])
+    cfg["model"] = {**cfg["model"], "d_model": 48}
+    bad.append(_ck_variant(tmp_path, last, "shape.pt", config=cfg))
+    cfg2 = dict(cfg, model={**cfg["model"], "d_model": "wide"})
+    bad.append(_ck_variant(tmp_path, last, "badcfg.pt", config=cfg2))
+    for p in bad:
+        with pytest.raises(XLabError):
+            load_model(p)
+        with pytest.raises(XLabError):
+            export(p, tmp_path / f"out-{p.stem}")
+        assert not (tmp_path / f"out-{p.stem}").exists()
+    for args in (["generate", tmp_path / "random.pt", "Hi"], ["export", tmp_path / "text.pt"],
+                 ["evaluate", tmp_path / "nomodel.pt"], ["export", tmp_path / "shape.pt"]):
+        r = cli(args, cwd=tmp_path, check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli(["generate", tmp_path / "random.pt", "Hi"], cwd=tmp_path, check=False)
+    assert "cannot read checkpoint" in r.stderr and "Warning" not in r.stderr
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "xlab-checkpoint", "format_version": 1, "model": Evil()}, evil)
+    r = cli(["generate", evil, "Hi"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "refusing to load" in r.stderr and "weights_only" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_export_folder_with_broken_json_is_a_one_line_error(tmp_path, trained):
+    _, last, _ = trained
+    out = export(last, tmp_path / "exp")
+    good = {n: (out / n).read_bytes() for n in ("meta.json", "config.json")}
+    for name in ("meta.json", "config.json"):
+        for data in (b"", b"{garbage", b"\xff\xfe\x00", b"[1, 2]", b"{}"):
+            if name == "meta.json" and data == b"{}":
+                continue  # an empty meta is fine: step and store unknown
+            (out / name).write_bytes(data)
+            with pytest.raises(XLabError, match="cannot read|configuration"):
+                load_model(out)
+            (out / name).write_bytes(good[name])
+    m, _, _ = load_model(out)
+    assert not m.training

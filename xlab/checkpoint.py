@@ -101,26 +101,48 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             tensors and plain containers (refused rather than unpickled: that could run code).
     """
     import pickle
-    import zipfile
+    import re
+    import warnings
 
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise XLabError(f"checkpoint not found: {path}")
+
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (UserWarning) about raw-pickle files before failing on them; XLab says it in one line.
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise XLabError(f"refusing to load {path}: it holds more than tensors and plain data ({first[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise XLabError(f"corrupt or unreadable checkpoint {path}: {first[:200]}") from None
+        text = str(e)
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if m or "GLOBAL" in text:
+            # The file names a Python object to build: refused, never unpickled (that could run code).
+            what = f" ({m.group(1)})" if m else ""
+            raise XLabError(f"refusing to load {path}: it holds Python objects{what}, not only tensors and "
+                            "plain data; XLab loads only its own checkpoints") from None
+        m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = m.group(1).strip().splitlines()[0][:200] if m else "not a torch checkpoint"
+        raise XLabError(f"cannot read checkpoint {path}: {detail}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse the file is a bad checkpoint, not a bug
+        raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise XLabError(f"{path} is not an XLab training checkpoint")
+        raise XLabError(f"cannot read checkpoint {path}: not an XLab training checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise XLabError(f"{path} has checkpoint format version {ckpt.get('format_version')}, "
                         f"this XLab reads {FORMAT_VERSION}")
+    if not isinstance(ckpt.get("model"), dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise XLabError(f"cannot read checkpoint {path}: 'model' is missing or not a dict of tensors")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt["config"].get("model"), dict):
+        raise XLabError(f"cannot read checkpoint {path}: 'config' is missing or not an XLab configuration")
+    tok = ckpt.get("tokenizer")
+    if not isinstance(tok, torch.Tensor) or tok.dtype != torch.uint8 or tok.dim() != 1:
+        raise XLabError(f"cannot read checkpoint {path}: 'tokenizer' is missing or not a uint8 tensor")
+    if "step" in ckpt and (isinstance(ckpt["step"], bool) or not isinstance(ckpt["step"], int)):
+        raise XLabError(f"cannot read checkpoint {path}: 'step' is not an integer")
     return ckpt
 
 
@@ -173,44 +195,68 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
     return model, cfg, tokenizer
 
 
-def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
-    """:func:`load_model` plus a dict ``{"step", "shards", "tokenizer_sha256"}`` read from the same files."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _config_and_model(cfg_dict: Any, where: Path):
+    """``(cfg, model)`` from a stored configuration dict; XLabError if it is not a usable one."""
     from xlab.config import from_dict
 
+    if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model"), dict):
+        raise XLabError(f"{where} holds no XLab model configuration (expected a mapping with a 'model' section)")
+    try:
+        cfg = from_dict(cfg_dict)
+        model = build_model(cfg)
+    except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
+        raise XLabError(f"{where} holds an unusable model configuration: {_first_line(e)}") from None
+    return cfg, model
+
+
+def _read_export_json(p: Path) -> dict:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, unreadable
+        raise XLabError(f"cannot read {p}: {type(e).__name__}: {_first_line(e)}; re-run `xlab export`") from None
+    if not isinstance(data, dict):
+        raise XLabError(f"cannot read {p}: expected a JSON object, found {type(data).__name__}; re-run `xlab export`")
+    return data
+
+
+def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
+    """:func:`load_model` plus a dict ``{"step", "shards", "tokenizer_sha256"}`` read from the same files."""
     path = Path(path)
     if path.is_dir():
         cfg_path, w_path, tok_path = path / "config.json", path / EXPORT_WEIGHTS, path / "tokenizer.model"
         for p in (cfg_path, w_path, tok_path):
             if not p.is_file():
                 raise XLabError(f"{path} is not an XLab export folder (missing {p.name})")
-        try:
-            cfg = from_dict(read_json(cfg_path))
-        except Exception as e:
-            raise XLabError(f"unreadable model configuration {cfg_path}: {str(e).splitlines()[0]}") from None
-        model = build_model(cfg)
+        cfg, model = _config_and_model(_read_export_json(cfg_path), cfg_path)
         from safetensors.torch import load_model as st_load
 
         try:
             st_load(model, str(w_path), strict=True)
-        except Exception as e:
-            raise XLabError(f"corrupt or mismatched weights {w_path}: {str(e).splitlines()[0][:200]}") from None
-        tok_bytes = tok_path.read_bytes()
-        meta_file = read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
-        meta = {"step": meta_file.get("step"), "shards": meta_file.get("shards")}
+        except Exception as e:  # noqa: BLE001
+            raise XLabError(f"corrupt or mismatched weights {w_path}: {_first_line(e)}") from None
+        try:
+            tok_bytes = tok_path.read_bytes()
+        except OSError as e:
+            raise XLabError(f"cannot read {tok_path}: {_first_line(e)}") from None
+        meta_file = _read_export_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+        step, shards = meta_file.get("step"), meta_file.get("shards")
+        meta = {"step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+                "shards": shards if isinstance(shards, str) else None}
     else:
         ckpt = load_checkpoint(path)
-        try:
-            cfg = from_dict(ckpt["config"])
-        except Exception as e:
-            raise XLabError(f"checkpoint {path} holds an unreadable configuration: {str(e).splitlines()[0]}") from None
-        model = build_model(cfg)
+        cfg, model = _config_and_model(ckpt["config"], path)
         try:
             model.load_state_dict(ckpt["model"])
-        except Exception as e:
-            raise XLabError(f"checkpoint {path} does not match its model configuration: "
-                            f"{str(e).splitlines()[0][:200]}") from None
+        except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
+            raise XLabError(f"checkpoint {path} does not match its model configuration: {_first_line(e)}") from None
         tok_bytes = tensor_bytes(ckpt["tokenizer"])
-        meta = {"step": ckpt.get("step"), "shards": ckpt.get("shards")}
+        shards = ckpt.get("shards")
+        meta = {"step": ckpt.get("step"), "shards": shards if isinstance(shards, str) else None}
     meta["tokenizer_sha256"] = sha256_bytes(tok_bytes)
     tokenizer = _tokenizer_from_bytes(tok_bytes)
     model.to(device)
@@ -235,19 +281,20 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     import yaml
     from safetensors.torch import save_model
 
-    from xlab.config import from_dict
-
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     cfg_dict = ckpt["config"]
     step = int(ckpt.get("step", 0))
+    cfg, model = _config_and_model(cfg_dict, ckpt_path)
     if out is None:
-        out = Path("exports") / f"{cfg_dict.get('train', {}).get('run_name', 'model')}-step{step}"
+        out = Path("exports") / f"{cfg.train.run_name}-step{step}"
     out = Path(out)
     if out.exists():
         raise XLabError(f"{out} already exists; choose another --out or remove it")
-    model = build_model(from_dict(cfg_dict))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
+        raise XLabError(f"checkpoint {ckpt_path} does not match its model configuration: {_first_line(e)}") from None
     tok_bytes = tensor_bytes(ckpt["tokenizer"])
     with atomic_dir(out) as tmp:
         # save_model (not save_file) handles tied weights: a shared tensor is stored once.
