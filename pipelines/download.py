@@ -99,7 +99,7 @@ def run(cfg: Any, force: bool = False) -> dict:
 
     Raises:
         XLabError: missing or altered sample files, a missing or unreadable dump, an unreachable Hub,
-        ``max_articles`` below 1.
+        ``max_articles`` below 1, a source without a single article (nothing is written then).
     """
     d = cfg.data
     if d.max_articles is not None and d.max_articles < 1:
@@ -146,10 +146,20 @@ def run(cfg: Any, force: bool = False) -> dict:
             written = _write_parquet(rows, tmp / "articles.parquet", d.max_articles)
             counts = _totals(stats)
             counts.update(written)
+            if written["articles"] == 0:  # raised inside atomic_dir: an earlier run's output stays
+                raise XLabError(_no_articles_message(d.source, counts, out_dir))
             write_manifest(tmp / "manifest.json", stage=STAGE, params=params, inputs=inputs, counts=counts)
     seconds = time.perf_counter() - t0
     _print_summary(d.source, counts, seconds, out_dir / "articles.parquet")
     return {"skipped": False, "path": str(out_dir / "articles.parquet"), "counts": counts, "seconds": seconds}
+
+
+def _no_articles_message(source: str, counts: dict, out_dir: Path) -> str:
+    """The one line for a source that yielded no article (nothing is written then)."""
+    seen = ", ".join(f"{counts[k]:,} {k.replace('_', ' ')}" for k in
+                     ("pages", "redirects", "non_articles", "empty", "parse_errors"))
+    hint = (" Is it a MediaWiki XML dump (<mediawiki><page>...</page></mediawiki>)?" if source == "dump" else "")
+    return (f"no articles in the {source} source ({seen}); nothing written, {out_dir} left as it was.{hint}")
 
 
 def _cpu_count() -> int:

@@ -97,7 +97,8 @@ def run(cfg: Any, force: bool = False) -> dict:
         "characters": {split: characters}}, "seconds": float}``.
 
     Raises:
-        XLabError: the raw articles are missing (run ``xlab data download``) or have duplicate ids.
+        XLabError: the raw articles are missing (run ``xlab data download``), empty, or have
+            duplicate ids.
     """
     import numpy as np
     import pyarrow.parquet as pq
@@ -124,6 +125,8 @@ def run(cfg: Any, force: bool = False) -> dict:
         ids = pf.read(columns=["id"]).column("id").to_pylist()
     except Exception as e:  # pyarrow's errors for a damaged or foreign file
         raise XLabError(f"cannot read {raw} ({type(e).__name__}); run `xlab data download --force`") from None
+    if not ids:  # checked before anything is written: the earlier splits stay
+        raise XLabError(f"{raw} holds no articles; rerun `xlab data download --force` with a source that has some")
     if len(set(ids)) != len(ids):
         raise XLabError(f"{raw} has duplicate article ids; run `xlab data download --force`")
     labels = assign_splits(ids, params["seed"], fractions)

@@ -30,6 +30,13 @@ def iter_texts(parquet_path: Path, batch_rows: int = _BATCH_ROWS) -> Iterator[st
         yield from batch.column(0).to_pylist()
 
 
+def _num_rows(parquet_path: Path) -> int:
+    """Rows of a split file, from its footer."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(parquet_path).metadata.num_rows
+
+
 def bytes_per_token(tok: Any, parquet_path: Path, batch_rows: int = _BATCH_ROWS) -> dict:
     """UTF-8 bytes per token of a split's texts under ``tok`` (no sos/eos counted).
 
@@ -88,6 +95,11 @@ def run(cfg: Any, force: bool = False) -> dict:
             skipped(f"tokenizer train ({cfg.data.name})", manifest_path)
             return m
 
+    n_train = _num_rows(train_path)
+    if n_train == 0:
+        raise XLabError(f"the train split {train_path} is empty (0 articles); rerun `xlab data split --force` "
+                        f"with more articles (data.max_articles) or a larger data.train_fraction")
+
     t0 = time.perf_counter()
     with console.status(f"training a {params['vocab_size']}-piece BPE tokenizer on {train_path} ..."):
         try:
@@ -101,6 +113,9 @@ def run(cfg: Any, force: bool = False) -> dict:
                 num_threads=tc.num_threads,
             )
         except ValueError as e:
+            if str(e).startswith("no training text"):
+                raise XLabError(f"the train split {train_path} has no text (all {n_train:,} articles are empty); "
+                                f"rerun `xlab data download --force` and `xlab data split --force`") from None
             raise XLabError(f"tokenizer training failed: {e} (try another -o tokenizer.vocab_size=N)") from None
     report = dict(tok.train_report)
     counts: dict[str, Any] = {

@@ -267,3 +267,15 @@ def test_dump_max_articles_stops_early_in_parallel(tmp_path):
     cfg = make_cfg(tmp_path, "data.source=dump", f"data.dump_path={dump}", "data.num_proc=2", "data.max_articles=1")
     out = download.run(cfg)
     assert [r["id"] for r in read_rows(tmp_path)] == ["101"] and out["counts"]["articles"] == 1
+
+
+def test_source_without_articles_is_refused_and_keeps_the_earlier_output(tmp_path):
+    dump = compressed_copies(tmp_path)["xml"]
+    download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={dump}", "data.num_proc=1"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data/raw/wiki").iterdir()}
+    html = tmp_path / "h.xml"
+    html.write_text("<html><body><p>hi</p></body></html>")
+    with pytest.raises(XLabError, match="no articles in the dump source.*MediaWiki XML dump"):
+        download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={html}", "data.num_proc=1"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/raw/wiki").iterdir()} == before
+    assert not [p for p in (tmp_path / "data/raw").iterdir() if p.name != "wiki"]  # no temporaries left

@@ -138,3 +138,13 @@ def test_missing_raw_is_one_line_exit_2(tmp_path, cli):
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(err.splitlines()) == 1
     assert err.startswith("error: raw articles not found") and "`xlab data download`" in err
     assert not (tmp_path / "data" / "splits").exists()
+
+
+def test_no_articles_is_refused_and_keeps_the_earlier_splits(tmp_path):
+    write_raw(tmp_path, 20)
+    split.run(make_cfg(tmp_path))
+    before = read_splits(tmp_path)
+    write_raw(tmp_path, 0)
+    with pytest.raises(XLabError, match="holds no articles.*xlab data download"):
+        split.run(make_cfg(tmp_path))
+    assert read_splits(tmp_path) == before

@@ -401,3 +401,17 @@ def test_stage_reports_too_small_vocabulary(tmp_path, corpus):
     _write_split(tmp_path / "data" / "splits" / "wiki" / "train.parquet", corpus[:20])
     with pytest.raises(XLabError, match="vocab_size"):
         train_tokenizer.run(_cfg(tmp_path, "tokenizer.vocab_size=100"))
+
+
+def test_stage_names_an_empty_train_split(tmp_path):
+    from pipelines import train_tokenizer
+
+    path = tmp_path / "data" / "splits" / "wiki" / "train.parquet"
+    _write_split(path, [])
+    with pytest.raises(XLabError, match="train split .* is empty") as e:
+        train_tokenizer.run(_cfg(tmp_path))
+    assert "vocab_size=N" not in str(e.value)
+    _write_split(path, ["", ""])
+    with pytest.raises(XLabError, match="has no text") as e:
+        train_tokenizer.run(_cfg(tmp_path))
+    assert "vocab_size=N" not in str(e.value)
