@@ -615,3 +615,32 @@ def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     with pytest.raises(XLabError):
         gen.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
                         greedy=True, seed=1, device="cpu")
+
+
+def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
+    path, _, _ = real_checkpoint
+    with pytest.raises(XLabError, match="position 2"):
+        gen.cli_generate(path, "ab\udcffcd", **CLI_DEFAULTS)
+    # As a user types it: a byte that is not UTF-8 reaches Python as a lone surrogate.
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([os.fsencode(sys.executable), b"-m", b"xlab.cli", b"generate", os.fsencode(str(path)),
+                        b"ab\xffcd", b"--max-new-tokens", b"2"], capture_output=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.decode().startswith("error: the prompt is not valid UTF-8"), r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("seed,n", [(-1, 1), (2 ** 63, 1), (99999999999999999999, 1), (2 ** 63 - 2, 3)])
+def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpoint, tmp_path, seed, n):
+    with pytest.raises(XLabError, match="--seed"):
+        gen.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": seed, "num_samples": n})
+    path, _, _ = real_checkpoint
+    with pytest.raises(XLabError, match="--seed"):
+        gen.cli_predict(path, out=tmp_path / "p.jsonl", num_articles=n, prompt_tokens=2, max_new_tokens=2,
+                        shards_dir=None, greedy=True, seed=seed, device="cpu")
+    assert gen.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2 ** 63 - n, "num_samples": n})

@@ -541,6 +541,26 @@ def _load(checkpoint: Path, device: torch.device):
     return load_model_meta(checkpoint, device=str(device))
 
 
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """``tokenizer.encode(prompt)`` for a prompt typed by a user.
+
+    Raises:
+        XLabError: the prompt is not valid text, e.g. bytes that are not UTF-8 on the command line
+            (Python hands them over as lone surrogates, which no tokenizer can encode).
+    """
+    try:
+        return list(tokenizer.encode(prompt))
+    except ValueError as e:
+        raise XLabError(f"the prompt is not valid UTF-8 text: {str(e).splitlines()[0]}") from None
+
+
+def _check_seed(seed: int, num_samples: int = 1) -> None:
+    """Sample ``i`` seeds a torch generator with ``seed + i``, which must fit in 0 .. 2**63 - 1."""
+    if seed < 0 or seed + max(num_samples, 1) - 1 >= 2 ** 63:
+        raise XLabError(f"--seed must be between 0 and {2 ** 63 - num_samples} (each of {num_samples} sample(s) uses seed + i), "
+                        f"got {seed}")
+
+
 def _check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float,
                        beam_width: int = 1, num_samples: int = 1, greedy: bool = False) -> None:
     if max_new_tokens < 0:
@@ -578,8 +598,9 @@ def cli_generate(checkpoint: Path, prompt: str, *, max_new_tokens: int, temperat
     _check_cli_options(max_new_tokens, temperature, top_k, top_p, beam_width, num_samples, greedy)
     if not math.isfinite(length_penalty):
         raise XLabError(f"--length-penalty must be finite, got {length_penalty}")
+    _check_seed(seed, num_samples)
     model, _cfg, tok, _meta = _load(checkpoint, resolve_device(device))
-    prompt_ids = ([tok.sos_id] if add_sos else []) + list(tok.encode(prompt))
+    prompt_ids = ([tok.sos_id] if add_sos else []) + encode_prompt(tok, prompt)
     if not prompt_ids:
         raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
     text_ids = prompt_ids[1:] if add_sos else prompt_ids
@@ -749,6 +770,7 @@ def cli_predict(checkpoint: Path, *, out: Path, num_articles: int, prompt_tokens
         raise XLabError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
     if max_new_tokens < 1:
         raise XLabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    _check_seed(seed, num_articles)
     model, cfg, tok, meta = _load(checkpoint, resolve_device(device))
     gen_cfg = _get(cfg, "generate")
     temperature = float(_get(gen_cfg, "temperature", 1.0))
