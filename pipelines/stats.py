@@ -148,7 +148,8 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
         (article length arrays left out).
 
     Raises:
-        XLabError: no store at the folder (names ``xlab data encode``).
+        XLabError: no store at the folder (names ``xlab data encode``), or a missing or damaged
+            shard (names ``xlab data validate``).
     """
     from rich.table import Table
 
@@ -156,6 +157,7 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
 
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
     store = ShardStore(path)
+    store.check()  # damaged or missing shards: one clear line, not a numpy error halfway through
     per = {s: split_stats(store, s) for s in store.splits}
 
     t = Table(title=f"shard store {path} (seq_len {store.seq_len}, {store.dtype}, vocab {store.vocab_size:,})")

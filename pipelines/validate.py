@@ -96,7 +96,10 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
         return out + [f"{name}: array is {dtype}{list(shape)}, the store needs {store.dtype}[rows, {store.row_len}]"]
     if shape != want:
         out.append(f"{name}: {shape[0]} rows, the manifest says {want[0]}")
-    arr = np.load(path, mmap_mode="r")
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        return out + [f"{name}: not a readable .npy file ({e})"]
     found: dict = defaultdict(list)
     real = 0
     prev_last = None

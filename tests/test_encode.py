@@ -347,3 +347,20 @@ def test_validate_cli_exit_codes(tmp_path, cli):
     np.save(p, rows)
     r = cli(args, cwd=tmp_path, check=False)
     assert r.returncode == 1 and "val/000000.npy" in r.stdout and "60000" in r.stdout
+
+
+def test_validate_lists_damaged_npy_files(tmp_path, cli):
+    write_corpus(tmp_path, n=10)
+    cfg = config(tmp_path)
+    encode(cfg)
+    store = tmp_path / "shards" / "wiki"
+    good = (store / "train" / "000000.npy").read_bytes()
+    (store / "val" / "000000.npy").write_bytes(good[:1000])  # truncated
+    p = store / "test" / "000000.npy"
+    data = p.read_bytes()
+    p.write_bytes(data[:10] + b"x" + data[11:])  # a damaged header
+    args = ["data", "validate", "--shards", store, "-o", f"paths.tokenizer_dir={tmp_path / 'tokenizers'}"]
+    r = cli(args, cwd=tmp_path, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "val/000000.npy: not a readable .npy file" in r.stdout and "truncated" in r.stdout
+    assert "test/000000.npy: not a readable .npy file" in r.stdout and "header" in r.stdout

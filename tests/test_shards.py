@@ -265,3 +265,24 @@ def test_background_prefetch_matches_plain_and_stops(tmp_path):
     assert bg.epoch == 1 and len(first) + len(rest) == len(plain)
     for (x1, y1), (x2, y2) in zip(first + rest, plain):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def _damage(p, how):
+    data = p.read_bytes()
+    if how == "truncated":
+        p.write_bytes(data[:1000] if len(data) > 1000 else data[:-3])
+    elif how == "trailing":
+        p.write_bytes(data + b"\0\0")
+    else:  # one byte of the header changed
+        p.write_bytes(data[:10] + how + data[11:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "trailing", b"(", b"x", b"\xff", b"["])
+def test_damaged_npy_is_a_clear_error(tmp_path, how):
+    store, _ = make_store(tmp_path)
+    p = store.shard_paths("val")[0]
+    _damage(p, how)
+    with pytest.raises(ValueError):
+        read_npy_header(p)
+    with pytest.raises(XLabError, match=r"val/000000\.npy.*xlab data validate.*xlab data encode --force"):
+        ShardStore(store.path).check()

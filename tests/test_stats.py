@@ -99,3 +99,18 @@ def test_vocab_stats_and_run_with_plot(encoded, tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())
     assert "unigram baseline" in printed and "predict" in printed and "byte fallback" in printed
     assert list(out["splits"]) == ["train", "val", "test", "predict"]
+
+
+def test_damaged_shard_is_one_clear_error(encoded, tmp_path):
+    import shutil
+
+    from pipelines import stats
+    from xlab.errors import XLabError
+
+    cfg, _, _, store = encoded
+    copy = tmp_path / "wiki"
+    shutil.copytree(store.path, copy)
+    p = copy / "val" / "000000.npy"
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(XLabError, match=r"val/000000\.npy.*xlab data validate"):
+        stats.run(cfg, shards_dir=copy)

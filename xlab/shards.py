@@ -121,19 +121,34 @@ def write_shard(path: str | os.PathLike, rows: np.ndarray) -> str:
 def read_npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     """``(shape, dtype, fortran_order, data_offset)`` of a ``.npy`` file, reading only its header.
 
+    Also checks that the file's size is exactly the header plus ``prod(shape) * itemsize`` bytes.
+
     Raises:
-        ValueError: not a ``.npy`` file.
+        ValueError: not a ``.npy`` file, a damaged header, or a file shorter (truncated) or longer
+            than its header says.
     """
     fmt = np.lib.format
     with open(path, "rb") as f:
-        version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:  # pragma: no cover - numpy writes only these
-            raise ValueError(f"unsupported .npy version {version}")
-        return tuple(shape), np.dtype(dtype), bool(fortran), f.tell()
+        try:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ValueError:
+            raise
+        except Exception as e:  # numpy parses the header with Python's tokenizer: TokenError, SyntaxError, ...
+            raise ValueError(f"damaged .npy header ({type(e).__name__}: {e})") from None
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != need:
+        raise ValueError(f"the file has {size:,} bytes, its header says {need:,} "
+                         f"({'truncated' if size < need else 'trailing bytes'})")
+    return shape, dtype, bool(fortran), offset
 
 
 def write_store(path: str | os.PathLike, splits: dict[str, Sequence[Sequence[int]]], *, seq_len: int,
@@ -300,7 +315,8 @@ class ShardStore:
                 try:
                     shape, dtype, fortran, _ = read_npy_header(p)
                 except (OSError, ValueError) as e:
-                    raise XLabError(f"unreadable shard {p} ({e}); {fix}") from None
+                    raise XLabError(f"unreadable shard {p} ({e}); run `xlab data validate` to list every "
+                                    f"problem, `{ENCODE_HINT} --force` to rebuild the store") from None
                 if dtype != self.dtype or shape != (int(sh["rows"]), self.row_len) or fortran:
                     raise XLabError(f"shard {p} is {dtype}{list(shape)}, manifest says "
                                     f"{self.dtype}[{sh['rows']}, {self.row_len}]; {fix}")
