@@ -201,3 +201,75 @@ def test_export_folder_with_broken_json_is_a_one_line_error(tmp_path, trained):
             (out / name).write_bytes(good[name])
     m, _, _ = load_model(out)
     assert not m.training
+
+
+def _store_copy(store_path, dst, edit_manifest=None):
+    import shutil
+
+    shutil.copytree(store_path, dst)
+    if edit_manifest is not None:
+        man = json.loads((dst / "manifest.json").read_text())
+        edit_manifest(man)
+        (dst / "manifest.json").write_text(json.dumps(man))
+    return dst
+
+
+def test_evaluate_refuses_empty_splits_and_bad_options(tmp_path, trained, cli):
+    store_path, last, _ = trained
+
+    def add_empty_test(man):
+        man["splits"]["test"] = {"rows": 0, "articles": 0, "real_tokens": 0, "target_tokens": 0,
+                                 "text_bytes": 0, "text_chars": 0, "shards": []}
+
+    store = _store_copy(store_path, tmp_path / "s", add_empty_test)
+    with pytest.raises(XLabError, match="split test of .* has no rows"):
+        evaluate_run(last, split="test", shards_dir=store, json_out=tmp_path / "m.json")
+    assert not (tmp_path / "m.json").exists()
+    with pytest.raises(XLabError, match="'nope' not in shard store .*has train, val"):
+        evaluate_run(last, split="nope", shards_dir=store)
+    for n in (0, -3):
+        with pytest.raises(XLabError, match="--max-batches must be >= 1"):
+            evaluate_run(last, split="val", shards_dir=store, max_batches=n)
+    with pytest.raises(XLabError, match="is a folder"):
+        evaluate_run(last, split="val", shards_dir=store, json_out=tmp_path)
+    r = cli(["evaluate", last, "--split", "test", "--shards", store, "--json", tmp_path / "m.json"],
+            cwd=tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: split test") and "Traceback" not in r.stderr, r.stderr
+    r = cli(["evaluate", last, "--json", tmp_path], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "is a folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_evaluate_a_split_smaller_than_one_batch(tmp_path, trained):
+    store_path, last, _ = trained
+    store = ShardStore(store_path)
+    assert store.rows("val") > 4  # batch_size 4 in the fixture: one batch of the split's first rows
+    m = evaluate_run(last, split="val", max_batches=1)
+    rows = store.read_rows("val", np.arange(4))
+    assert m["tokens"] == int((rows[:, 1:] != store.pad_id).sum()) and not m["complete"]
+
+    def only_three_rows(man):
+        sh = man["splits"]["val"]["shards"][0]
+        man["splits"]["val"]["rows"] = sh["rows"] = 3
+
+    small = _store_copy(store_path, tmp_path / "small", only_three_rows)
+    np.save(small / "val" / "000000.npy", store.read_rows("val", np.arange(3)))
+    m3 = evaluate_run(last, split="val", shards_dir=small)
+    assert m3["complete"] and m3["batches"] == 1
+    assert m3["tokens"] == int((store.read_rows("val", np.arange(3))[:, 1:] != store.pad_id).sum())
+    assert math.isfinite(m3["loss"])
+
+
+def test_evaluate_refuses_damaged_stores(tmp_path, trained):
+    store_path, last, _ = trained
+    store = ShardStore(store_path)
+    rows = store.read_rows("val", np.arange(store.rows("val")))
+    wide = _store_copy(store_path, tmp_path / "wide")
+    np.save(wide / "val" / "000000.npy", rows.astype(np.int64))  # what train refuses, evaluate refuses
+    with pytest.raises(XLabError, match="int64"):
+        evaluate_run(last, split="val", shards_dir=wide)
+    bad = _store_copy(store_path, tmp_path / "bad")
+    rows = rows.copy()
+    rows[1, 3] = store.vocab_size + 7  # fits uint16, but no embedding row
+    np.save(bad / "val" / "000000.npy", rows)
+    with pytest.raises(XLabError, match="xlab data validate"):
+        evaluate_run(last, split="val", shards_dir=bad)

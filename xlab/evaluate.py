@@ -22,12 +22,17 @@ IGNORE_INDEX = -100
 
 
 def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                  max_batches: Optional[int] = None, device: Any = "cpu") -> Iterator[tuple[Any, Any]]:
+                  max_batches: Optional[int] = None, device: Any = "cpu",
+                  vocab_size: Optional[int] = None) -> Iterator[tuple[Any, Any]]:
     """Every row of ``split`` in store order, as ``(inputs, targets)`` int64 tensors ``(b, seq_len)``.
 
     Unlike the training loader the last, incomplete batch is kept, so a whole-split evaluation sees
     every target. Batch ``k`` (of ``ceil(rows / batch_size)``, or the first ``max_batches``) goes to
     rank ``k % world_size``. Targets at pad positions are :data:`IGNORE_INDEX`.
+
+    Raises:
+        XLabError: a row holds a token id ``>= vocab_size`` (default the store's), which the model's
+            embedding cannot look up: the store is damaged (``xlab data validate`` finds where).
     """
     import numpy as np
     import torch
@@ -39,6 +44,11 @@ def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, wor
     for k in range(rank, n_batches, world_size):
         idx = np.arange(k * batch_size, min(n, (k + 1) * batch_size), dtype=np.int64)
         rows = store.read_rows(split, idx).astype(np.int64)
+        limit = store.vocab_size if vocab_size is None else vocab_size
+        if rows.size and (int(rows.max()) >= limit or int(rows.min()) < 0):
+            raise XLabError(f"split {split} of shard store {store.path} holds token ids outside 0..{limit - 1} "
+                            f"(rows {idx[0]}..{idx[-1]}); the store is damaged: run `xlab data validate`, "
+                            "then `xlab data encode --force`")
         tgt = rows[:, 1:]
         targets = np.where(tgt == store.pad_id, IGNORE_INDEX, tgt)
         yield (torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(targets).to(device))
@@ -139,21 +149,43 @@ def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[
     from xlab.io import atomic_write_json
     from xlab.shards import ShardStore
 
+    if max_batches is not None and max_batches < 1:
+        raise XLabError(f"--max-batches must be >= 1, got {max_batches}")
+    if json_out is not None:
+        json_out = Path(json_out)
+        if json_out.is_dir():
+            raise XLabError(f"--json {json_out} is a folder; give a file path such as {json_out / 'metrics.json'}")
+        if not json_out.parent.is_dir():
+            raise XLabError(f"--json {json_out}: folder {json_out.parent} does not exist")
     dev = resolve_device(device)
-    model, cfg, _tok, meta = load_model_meta(checkpoint, dev)
+    model, cfg, tok, meta = load_model_meta(checkpoint, dev)
     if shards_dir is None:
         shards_dir = meta.get("shards") or stage_paths(cfg).shards
     store = ShardStore(shards_dir)
     if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
         raise XLabError(f"shard store {store.path} was encoded with another tokenizer than the model's; "
                         "pass the --shards the model was trained on")
-    info = store.split_info(split)
+    info = store.split_info(split)  # an unknown split: XLabError listing the store's splits
+    # The checks the trainer runs (shard files present with the manifest's shape and dtype, the tokenizer
+    # matching), so that a damaged store is refused here as it is there.
+    store.check(tok)
+    if int(model.cfg.vocab_size) < store.vocab_size:
+        raise XLabError(f"shard store {store.path} has a vocabulary of {store.vocab_size}, the model only "
+                        f"{model.cfg.vocab_size}; pass the --shards the model was trained on")
+    n_rows = store.rows(split)
+    if n_rows == 0:
+        raise XLabError(f"split {split} of {store.path} has no rows, nothing to evaluate; choose another "
+                        f"--split (the store has {', '.join(s for s in store.splits if store.rows(s) > 0)}) "
+                        "or encode more data")
     batch_size = int(cfg.train.batch_size)
-    total_batches = math.ceil(store.rows(split) / batch_size)
+    total_batches = math.ceil(n_rows / batch_size)  # the last batch may be partial: every row counts
     n_batches = total_batches if max_batches is None else min(total_batches, max_batches)
-    sums = evaluate(model, split_batches(store, split, batch_size, max_batches=max_batches, device=dev),
+    sums = evaluate(model, split_batches(store, split, batch_size, max_batches=max_batches, device=dev,
+                                         vocab_size=int(model.cfg.vocab_size)),
                     chunk_tokens=int(cfg.train.loss_chunk_tokens),
                     autocast=autocast_factory(cfg.train.precision, dev))
+    if sums["count"] == 0:
+        raise XLabError(f"split {split} of {store.path} has no target tokens (only padding); nothing to evaluate")
     m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
     m.update({"split": split, "checkpoint": str(checkpoint), "step": meta.get("step"), "batches": n_batches,
               "complete": n_batches == total_batches, "shards": str(store.path)})
