@@ -274,3 +274,21 @@ def test_cli_ctrl_c_saves_and_exits_130(store, tmp_path):
     assert "stopped at step" in out
     c = load_checkpoint(tmp_path / "demo" / "checkpoints" / "last.pt")
     assert c["step"] >= 1 and c["loader"]["position"] == c["step"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_id_outside_the_vocabulary_is_a_one_line_error(store, tmp_path, split):
+    import shutil
+
+    import numpy as np
+
+    from xlab.shards import ShardStore
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store, bad)
+    s = ShardStore(store)
+    rows = s.read_rows(split, np.arange(s.rows(split))).copy()
+    rows[:, 2] = s.vocab_size + 5  # fits the uint16 dtype, so the cheap store check passes
+    np.save(bad / split / "000000.npy", rows)
+    with pytest.raises(XLabError, match="xlab data validate"):
+        train(make_cfg(tmp_path / "runs", "train.max_steps=3", "train.eval_every=1"), shards_dir=bad)

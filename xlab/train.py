@@ -429,7 +429,15 @@ class _Trainer:
             sync = self.ddp is None or i == len(micro) - 1
             with (nullcontext() if sync else self.ddp.no_sync()):
                 with (self.autocast() if self.autocast else nullcontext()):
-                    ls, c, _ = self.loss_module(x, y)
+                    try:
+                        ls, c, _ = self.loss_module(x, y)
+                    except IndexError as e:  # the embedding's lookup of an id >= vocab_size (on CPU)
+                        if "out of range" not in str(e):
+                            raise
+                        raise XLabError(f"a training batch of shard store {self.store.path} holds a token id "
+                                        f"outside the vocabulary ({self.store.vocab_size}); the store is "
+                                        "damaged: run `xlab data validate`, then `xlab data encode --force`"
+                                        ) from None
                 (ls * scale).backward()
             loss_sum += ls.detach().double()
             correct += c.double()
@@ -467,7 +475,8 @@ class _Trainer:
             return None
         t = self.cfg.train
         batches = split_batches(self.store, "val", t.batch_size, rank=self.info.rank,
-                                world_size=self.info.world_size, max_batches=t.eval_batches, device=self.device)
+                                world_size=self.info.world_size, max_batches=t.eval_batches, device=self.device,
+                                vocab_size=int(self.cfg.model.vocab_size))
         s = evaluate(self.raw_model, batches, chunk_tokens=int(t.loss_chunk_tokens), autocast=self.autocast)
         v = torch.tensor([s["loss_sum"], s["correct"], s["count"]], dtype=torch.float64, device=self.device)
         all_reduce_sum(v)
