@@ -256,7 +256,10 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
     tok_path = paths.tokenizer
     if not tok_path.is_file():
         raise XLabError(f"tokenizer not found ({tok_path}); run `xlab tokenizer train` first")
-    tok = tokenizer_loader(str(tok_path))
+    try:
+        tok = tokenizer_loader(str(tok_path))
+    except ValueError as e:  # an empty, foreign or damaged .model file
+        raise XLabError(f"{tok_path} is not a usable XLab tokenizer ({e}); run `xlab tokenizer train --force`") from None
     out = paths.shards
     job = _job(cfg, tok, split_files, tok_path)
     mpath = out / "manifest.json"

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from pipelines.stage import console
 from xlab.config import stage_paths
+from xlab.errors import XLabError
 
 SAMPLE_ROWS = 4096  # rows drawn (seeded) for the byte-fallback measurement
 SAMPLE_SEED = 0
@@ -180,7 +181,11 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
     if tok_path is not None:
         from xlab.tokenizer import Tokenizer
 
-        tok = Tokenizer.load(tok_path)
+        try:
+            tok = Tokenizer.load(tok_path)
+        except ValueError as e:  # an empty, foreign or damaged .model file
+            raise XLabError(f"{tok_path} is not a usable XLab tokenizer ({e}); rebuild it with "
+                            f"`xlab tokenizer train --force` and `xlab data encode --force`") from None
         vocab = vocab_stats(tok, store, "train" if "train" in store.splits else store.splits[0])
         v = Table(title=f"vocabulary ({tok_path})")
         for c in ("pieces", "special", "bytes", "single chars", "learned", "byte fallback"):

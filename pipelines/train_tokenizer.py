@@ -184,9 +184,12 @@ def show(cfg: Any, text: str, tokenizer_path: Path | None = None) -> dict:
         raise XLabError(f"tokenizer not found ({path}); run `xlab tokenizer train` first")
     try:
         tok = Tokenizer.load(path)
+    except ValueError as e:  # an empty, foreign or damaged .model file
+        raise XLabError(f"{path} is not a usable XLab tokenizer ({e}); run `xlab tokenizer train --force`") from None
+    try:
         ids = tok.encode(text)
     except ValueError as e:
-        raise XLabError(f"{path}: {e}") from None
+        raise XLabError(f"cannot encode the text: {e}") from None
     pieces = [tok.id_to_piece(i) for i in ids]
     table = Table(title=f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes", caption=str(path),
                   title_justify="left", caption_justify="left")

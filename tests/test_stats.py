@@ -114,3 +114,17 @@ def test_damaged_shard_is_one_clear_error(encoded, tmp_path):
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(XLabError, match=r"val/000000\.npy.*xlab data validate"):
         stats.run(cfg, shards_dir=copy)
+
+
+def test_damaged_tokenizer_is_one_clear_error(encoded, tmp_path):
+    import shutil
+
+    from pipelines import stats
+    from xlab.errors import XLabError
+
+    cfg, _, _, store = encoded
+    copy = tmp_path / "wiki"
+    shutil.copytree(store.path, copy)
+    (copy / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(XLabError, match="not a usable XLab tokenizer.*xlab tokenizer train --force"):
+        stats.run(cfg, shards_dir=copy)

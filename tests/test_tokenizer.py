@@ -415,3 +415,30 @@ def test_stage_names_an_empty_train_split(tmp_path):
     with pytest.raises(XLabError, match="has no text") as e:
         train_tokenizer.run(_cfg(tmp_path))
     assert "vocab_size=N" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "proto"])
+def test_anything_but_an_xlab_model_is_a_value_error(tok, damage):
+    import numpy as np
+
+    good = tok.to_bytes()
+    data = {"empty": b"", "random": np.random.default_rng(0).bytes(3000), "truncated": good[: len(good) // 2],
+            "proto": b"\n\x03abc"}[damage]
+    with pytest.raises(ValueError, match="not a SentencePiece model|not an XLab tokenizer"):
+        Tokenizer.from_bytes(data)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x8f\x01random bytes \xff\xfe" * 50])
+def test_cli_bad_model_is_one_line(tmp_path, cli, content):
+    model = tmp_path / "tokenizers" / "wiki.model"
+    model.parent.mkdir()
+    model.write_bytes(content)
+    _write_split(tmp_path / "data" / "splits" / "wiki" / "train.parquet", ["a b"])
+    for s in ("val", "test", "predict"):
+        _write_split(tmp_path / "data" / "splits" / "wiki" / f"{s}.parquet", ["a b"])
+    o = ["-o", f"paths.data_dir={tmp_path}/data", "-o", f"paths.tokenizer_dir={tmp_path}/tokenizers",
+         "-o", f"paths.shards_dir={tmp_path}/shards"]
+    for args in (["tokenizer", "show", "Hello"], ["data", "encode"]):
+        r = cli([*args, *o], cwd=tmp_path, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr and "xlab tokenizer train --force" in r.stderr

@@ -175,6 +175,23 @@ def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (SentencePiece appends log text)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _quiet_sentencepiece(spm) -> None:
+    """Keep SentencePiece's C++ log lines (absl INFO/WARNING) off stderr; its errors reach Python
+    as exceptions anyway."""
+    setter = getattr(spm, "set_min_log_level", None)
+    if setter is not None:
+        try:
+            setter(2)
+        except Exception:  # pragma: no cover - older builds
+            pass
+
+
 class Tokenizer:
     """A reversible SentencePiece BPE tokenizer (see the module docstring for the codec).
 
@@ -187,11 +204,24 @@ class Tokenizer:
         import sentencepiece as spm
 
         self._bytes = bytes(model_bytes)
+        if not self._bytes:  # SentencePiece would keep an uninitialized model and log on every call
+            raise ValueError("not a SentencePiece model: the model is empty (0 bytes)")
+        _quiet_sentencepiece(spm)
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._bytes)
         except Exception as e:  # SentencePiece raises RuntimeError/OSError on a bad proto
-            raise ValueError(f"not a SentencePiece model: {e}") from None
+            raise ValueError(f"not a SentencePiece model: {_first_line(e)}") from None
+        try:
+            self._setup()
+        except ValueError:
+            raise
+        except Exception as e:  # a proto that parses but is no usable model (IndexError, RuntimeError, ...)
+            raise ValueError(f"not an XLab tokenizer model: {type(e).__name__}: {_first_line(e)}") from None
+
+    def _setup(self) -> None:
         sp = self._sp
+        if sp.get_piece_size() == 0:
+            raise ValueError("not an XLab tokenizer model: it has no pieces")
         self.vocab_size: int = sp.get_piece_size()
         self.unk_id: int = sp.unk_id()
         self.sos_id: int = sp.bos_id()
@@ -320,13 +350,15 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load a ``.model`` file. Raises FileNotFoundError, or ValueError for a model that is not
-        an XLab tokenizer (one that would not round-trip text)."""
+        """Load a ``.model`` file. Raises FileNotFoundError, or ValueError for anything that is not
+        an XLab SentencePiece model: an empty or foreign file, a damaged model, or a model that
+        would not round-trip text."""
         return cls(Path(path).read_bytes())
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes) -> "Tokenizer":
-        """A tokenizer from the bytes of a ``.model`` file (e.g. stored in a checkpoint)."""
+        """A tokenizer from the bytes of a ``.model`` file (e.g. stored in a checkpoint); raises
+        ValueError as :meth:`load` does."""
         return cls(model_bytes)
 
     def to_bytes(self) -> bytes:
