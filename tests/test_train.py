@@ -292,3 +292,12 @@ def test_token_id_outside_the_vocabulary_is_a_one_line_error(store, tmp_path, sp
     np.save(bad / split / "000000.npy", rows)
     with pytest.raises(XLabError, match="xlab data validate"):
         train(make_cfg(tmp_path / "runs", "train.max_steps=3", "train.eval_every=1"), shards_dir=bad)
+
+
+def test_resume_refuses_a_changed_model(store, tmp_path):
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100")
+    train(cfg, shards_dir=store)
+    with pytest.raises(XLabError, match=r"model settings cannot change on --resume: d_model 32 \(checkpoint\) vs 64"):
+        train(make_cfg(tmp_path / "runs", "train.max_steps=3", "model.d_model=64"), shards_dir=store, resume=True)
+    rest = train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
+    assert rest["steps"] == 3

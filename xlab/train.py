@@ -241,9 +241,17 @@ class _Trainer:
         cfg = from_dict(to_dict(cfg))
         cfg.model.vocab_size = self.store.vocab_size
         cfg.model.max_len = self.store.seq_len
-        if self.ckpt is not None:  # the architecture is the checkpoint's, whatever the command line says
+        if self.ckpt is not None:  # the architecture is the checkpoint's: it cannot change mid-run
             d = to_dict(cfg)
-            d["model"] = dict(self.ckpt["config"]["model"])
+            saved = dict(self.ckpt["config"]["model"])
+            asked = d["model"]
+            differ = sorted(k for k in set(saved) | set(asked)
+                            if k not in ("vocab_size", "max_len") and saved.get(k) != asked.get(k))
+            if differ:
+                what = ", ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {asked.get(k)!r} (asked)" for k in differ)
+                raise XLabError(f"model settings cannot change on --resume: {what}; resume with the run's "
+                                f"settings ({self.run_dir / 'config.yaml'}) or start a new run with --run-name")
+            d["model"] = saved
             cfg = from_dict(d)
         self.cfg = cfg
         t = cfg.train
