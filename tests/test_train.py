@@ -294,6 +294,19 @@ def test_token_id_outside_the_vocabulary_is_a_one_line_error(store, tmp_path, sp
         train(make_cfg(tmp_path / "runs", "train.max_steps=3", "train.eval_every=1"), shards_dir=bad)
 
 
+def test_resume_logs_the_same_train_loss_between_log_steps(tmp_path):
+    # log_every 3 and a stop at step 4: the log line of step 6 sums steps 4 (before the stop) to 6.
+    store = make_store(tmp_path, n_train=5)
+    extra = ("train.max_steps=9", "train.log_every=3", "train.eval_every=100", "train.checkpoint_every=100")
+    train(make_cfg(tmp_path / "one", *extra), shards_dir=store)
+    cfg = make_cfg(tmp_path / "two", *extra)
+    train(cfg, shards_dir=store, stop_after=4)
+    train(cfg, shards_dir=store, resume=True)
+    a, b = read_metrics(tmp_path / "one" / "t"), read_metrics(tmp_path / "two" / "t")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [3, 6, 9]
+    assert [(r["loss"], r["accuracy"]) for r in a] == [(r["loss"], r["accuracy"]) for r in b]
+
+
 def test_resume_refuses_a_changed_model(store, tmp_path):
     cfg = make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100")
     train(cfg, shards_dir=store)

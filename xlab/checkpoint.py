@@ -16,6 +16,8 @@ and a checkpoint from elsewhere cannot run code on load:
 ``shards``            the path of the shard store trained on
 ``best``              the best checkpoints kept so far: ``[{"loss", "step", "file"}]``
 ``rank_rng``          under DDP, every rank's torch random state ``[{"torch", "cuda"?}]`` (else empty)
+``log_window``        the train-loss sums since the last log line ``{"loss_sum", "correct", "count", "steps",
+                      "seconds"}``, so a resumed run logs what an uninterrupted one logs
 
 An export folder (``xlab export``) holds ``model.safetensors`` (weights only), ``config.json`` and
 ``config.yaml`` (the configuration), ``tokenizer.model`` and ``meta.json`` (step, store path,

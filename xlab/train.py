@@ -100,6 +100,11 @@ def _make_loss_module(model: Any, chunk_tokens: int):
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _empty_window() -> dict:
+    """Sums of the train steps since the last log line (loss in nats, targets, seconds)."""
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "seconds": 0.0}
+
+
 def _jsonl_truncate(path: Path, max_step: int) -> None:
     """Keep only the records of ``metrics.jsonl`` up to ``max_step`` (a resumed run rewrites the rest)."""
     from xlab.io import atomic_write_text
@@ -280,6 +285,9 @@ class _Trainer:
                             f"{t.grad_accum}; lower train.batch_size or train.grad_accum, or encode more data")
         self.step = 0
         self.best: list[dict] = []
+        # Sums over the steps since the last train log line; saved in checkpoints so that a resumed
+        # run logs the same train loss and accuracy as an uninterrupted one.
+        self.win = _empty_window()
         # Dropout differs per rank (different data, different masks), from a seed that resume restores.
         torch.manual_seed(t.seed + 1000003 * info.rank)
         random.seed(t.seed + info.rank)
@@ -351,6 +359,7 @@ class _Trainer:
             "shards": str(self.store.path),
             "best": list(self.best),
             "rank_rng": rank_rng or [],
+            "log_window": {k: (int(v) if k == "steps" else float(v)) for k, v in self.win.items()},
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -361,6 +370,9 @@ class _Trainer:
         self.step = int(ckpt["step"])
         self.loader.load_state_dict(ckpt["loader"])
         self.best = [dict(b) for b in ckpt.get("best", [])]
+        saved_win = ckpt.get("log_window")
+        if isinstance(saved_win, dict) and set(saved_win) == set(self.win):
+            self.win = {k: (int(v) if k == "steps" else float(v)) for k, v in saved_win.items()}
         import torch
 
         if self.info.rank == 0:
@@ -540,7 +552,7 @@ class _Trainer:
         last_train_loss = float("nan")
         last_ckpt: Optional[Path] = None
         interrupted = sigint = False
-        win = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "seconds": 0.0}
+        win = self.win
         t_start = time.perf_counter()
         start_step = self.step
         last_mfu = None
@@ -591,7 +603,7 @@ class _Trainer:
                                 f"step {self.step:>6} | loss {last_train_loss:.4f} | acc {acc:.3f} | "
                                 f"lr {r['lr']:.2e} | gnorm {r['grad_norm']:.2f} | {tps:,.0f} tok/s | "
                                 f"mfu {_fmt(last_mfu and 100 * last_mfu, '.1f')}%", soft_wrap=True)
-                        win = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "seconds": 0.0}
+                        win = self.win = _empty_window()
                     at_end = self.step == self.total_steps
                     stop = r["stop"] or (stop_after is not None and self.step >= stop_after)
                     evaluated = False
