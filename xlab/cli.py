@@ -180,7 +180,7 @@ def train(
 @app.command("evaluate")
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
-    split: Annotated[str, typer.Option(help="val | test")] = "val",
+    split: Annotated[str, typer.Option(help="A split of the store: val | test | train | predict.")] = "val",
     shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: the one the model was trained on).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
@@ -208,7 +208,7 @@ def export(
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
     prompt: Annotated[str, typer.Argument(help="Prompt text.")] = "",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (no cap: the time grows linearly with it, one model step per token).")] = 100,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most probable tokens (0: off).")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
