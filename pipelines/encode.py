@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import xlab
-from pipelines.stage import console, is_up_to_date, read_manifest, skipped
+from pipelines.stage import console, is_up_to_date, parquet_file, read_manifest, reading_parquet, skipped
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -45,6 +45,7 @@ WORK = ".work"
 SUB_BATCH = 256  # articles tokenized at a time inside a unit (bounds the Python token lists)
 READ_BATCH = 1024  # parquet rows per streamed record batch
 MAX_ERRORS_KEPT = 1000  # rejected articles listed in the manifest per split (all are counted)
+SPLIT_FIX = "xlab data split --force"
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -171,14 +172,12 @@ def _split_files(cfg) -> dict[str, Path]:
 
 def _job(cfg, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
     """Everything that determines the store's bytes: parameters, input hashes, unit counts."""
-    import pyarrow.parquet as pq
-
     from xlab.shards import FORMAT_VERSION, token_dtype
 
     a = int(cfg.shards.articles_per_shard)
     units, articles = {}, {}
     for s, p in split_files.items():
-        n = pq.ParquetFile(p).metadata.num_rows
+        n = parquet_file(p, SPLIT_FIX).metadata.num_rows
         articles[s] = n
         units[s] = math.ceil(n / a)
     params = {"seq_len": int(cfg.shards.seq_len), "articles_per_shard": a, "format_version": FORMAT_VERSION}
@@ -195,12 +194,12 @@ def _done(out: Path, split: str, unit: int) -> bool:
 
 def _iter_units(path: Path, split: str, wanted: set[int], articles_per_unit: int) -> Iterator[tuple]:
     """Stream ``(split, unit, ids, texts)`` for the units in ``wanted``, in parquet order."""
-    import pyarrow.parquet as pq
+    pf = parquet_file(path, SPLIT_FIX)
+    with reading_parquet(path, SPLIT_FIX):
+        yield from _units_of(pf, split, wanted, articles_per_unit)
 
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
-    if not {"id", "text"} <= names:
-        raise XLabError(f"{path} lacks the id/text columns (has {sorted(names)}); run `xlab data split --force`")
+
+def _units_of(pf, split: str, wanted: set[int], articles_per_unit: int) -> Iterator[tuple]:
     ids: list = []
     texts: list = []
     unit = 0

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.stage import console, is_up_to_date, require_manifest, skipped, write_manifest
+from pipelines.stage import (console, is_up_to_date, parquet_file, reading_parquet, require_manifest, skipped,
+                             write_manifest)
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.io import atomic_dir, read_json, sha256_file
@@ -120,11 +121,10 @@ def run(cfg: Any, force: bool = False) -> dict:
         return {"skipped": True, "path": str(out_dir), "counts": read_json(manifest_path)["counts"], "seconds": 0.0}
 
     t0 = time.perf_counter()
-    try:
-        pf = pq.ParquetFile(raw)
+    fix = "xlab data download --force"
+    pf = parquet_file(raw, fix)
+    with reading_parquet(raw, fix):
         ids = pf.read(columns=["id"]).column("id").to_pylist()
-    except Exception as e:  # pyarrow's errors for a damaged or foreign file
-        raise XLabError(f"cannot read {raw} ({type(e).__name__}); run `xlab data download --force`") from None
     if not ids:  # checked before anything is written: the earlier splits stay
         raise XLabError(f"{raw} holds no articles; rerun `xlab data download --force` with a source that has some")
     if len(set(ids)) != len(ids):
@@ -132,7 +132,7 @@ def run(cfg: Any, force: bool = False) -> dict:
     labels = assign_splits(ids, params["seed"], fractions)
     counts = {s: int(np.count_nonzero(labels == k)) for k, s in enumerate(SPLITS)}
     chars = {s: 0 for s in SPLITS}
-    with atomic_dir(out_dir) as tmp, _progress() as progress:
+    with atomic_dir(out_dir) as tmp, _progress() as progress, reading_parquet(raw, fix):
         task = progress.add_task("splitting", total=len(ids))
         writers = [pq.ParquetWriter(tmp / f"{s}.parquet", pf.schema_arrow) for s in SPLITS]
         try:

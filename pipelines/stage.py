@@ -7,10 +7,11 @@ the XLab version. A stage is skipped when its manifest holds the same parameters
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 from rich.console import Console
 
@@ -27,6 +28,54 @@ def read_manifest(path: Path) -> dict | None:
         return read_json(path)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+
+
+def parquet_file(path: Path, fix: str, columns: Sequence[str] = ("id", "text")):
+    """``pyarrow.parquet.ParquetFile(path)`` with its schema checked.
+
+    Args:
+        path: an articles parquet file (raw articles or a split).
+        fix: the command that rewrites the file, named in the error.
+        columns: columns that must exist; ``text`` must also hold strings.
+
+    Raises:
+        XLabError: the file is not a readable parquet file (empty, truncated, foreign bytes), lacks
+            a column, or its ``text`` column is not strings. The message names ``path`` and ``fix``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise XLabError(f"{path} is not a readable parquet file ({_first_line(e)}); run `{fix}`") from None
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise XLabError(f"{path} lacks the column(s) {', '.join(missing)} (has {', '.join(schema.names)}); "
+                        f"run `{fix}`")
+    if "text" in columns:
+        t = schema.field("text").type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise XLabError(f"{path}: column text holds {t}, not strings; run `{fix}`")
+    return pf
+
+
+@contextlib.contextmanager
+def reading_parquet(path: Path, fix: str) -> Iterator[None]:
+    """Turn pyarrow's errors while reading ``path`` (a damaged data page) into :class:`XLabError`
+    naming the file and the command ``fix``."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        raise XLabError(f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); run `{fix}`") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def require_manifest(path: Path, what: str, fix: str) -> dict:

@@ -12,29 +12,27 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipelines.stage import console, is_up_to_date, read_manifest, skipped, write_manifest
+from pipelines.stage import console, is_up_to_date, parquet_file, read_manifest, reading_parquet, skipped, write_manifest
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.io import sha256_file
 
 STAGE = "tokenizer"
+SPLIT_FIX = "xlab data split --force"
 _BATCH_ROWS = 1024
 
 
 def iter_texts(parquet_path: Path, batch_rows: int = _BATCH_ROWS) -> Iterator[str]:
     """The ``text`` column of a split, streamed in record batches (bounded memory)."""
-    import pyarrow.parquet as pq
-
-    f = pq.ParquetFile(parquet_path)
-    for batch in f.iter_batches(batch_size=batch_rows, columns=["text"]):
-        yield from batch.column(0).to_pylist()
+    f = parquet_file(parquet_path, SPLIT_FIX, columns=("text",))
+    with reading_parquet(parquet_path, SPLIT_FIX):
+        for batch in f.iter_batches(batch_size=batch_rows, columns=["text"]):
+            yield from batch.column(0).to_pylist()
 
 
 def _num_rows(parquet_path: Path) -> int:
-    """Rows of a split file, from its footer."""
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(parquet_path).metadata.num_rows
+    """Rows of a split file, from its footer (XLabError for a damaged file)."""
+    return parquet_file(parquet_path, SPLIT_FIX, columns=("text",)).metadata.num_rows
 
 
 def bytes_per_token(tok: Any, parquet_path: Path, batch_rows: int = _BATCH_ROWS) -> dict:

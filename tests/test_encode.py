@@ -364,3 +364,21 @@ def test_validate_lists_damaged_npy_files(tmp_path, cli):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert "val/000000.npy: not a readable .npy file" in r.stdout and "truncated" in r.stdout
     assert "test/000000.npy: not a readable .npy file" in r.stdout and "header" in r.stdout
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "int_text"])
+def test_damaged_split_file_is_one_clear_error(tmp_path, damage):
+    write_corpus(tmp_path, n=10)
+    cfg = config(tmp_path)
+    encode(cfg)
+    before = store_bytes(tmp_path / "shards/wiki")
+    p = tmp_path / "data/splits/wiki/val.parquet"
+    data = p.read_bytes()
+    if damage == "int_text":
+        pq.write_table(pa.table({"id": ["a"], "url": ["u"], "title": ["t"], "text": [7]}), p)
+    else:
+        p.write_bytes({"empty": b"", "random": np.random.default_rng(0).bytes(5000),
+                       "truncated": data[: len(data) // 2]}[damage])
+    with pytest.raises(XLabError, match=r"val\.parquet.*xlab data split --force"):
+        encode(cfg)
+    assert store_bytes(tmp_path / "shards/wiki") == before  # the earlier store is untouched

@@ -148,3 +148,19 @@ def test_no_articles_is_refused_and_keeps_the_earlier_splits(tmp_path):
     with pytest.raises(XLabError, match="holds no articles.*xlab data download"):
         split.run(make_cfg(tmp_path))
     assert read_splits(tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["empty", "random", "truncated", "int_text"])
+def test_damaged_raw_file_is_one_clear_error(tmp_path, damage):
+    write_raw(tmp_path, 20)
+    split.run(make_cfg(tmp_path))
+    before = read_splits(tmp_path)
+    p = tmp_path / "data/raw/wiki/articles.parquet"
+    data = p.read_bytes()
+    if damage == "int_text":
+        pq.write_table(pa.table({"id": ["a", "b"], "url": ["u", "v"], "title": ["t", "s"], "text": [1, 2]}), p)
+    else:
+        p.write_bytes({"empty": b"", "random": os.urandom(5000), "truncated": data[: len(data) // 2]}[damage])
+    with pytest.raises(XLabError, match=r"articles\.parquet.*xlab data download --force"):
+        split.run(make_cfg(tmp_path))
+    assert read_splits(tmp_path) == before

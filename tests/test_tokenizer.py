@@ -353,8 +353,8 @@ def _write_split(path: Path, texts: list[str]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(texts)
-    pq.write_table(pa.table({"id": [str(i) for i in range(n)], "url": [""] * n, "title": [""] * n, "text": texts}),
-                   path)
+    pq.write_table(pa.table({"id": [str(i) for i in range(n)], "url": [""] * n, "title": [""] * n, "text": texts},
+                            schema=pa.schema([(c, pa.string()) for c in ("id", "url", "title", "text")])), path)
 
 
 def test_stage_train_skip_force_and_show(tmp_path, corpus, capsys):
@@ -442,3 +442,13 @@ def test_cli_bad_model_is_one_line(tmp_path, cli, content):
         r = cli([*args, *o], cwd=tmp_path, check=False)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "Traceback" not in r.stderr and "xlab tokenizer train --force" in r.stderr
+
+
+def test_stage_names_a_damaged_train_split(tmp_path):
+    from pipelines import train_tokenizer
+
+    path = tmp_path / "data" / "splits" / "wiki" / "train.parquet"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(XLabError, match=r"train\.parquet.*xlab data split --force"):
+        train_tokenizer.run(_cfg(tmp_path))
