@@ -314,3 +314,20 @@ def test_resume_refuses_a_changed_model(store, tmp_path):
         train(make_cfg(tmp_path / "runs", "train.max_steps=3", "model.d_model=64"), shards_dir=store, resume=True)
     rest = train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
     assert rest["steps"] == 3
+
+
+def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(store, tmp_path):
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100")
+    train(cfg, shards_dir=store)
+    last = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    ck = torch.load(last, weights_only=True)
+    for key in ("optimizer", "loader", "rng"):
+        torch.save({k: v for k, v in ck.items() if k != key}, last)
+        with pytest.raises(XLabError, match="cannot resume from .*KeyError"):
+            train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
+    last.write_bytes(b"hello\n")
+    with pytest.raises(XLabError, match="cannot read checkpoint"):
+        train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
+    last.write_bytes(good)
+    assert train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)["steps"] == 3

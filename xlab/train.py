@@ -293,7 +293,15 @@ class _Trainer:
         random.seed(t.seed + info.rank)
         np.random.seed((t.seed + info.rank) % 2**32)
         if self.ckpt is not None:
-            self._restore(self.ckpt)
+            try:
+                self._restore(self.ckpt)
+            except XLabError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a checkpoint missing or mangling optimizer/loader/rng state
+                text = str(e).strip()
+                raise XLabError(f"cannot resume from {self.ckpt_dir / 'last.pt'}: its training state is incomplete "
+                                f"or damaged ({type(e).__name__}: {text.splitlines()[0][:200] if text else ''})"
+                                ) from None
 
         loss_module = _make_loss_module(self.model, int(t.loss_chunk_tokens))
         self.ddp = None
