@@ -273,3 +273,22 @@ def test_evaluate_refuses_damaged_stores(tmp_path, trained):
     np.save(bad / "val" / "000000.npy", rows)
     with pytest.raises(XLabError, match="xlab data validate"):
         evaluate_run(last, split="val", shards_dir=bad)
+
+
+def test_checkpoint_with_a_setting_this_xlab_no_longer_has_still_loads(tmp_path, trained):
+    _, last, _ = trained
+    ck = torch.load(last, weights_only=True)
+    cfg = dict(ck["config"])
+    cfg["shards"] = {**cfg["shards"], "rows_per_shard": 4096}  # dropped from the schema since
+    old = _ck_variant(tmp_path, last, "old.pt", config=cfg)
+    m, c, _ = load_model(old)
+    ref, _, _ = load_model(last)
+    assert c == load_model(last)[1]
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.equal(m(ids), ref(ids))
+    out = export(old, tmp_path / "exp")
+    assert "rows_per_shard" not in (out / "config.json").read_text()
+    cfg["model"] = {**cfg["model"], "new_kind_of_layer": True}  # unknown model settings are refused
+    with pytest.raises(XLabError, match="unusable configuration"):
+        load_model(_ck_variant(tmp_path, last, "future.pt", config=cfg))

@@ -202,17 +202,40 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+def _known_settings(d: dict, schema: dict, top: bool = True) -> dict:
+    """``d`` without the settings the current schema does not know, except in the ``model`` section
+    (an unknown model setting could change the architecture, so it stays and fails loudly)."""
+    out = {}
+    for k, v in d.items():
+        if k not in schema:
+            continue
+        if isinstance(v, dict) and isinstance(schema[k], dict) and not (top and k == "model"):
+            v = _known_settings(v, schema[k], top=False)
+        out[k] = v
+    return out
+
+
 def _config_and_model(cfg_dict: Any, where: Path):
-    """``(cfg, model)`` from a stored configuration dict; XLabError if it is not a usable one."""
-    from xlab.config import from_dict
+    """``(cfg, model)`` from a stored configuration dict; XLabError if it is not a usable one.
+
+    Settings that this XLab no longer has (e.g. a data option dropped since the run) are ignored
+    outside the ``model`` section, so older checkpoints still load for generate, evaluate and export.
+    """
+    from xlab.config import XLabConfig, from_dict
 
     if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model"), dict):
         raise XLabError(f"{where} holds no XLab model configuration (expected a mapping with a 'model' section)")
     try:
-        cfg = from_dict(cfg_dict)
+        try:
+            cfg = from_dict(cfg_dict)
+        except Exception:  # noqa: BLE001 - retried without the settings the schema no longer knows
+            from omegaconf import OmegaConf
+
+            schema = OmegaConf.to_container(OmegaConf.structured(XLabConfig))
+            cfg = from_dict(_known_settings(cfg_dict, schema))
         model = build_model(cfg)
     except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
-        raise XLabError(f"{where} holds an unusable model configuration: {_first_line(e)}") from None
+        raise XLabError(f"{where} holds an unusable configuration: {_first_line(e)}") from None
     return cfg, model
 
 
@@ -288,6 +311,9 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     cfg_dict = ckpt["config"]
     step = int(ckpt.get("step", 0))
     cfg, model = _config_and_model(cfg_dict, ckpt_path)
+    from xlab.config import to_dict
+
+    cfg_dict = to_dict(cfg)  # the configuration as this XLab reads it (settings it no longer has dropped)
     if out is None:
         out = Path("exports") / f"{cfg.train.run_name}-step{step}"
     out = Path(out)
