@@ -362,7 +362,10 @@ def _up_to_date(out: Path, job: dict) -> bool:
     m = read_manifest(out / "manifest.json")
     if m is None:
         return False
-    files = [out / sh["file"] for info in m.get("splits", {}).values() for sh in info.get("shards", [])]
+    try:
+        files = [out / sh["file"] for info in m.get("splits", {}).values() for sh in info.get("shards", [])]
+    except (AttributeError, KeyError, TypeError):  # a manifest of the wrong shape: redo the store
+        return False
     files.append(out / "tokenizer.model")
     return is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files)
 
@@ -442,7 +445,10 @@ def merge(cfg) -> dict:
     job = read_manifest(out / WORK / "job.json")
     if job is None:
         if (out / "manifest.json").is_file():
+            from xlab.shards import ShardStore
+
+            store = ShardStore(out)  # XLabError for a manifest that is not a store's
             skipped("merge", out / "manifest.json")
-            return read_json(out / "manifest.json")
+            return store.manifest
         raise XLabError(f"nothing to merge in {out}; run `xlab data encode --num-shards N --shard-index I` first")
     return _finalize(out, job)

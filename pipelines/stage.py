@@ -23,11 +23,13 @@ console = Console(stderr=False, highlight=False)
 
 
 def read_manifest(path: Path) -> dict | None:
-    """The manifest at ``path``, or None when it does not exist or cannot be parsed."""
+    """The manifest at ``path``, or None when it does not exist, cannot be parsed or is not a
+    JSON object (a manifest of the wrong shape counts as absent: the stage is redone)."""
     try:
-        return read_json(path)
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        m = read_json(path)
+    except (FileNotFoundError, IsADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return m if isinstance(m, dict) else None
 
 
 def parquet_file(path: Path, fix: str, columns: Sequence[str] = ("id", "text")):
@@ -82,7 +84,8 @@ def require_manifest(path: Path, what: str, fix: str) -> dict:
     """The manifest at ``path``; raise :class:`XLabError` naming the command ``fix`` when absent."""
     m = read_manifest(path)
     if m is None:
-        raise XLabError(f"{what} not found ({path}); run `{fix}` first")
+        state = "unreadable or not a manifest" if path.exists() else "not found"
+        raise XLabError(f"{what} {state} ({path}); run `{fix}` first")
     return m
 
 

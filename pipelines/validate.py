@@ -85,7 +85,7 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
     if not path.is_file():
         return [f"{name}: missing"]
     out = []
-    if sha256_file(path) != entry["sha256"]:
+    if sha256_file(path) != entry.get("sha256"):
         out.append(f"{name}: sha256 differs from the manifest (file changed or corrupt)")
     try:
         shape, dtype, fortran, _ = read_npy_header(path)
@@ -111,8 +111,8 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
         prev_last = chunk[-1]
     if prev_last is not None and not ((prev_last == store.pad_id).any() or prev_last[-1] == store.eos_id):
         found["the shard ends inside an article (last row has no <eos>)"].append(shape[0] - 1)
-    if real != int(entry["real_tokens"]):
-        out.append(f"{name}: {real} real tokens, the manifest says {entry['real_tokens']}")
+    if real != entry.get("real_tokens"):
+        out.append(f"{name}: {real} real tokens, the manifest says {entry.get('real_tokens')}")
     for kind, rows in found.items():
         listed = ", ".join(map(str, rows[:MAX_ROWS_LISTED]))
         more = f" and {len(rows) - MAX_ROWS_LISTED} more" if len(rows) > MAX_ROWS_LISTED else ""

@@ -382,3 +382,18 @@ def test_damaged_split_file_is_one_clear_error(tmp_path, damage):
     with pytest.raises(XLabError, match=r"val\.parquet.*xlab data split --force"):
         encode(cfg)
     assert store_bytes(tmp_path / "shards/wiki") == before  # the earlier store is untouched
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"splits": [1]}', '{"splits": {"train": {"shards": [3]}}}'])
+def test_store_manifest_of_the_wrong_shape(tmp_path, manifest):
+    from pipelines import encode as enc
+    from pipelines import stats, validate
+
+    write_corpus(tmp_path, n=10)
+    cfg = config(tmp_path)
+    m = encode(cfg)
+    (tmp_path / "shards/wiki/manifest.json").write_text(manifest)
+    for fn in (validate.run, stats.run, enc.merge):
+        with pytest.raises(XLabError, match="manifest"):
+            fn(cfg)
+    assert encode(cfg)["splits"] == m["splits"]  # a broken manifest is redone, not a crash

@@ -286,3 +286,12 @@ def test_damaged_npy_is_a_clear_error(tmp_path, how):
         read_npy_header(p)
     with pytest.raises(XLabError, match=r"val/000000\.npy.*xlab data validate.*xlab data encode --force"):
         ShardStore(store.path).check()
+
+
+@pytest.mark.parametrize("manifest", ["[]", "[1]", '"x"', "3", "null",
+                                      '{"format": "xlab-shards", "format_version": 1, "splits": []}'])
+def test_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, manifest):
+    store, _ = make_store(tmp_path)
+    (store.path / "manifest.json").write_text(manifest)
+    with pytest.raises(XLabError, match="xlab data encode --force"):
+        ShardStore(store.path)

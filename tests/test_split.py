@@ -164,3 +164,15 @@ def test_damaged_raw_file_is_one_clear_error(tmp_path, damage):
     with pytest.raises(XLabError, match=r"articles\.parquet.*xlab data download --force"):
         split.run(make_cfg(tmp_path))
     assert read_splits(tmp_path) == before
+
+
+@pytest.mark.parametrize("manifest", ["[1]", "[]", '"x"'])
+def test_raw_manifest_of_the_wrong_shape(tmp_path, manifest):
+    from pipelines.stage import is_up_to_date, read_manifest
+
+    write_raw(tmp_path, 10)
+    m = tmp_path / "data/raw/wiki/manifest.json"
+    m.write_text(manifest)
+    assert read_manifest(m) is None and not is_up_to_date(m, {}, {})
+    with pytest.raises(XLabError, match="not a manifest.*xlab data download"):
+        split.run(make_cfg(tmp_path))

@@ -227,6 +227,9 @@ class ShardStore:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise XLabError(f"unreadable shard manifest {mpath}: {e}; run `{ENCODE_HINT} --force`") from None
         m = self.manifest
+        if not isinstance(m, dict):
+            raise XLabError(f"{mpath} is not a shard store manifest (a JSON {type(m).__name__}, not an object); "
+                            f"run `{ENCODE_HINT} --force`")
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
             raise XLabError(f"{mpath} is not an XLab shard store of format version {FORMAT_VERSION} "
                             f"(found {m.get('format')!r} v{m.get('format_version')}); run `{ENCODE_HINT} --force`")
@@ -242,11 +245,16 @@ class ShardStore:
             self.unk_id: int = int(tok["unk_id"])
             self.tokenizer_sha256: str = str(tok["sha256"])
             self._splits: dict = m["splits"]
+            if not isinstance(self._splits, dict) or not all(isinstance(i, dict) for i in self._splits.values()):
+                raise ValueError("splits is not an object of split objects")
             self._offsets = {}  # split -> cumulative row offsets, len(shards) + 1
             for s, info in self._splits.items():
+                for sh in info["shards"]:
+                    if not isinstance(sh.get("file"), str):
+                        raise ValueError(f"a shard of split {s!r} has no file name")
                 counts = [int(sh["rows"]) for sh in info["shards"]]
                 self._offsets[s] = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise XLabError(f"malformed shard manifest {mpath} ({e}); run `{ENCODE_HINT} --force`") from None
         self._fds: dict[tuple[str, int], tuple[int, int]] = {}  # (split, shard) -> (fd, data offset)
         self._lock = threading.Lock()
