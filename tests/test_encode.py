@@ -397,3 +397,16 @@ def test_store_manifest_of_the_wrong_shape(tmp_path, manifest):
         with pytest.raises(XLabError, match="manifest"):
             fn(cfg)
     assert encode(cfg)["splits"] == m["splits"]  # a broken manifest is redone, not a crash
+
+
+@pytest.mark.parametrize("key", ["shards.num_proc", "data.num_proc", "tokenizer.num_threads", "data.max_articles"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_counts_below_one_are_refused(tmp_path, key, value):
+    with pytest.raises(XLabError, match=f"{key} must be at least 1"):
+        load_config([], [f"{key}={value}"], use_defaults_file=False)
+    assert load_config([], [f"{key}=null"], use_defaults_file=False) is not None
+
+
+def test_cli_num_proc_zero_is_refused(tmp_path, cli):
+    r = cli(["data", "encode", "--num-proc", "0"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "error: shards.num_proc must be at least 1 (or null for the default), got 0"
