@@ -149,13 +149,18 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
         (article length arrays left out).
 
     Raises:
-        XLabError: no store at the folder (names ``xlab data encode``), or a missing or damaged
-            shard (names ``xlab data validate``).
+        XLabError: no store at the folder (names ``xlab data encode``), a missing or damaged
+            shard (names ``xlab data validate``), a ``plot`` path that is not a ``.png`` file.
     """
     from rich.table import Table
 
     from xlab.shards import ShardStore
 
+    if plot is not None:  # checked before any work
+        plot = Path(plot)
+        if plot.is_dir() or plot.suffix.lower() != ".png":
+            raise XLabError(f"--plot needs the path of a .png file, got {str(plot)!r} "
+                            f"({'a folder' if plot.is_dir() else 'not .png'}); e.g. --plot lengths.png")
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
     store = ShardStore(path)
     store.check()  # damaged or missing shards: one clear line, not a numpy error halfway through
@@ -205,7 +210,10 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
         console.print(f"unigram baseline on val (add-one smoothed train counts): {unigram:.3f} nats/token "
                       f"({unigram / math.log(2):.3f} bits/token)")
     if plot is not None:
-        _plot(per, Path(plot))
+        try:
+            _plot(per, plot)
+        except OSError as e:
+            raise XLabError(f"cannot write {plot}: {e.strerror or e}") from None
         console.print(f"article-length histogram written to {plot}")
     return {"splits": {s: {k: v for k, v in d.items() if k != "lengths"} for s, d in per.items()},
             "vocab": vocab, "unigram_val_nats": unigram}

@@ -128,3 +128,15 @@ def test_damaged_tokenizer_is_one_clear_error(encoded, tmp_path):
     (copy / "tokenizer.model").write_bytes(b"")
     with pytest.raises(XLabError, match="not a usable XLab tokenizer.*xlab tokenizer train --force"):
         stats.run(cfg, shards_dir=copy)
+
+
+def test_plot_path_must_be_a_png_file(encoded, tmp_path):
+    from pipelines import stats
+    from xlab.errors import XLabError
+
+    cfg = encoded[0]
+    for bad in (tmp_path / "x.txt", tmp_path, tmp_path / "noext"):
+        with pytest.raises(XLabError, match=r"--plot needs the path of a \.png file"):
+            stats.run(cfg, plot=bad)
+    assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)) == [tmp_path.name]
+    assert not list(tmp_path.iterdir())  # nothing written
