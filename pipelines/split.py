@@ -180,3 +180,9 @@ def _print_summary(counts: dict, seconds: float, out_dir: Path) -> None:
         table.add_row(s, f"{counts[s]:,}", f"{counts[s] / total:.2%}", f"{counts['characters'][s]:,}")
     console.print(table)
     console.print(f"{counts['articles']:,} articles split in {seconds:.1f} s")
+    empty = [s for s in SPLITS if counts[s] == 0]
+    if empty:
+        console.print(f"[bold yellow]warning[/bold yellow]: the {', '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+                      f"empty ({counts['articles']:,} articles in all); stages that read "
+                      f"{'them' if len(empty) > 1 else 'it'} will have nothing to work on. Use more articles "
+                      f"(data.max_articles) or other data.*_fraction values.")

@@ -176,3 +176,13 @@ def test_raw_manifest_of_the_wrong_shape(tmp_path, manifest):
     assert read_manifest(m) is None and not is_up_to_date(m, {}, {})
     with pytest.raises(XLabError, match="not a manifest.*xlab data download"):
         split.run(make_cfg(tmp_path))
+
+
+def test_summary_warns_of_empty_splits(tmp_path, capsys):
+    write_raw(tmp_path, 3)
+    split.run(make_cfg(tmp_path))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: the val, test, predict splits are empty (3 articles in all)" in out
+    write_raw(tmp_path, 10)
+    split.run(make_cfg(tmp_path))
+    assert "warning" not in capsys.readouterr().out
