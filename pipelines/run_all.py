@@ -100,8 +100,8 @@ def _train(train_mod, cfg, force: bool):
     if status == "different":
         from xlab.errors import XLabError
 
-        raise XLabError(f"{run_dir} holds a run with another configuration; pass --force to retrain it "
-                        f"or choose another run with -o train.run_name=NAME")
+        raise XLabError(f"{run_dir} holds a run with another configuration; choose another run with "
+                        f"-o train.run_name=NAME, or delete {run_dir} to retrain it")
     return train_mod.train(cfg, shards_dir=None, resume=(status == "partial"))
 
 

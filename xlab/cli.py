@@ -1,4 +1,4 @@
-"""The ``xlab`` command line (Typer): one command per stage of the data flow in DESIGN.md.
+"""The ``xlab`` command line (Typer): one command per stage of the data flow (see the README).
 
 Heavy libraries (torch, datasets, sentencepiece) are imported inside the commands that need them,
 so ``xlab --help`` answers at once. Every :class:`~xlab.errors.XLabError` becomes one line on
@@ -260,8 +260,8 @@ def pipeline(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
-    """Run every stage in order (download, split, tokenizer, encode, stats, train, evaluate, generate),
-    skipping stages that are up to date."""
+    """Run download, split, tokenizer train, encode, stats, train, evaluate and generate, skipping
+    every stage that is up to date."""
     cfg = _cfg(config, set_)
     from pipelines import run_all
 
@@ -271,7 +271,7 @@ def pipeline(
 def main() -> None:
     """Entry point of the installed ``xlab`` command."""
     try:
-        app()
+        app(prog_name="xlab")
     except XLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,6 +17,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, mode: int) -> None:
+    """Give a temporary file or folder the permissions a plain open()/mkdir() would have given it
+    (mkstemp and mkdtemp create them private, 0600 and 0700)."""
+    os.chmod(path, mode & ~_umask())
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in ``chunk_bytes`` chunks (constant memory)."""
     h = hashlib.sha256()
@@ -46,6 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _publish_mode(tmp_path, 0o666)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -80,6 +93,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, 0o777)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
