@@ -621,6 +621,11 @@ def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
     path, _, _ = real_checkpoint
     with pytest.raises(XLabError, match="position 2"):
         gen.cli_generate(path, "ab\udcffcd", **CLI_DEFAULTS)
+    from xlab.checkpoint import load_model
+
+    model, _, tok = load_model(path)
+    with pytest.raises(XLabError, match="position 2"):  # as `xlab run --prompt` calls it
+        gen.generate(model, tok, "ab\udcffcd", max_new_tokens=2)
     # As a user types it: a byte that is not UTF-8 reaches Python as a lone surrogate.
     import os
     import subprocess

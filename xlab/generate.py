@@ -460,8 +460,9 @@ def generate(model: Model, tokenizer: Any, prompt: str, *, max_new_tokens: int =
 
     Raises:
         ValueError: bad option values, or an empty prompt without ``<sos>``.
+        XLabError: the prompt is not valid text (e.g. lone surrogates from bytes that are not UTF-8).
     """
-    prompt_ids = ([tokenizer.sos_id] if add_sos else []) + list(tokenizer.encode(prompt))
+    prompt_ids = ([tokenizer.sos_id] if add_sos else []) + encode_prompt(tokenizer, prompt)
     if not prompt_ids:
         raise ValueError("the prompt is empty and add_sos is off: nothing to continue")
     text_ids = prompt_ids[1:] if add_sos else prompt_ids
