@@ -84,8 +84,9 @@ def require_manifest(path: Path, what: str, fix: str) -> dict:
     """The manifest at ``path``; raise :class:`XLabError` naming the command ``fix`` when absent."""
     m = read_manifest(path)
     if m is None:
-        state = "unreadable or not a manifest" if path.exists() else "not found"
-        raise XLabError(f"{what} {state} ({path}); run `{fix}` first")
+        if path.exists():
+            raise XLabError(f"{what}: {path} is unreadable or not a manifest; run `{fix} --force`")
+        raise XLabError(f"{what} not found ({path}); run `{fix}` first")
     return m
 
 

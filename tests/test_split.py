@@ -174,7 +174,7 @@ def test_raw_manifest_of_the_wrong_shape(tmp_path, manifest):
     m = tmp_path / "data/raw/wiki/manifest.json"
     m.write_text(manifest)
     assert read_manifest(m) is None and not is_up_to_date(m, {}, {})
-    with pytest.raises(XLabError, match="not a manifest.*xlab data download"):
+    with pytest.raises(XLabError, match="not a manifest; run `xlab data download --force`"):
         split.run(make_cfg(tmp_path))
 
 

@@ -146,8 +146,8 @@ def read_npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype,
     shape, dtype = tuple(shape), np.dtype(dtype)
     need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if size != need:
-        raise ValueError(f"the file has {size:,} bytes, its header says {need:,} "
-                         f"({'truncated' if size < need else 'trailing bytes'})")
+        raise ValueError(f"{'truncated' if size < need else 'trailing bytes'}: the file has {size:,} bytes, "
+                         f"its header says {need:,}")
     return shape, dtype, bool(fortran), offset
 
 

@@ -210,7 +210,8 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._bytes)
         except Exception as e:  # SentencePiece raises RuntimeError/OSError on a bad proto
-            raise ValueError(f"not a SentencePiece model: {_first_line(e)}") from None
+            why = "the bytes do not parse as a model" if "ParseFromArray" in str(e) else _first_line(e)
+            raise ValueError(f"not a SentencePiece model: {why}") from None
         try:
             self._setup()
         except ValueError:
