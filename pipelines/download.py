@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from urllib.parse import urlsplit
 
 from pipelines import wikitext
-from pipelines.stage import console, is_up_to_date, skipped, write_manifest
+from pipelines.stage import console, die_with_parent, is_up_to_date, skipped, write_manifest
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.io import atomic_dir, sha256_file
@@ -284,7 +284,9 @@ def _ordered_map(fn: Callable[[list], list], batches: Iterable[list], num_proc: 
     import multiprocessing
 
     # spawn: the parent holds threads (the progress bar), which fork would copy in a bad state.
-    ex = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"))
+    # die_with_parent: a SIGKILLed download leaves no orphan workers behind.
+    ex = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         pending: deque = deque()
         for b in batches:

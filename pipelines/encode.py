@@ -27,16 +27,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import sys
-import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import xlab
-from pipelines.stage import console, is_up_to_date, parquet_file, read_manifest, reading_parquet, skipped
+from pipelines.stage import (console, die_with_parent, is_up_to_date, parquet_file, read_manifest,
+                             reading_parquet, skipped)
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -59,40 +56,11 @@ def load_tokenizer(path: str | os.PathLike):
 _W: dict = {}  # per-process worker state: tokenizer and settings
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Make this worker process end when the process that started it ends, however it ends.
-
-    A pool's workers otherwise outlive a parent killed with SIGKILL (nothing can run in the
-    parent then), blocked forever on their task queue, and with them the resource tracker they
-    keep open. On Linux the kernel delivers SIGKILL to the worker when its parent dies
-    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``os.getppid()``. Either way a
-    parent that died before this call is noticed here and the worker exits at once.
-    """
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            armed = False
-    if os.getppid() != parent_pid:  # the parent is already gone (we were re-parented)
-        os._exit(1)
-    if not armed:
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="xlab-parent-watch", daemon=True).start()
-
-
 def _init_worker(loader: Callable, tok_path: str, settings: dict, parent_pid: int | None = None) -> None:
     """Worker initializer: tie the worker's life to its parent's (pool workers only), then load
     the tokenizer once per process."""
     if parent_pid is not None:
-        _die_with_parent(parent_pid)
+        die_with_parent(parent_pid)
     _W["tok"] = loader(tok_path)
     _W.update(settings)
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -124,6 +128,35 @@ def write_manifest(manifest_path: Path, *, stage: str, params: dict, inputs: dic
 def skipped(stage: str, manifest_path: Path) -> None:
     """Print the one line that says a stage was up to date."""
     console.print(f"[bold]{stage}[/bold]: up to date ({manifest_path}); use --force to redo")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this worker process end when the process that started it ends, however it ends.
+
+    A pool's workers otherwise outlive a parent killed with SIGKILL (nothing can run in the
+    parent then), blocked forever on their task queue, and with them the resource tracker they
+    keep open. On Linux the kernel delivers SIGKILL to the worker when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``os.getppid()``. Either way a
+    parent that died before this call is noticed here and the worker exits at once.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent is already gone (we were re-parented)
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="xlab-parent-watch", daemon=True).start()
 
 
 def _jsonable(x: Any) -> Any:

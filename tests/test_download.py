@@ -279,3 +279,64 @@ def test_source_without_articles_is_refused_and_keeps_the_earlier_output(tmp_pat
         download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={html}", "data.num_proc=1"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "data/raw/wiki").iterdir()} == before
     assert not [p for p in (tmp_path / "data/raw").iterdir() if p.name != "wiki"]  # no temporaries left
+
+
+def test_sigkill_of_download_leaves_no_worker_processes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    body = "'''Word''' is a [[thing|things]] with {{cite web|title=x}} refs. " * 60
+    with open(tmp_path / "big.xml", "w") as f:
+        f.write('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n')
+        for i in range(600):
+            f.write(f"<page><title>T{i}</title><ns>0</ns><id>{i + 1}</id><revision><text>{body}</text>"
+                    f"</revision></page>\n")
+        f.write("</mediawiki>\n")
+    root = Path(__file__).resolve().parent.parent
+    script = (f"import sys; sys.path.insert(0, {str(root)!r}); from pipelines import download; "
+              f"from xlab.config import load_config; download.run(load_config([], ['paths.data_dir={tmp_path}/data', "
+              f"'data.source=dump', 'data.dump_path={tmp_path}/big.xml', 'data.num_proc=2'], use_defaults_file=False))")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+
+    def workers():
+        out = []
+        for c in psutil.Process(p.pid).children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(c.cmdline()):
+                    out.append(c)
+            except psutil.Error:
+                pass
+        return out
+
+    while len(workers()) < 2:
+        assert p.poll() is None, p.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers are cleaning pages
+    children = psutil.Process(p.pid).children(recursive=True)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+    def alive():
+        out = []
+        for c in children:
+            try:
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.05)
+    left = alive()
+    for c in left:  # clean up before failing
+        c.kill()
+    assert not left, f"processes outlived the killed download: {[c.pid for c in left]}"
+    assert not (tmp_path / "data/raw/wiki").exists()
