@@ -30,3 +30,29 @@ def run_cli(args, cwd, check=True, timeout=600, env=None):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def assert_children_die(children, what: str, timeout_s: float = 10.0) -> None:
+    """Assert that every psutil process in ``children`` exits (or is a zombie) within ``timeout_s``
+    after its parent was killed; kill the survivors before failing."""
+    import time
+
+    import psutil
+
+    def alive():
+        out = []
+        for c in children:
+            try:
+                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
+                    out.append(c)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    deadline = time.time() + timeout_s
+    while alive() and time.time() < deadline:
+        time.sleep(0.05)
+    left = alive()
+    for c in left:  # clean up before failing
+        c.kill()
+    assert not left, f"processes outlived {what}: {[c.pid for c in left]}"

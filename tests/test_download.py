@@ -14,6 +14,7 @@ import pytest
 from pipelines import download, wikitext
 from xlab.config import load_config
 from xlab.errors import XLabError
+from conftest import assert_children_die
 
 FIXTURE = Path(__file__).parent / "data" / "mini-dump.xml"
 
@@ -322,21 +323,5 @@ def test_sigkill_of_download_leaves_no_worker_processes(tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
 
-    def alive():
-        out = []
-        for c in children:
-            try:
-                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
-                    out.append(c)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    deadline = time.time() + 10
-    while alive() and time.time() < deadline:
-        time.sleep(0.05)
-    left = alive()
-    for c in left:  # clean up before failing
-        c.kill()
-    assert not left, f"processes outlived the killed download: {[c.pid for c in left]}"
+    assert_children_die(children, "the killed download")
     assert not (tmp_path / "data/raw/wiki").exists()

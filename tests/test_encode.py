@@ -21,6 +21,7 @@ import pytest
 from xlab.config import SPLITS, load_config
 from xlab.errors import XLabError
 from xlab.shards import ShardStore
+from conftest import assert_children_die
 
 ROOT = Path(__file__).resolve().parent.parent
 REJECT = "\ufffe"  # the stand-in tokenizer rejects text holding this noncharacter
@@ -290,23 +291,7 @@ def test_sigkill_of_encode_leaves_no_worker_processes(tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
 
-    def alive():
-        out = []
-        for c in children:
-            try:
-                if c.is_running() and c.status() != psutil.STATUS_ZOMBIE:
-                    out.append(c)
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-    deadline = time.time() + 10
-    while alive() and time.time() < deadline:
-        time.sleep(0.05)
-    left = alive()
-    for c in left:  # clean up before failing
-        c.kill()
-    assert not left, f"processes outlived the killed encode: {[c.pid for c in left]}"
+    assert_children_die(children, "the killed encode")
 
 
 def test_validate_passes_then_lists_every_problem(tmp_path, capsys):
