@@ -94,6 +94,8 @@ def test_export_and_load_model_both_forms(tmp_path, trained):
     assert 0.2 < ratio < 0.45  # AdamW's two moments stay behind
     with pytest.raises(XLabError, match="already exists"):
         export(last, out)
+    with pytest.raises(XLabError, match="is an export, not a training checkpoint"):
+        export(out, tmp_path / "exp2")  # an export of an export: say what the folder is
     m1, cfg1, tok1 = load_model(last)
     m2, cfg2, tok2 = xlab.load_model(out)
     assert not m1.training and not m2.training

@@ -413,7 +413,7 @@ def test_cli_stream_prints_what_non_stream_prints(fake_checkpoint, capsys, opts)
 
 @pytest.mark.parametrize("opts", [dict(temperature=-1.0), dict(top_p=1.5), dict(top_k=-2), dict(beam_width=0),
                                   dict(num_samples=0), dict(num_samples=2, greedy=True),
-                                  dict(num_samples=2, beam_width=2), dict(max_new_tokens=-1),
+                                  dict(num_samples=2, beam_width=2), dict(max_new_tokens=-1), dict(greedy=True, beam_width=3),
                                   dict(device="tpu"), dict(add_sos=False)])
 def test_cli_bad_values_are_one_line_errors(fake_checkpoint, opts):
     with pytest.raises(XLabError) as e:

@@ -109,6 +109,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     import torch
 
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").exists():
+        raise XLabError(f"{path} is an export, not a training checkpoint: evaluate, generate and predict "
+                        f"take it as it is; export and --resume need a .pt checkpoint")
     if not path.is_file():
         raise XLabError(f"checkpoint not found: {path}")
 

@@ -575,6 +575,8 @@ def _check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[
         raise XLabError(f"--beam-width must be >= 1, got {beam_width}")
     if num_samples < 1:
         raise XLabError(f"--num-samples must be >= 1, got {num_samples}")
+    if greedy and beam_width > 1:
+        raise XLabError("--greedy and --beam-width > 1 are two different searches: choose one")
     if num_samples > 1 and (beam_width > 1 or greedy or temperature == 0):
         raise XLabError("--num-samples > 1 needs sampling: drop --beam-width/--greedy or use --temperature > 0")
 
