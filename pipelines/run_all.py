@@ -95,7 +95,8 @@ def _train(train_mod, cfg, force: bool):
         shutil.rmtree(run_dir)
         status = "none"
     if status == "finished":
-        console.print(f"[bold]train[/bold]: up to date ({run_dir}); use --force to retrain")
+        console.print(f"[bold]train[/bold]: up to date ({run_dir}); --force redoes every stage, or train "
+                      f"another run with -o train.run_name=NAME")
         return None
     if status == "different":
         from xlab.errors import XLabError

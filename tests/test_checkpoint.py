@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import random
 
@@ -90,6 +91,10 @@ def test_export_and_load_model_both_forms(tmp_path, trained):
     out = export(last, tmp_path / "exp")
     assert sorted(f.name for f in out.iterdir()) == ["config.json", "config.yaml", "meta.json",
                                                      "model.safetensors", "tokenizer.model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == \
+        {f.name: 0o666 & ~umask for f in out.iterdir()}  # readable like any file the user writes
     ratio = sum(f.stat().st_size for f in out.iterdir()) / last.stat().st_size
     assert 0.2 < ratio < 0.45  # AdamW's two moments stay behind
     with pytest.raises(XLabError, match="already exists"):

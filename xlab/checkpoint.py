@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import xlab
 from xlab.errors import XLabError
-from xlab.io import atomic_dir, atomic_path, atomic_write_json, read_json, sha256_bytes
+from xlab.io import atomic_dir, atomic_path, atomic_write_json, publish_mode, read_json, sha256_bytes
 
 FORMAT = "xlab-checkpoint"
 FORMAT_VERSION = 1
@@ -330,6 +330,7 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     with atomic_dir(out) as tmp:
         # save_model (not save_file) handles tied weights: a shared tensor is stored once.
         save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": "xlab-export", "step": str(step)})
+        publish_mode(tmp / EXPORT_WEIGHTS)  # the safetensors writer creates it 0600
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
         (tmp / "tokenizer.model").write_bytes(tok_bytes)

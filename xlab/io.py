@@ -23,9 +23,9 @@ def _umask() -> int:
     return mask
 
 
-def _publish_mode(path: Path, mode: int) -> None:
-    """Give a temporary file or folder the permissions a plain open()/mkdir() would have given it
-    (mkstemp and mkdtemp create them private, 0600 and 0700)."""
+def publish_mode(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give a file (``mode`` 0o666) or folder (0o777) the permissions a plain open()/mkdir() would
+    have given it under the current umask (mkstemp, mkdtemp and some writers create them private)."""
     os.chmod(path, mode & ~_umask())
 
 
@@ -58,7 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        _publish_mode(tmp_path, 0o666)
+        publish_mode(tmp_path, 0o666)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -93,7 +93,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        _publish_mode(tmp, 0o777)
+        publish_mode(tmp, 0o777)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))

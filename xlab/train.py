@@ -654,7 +654,9 @@ class _Trainer:
         if main:
             console.print(
                 f"[bold]train[/bold]: {'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps}"
-                f" in {seconds:.1f}s; train loss {last_train_loss:.4f}"
+                f" in {seconds:.1f}s"
+                + (f"; train loss {last_train_loss:.4f}" if math.isfinite(last_train_loss)
+                   else "; no step to run (the run was already complete)" if self.step == start_step else "")
                 + (f", val loss {last_val['loss']:.4f}, bpb {_fmt(last_val['bits_per_byte'], '.3f')}" if last_val else "")
                 + (f"; checkpoint {last_ckpt}" if last_ckpt else ""), soft_wrap=True)
         if sigint:
