@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from xlab import generate as gen
+from xlab import predict as pred
 from xlab.errors import XLabError
 
 EOS = 2
@@ -460,10 +461,10 @@ class FakeStore:
 def test_predict_articles_reassembles_articles_across_rows():
     arts = [[4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18], [5] * 8]
     store = FakeStore(arts, seq_len=4)
-    found, skipped = gen.predict_articles(store, 10, 3, chunk_rows=2)
+    found, skipped = pred.predict_articles(store, 10, 3, chunk_rows=2)
     assert [a["tokens"] for a in found] == arts[1:] and skipped == 1
     assert [a["index"] for a in found] == [1, 2, 3] and [a["row"] for a in found] == [1, 4, 6]
-    found, _ = gen.predict_articles(store, 2, 1, chunk_rows=3)
+    found, _ = pred.predict_articles(store, 2, 1, chunk_rows=3)
     assert [a["tokens"] for a in found] == arts[:2]
 
 
@@ -472,7 +473,7 @@ def test_predict_records_and_reference_loss():
     table = random_table(tok.vocab_size, 13, scale=1.0)
     m = CachedBigram(table)
     arts = [tok.encode("abcdefgh"), tok.encode("ab"), tok.encode("hello bb"), tok.encode("pa ma.")]
-    recs, skipped = gen.predict(m, tok, FakeStore(arts, seq_len=3), num_articles=5, prompt_tokens=3,
+    recs, skipped = pred.predict(m, tok, FakeStore(arts, seq_len=3), num_articles=5, prompt_tokens=3,
                                 max_new_tokens=4, greedy=True)
     assert skipped == 1 and [r["index"] for r in recs] == [0, 2, 3]
     r = recs[0]
@@ -597,7 +598,7 @@ def test_cli_generate_with_a_real_checkpoint(real_checkpoint, capsys):
 def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     path, tok, store = real_checkpoint
     out = tmp_path / "pred.jsonl"
-    summary = gen.cli_predict(path, out=out, num_articles=4, prompt_tokens=5, max_new_tokens=6, shards_dir=None,
+    summary = pred.cli_predict(path, out=out, num_articles=4, prompt_tokens=5, max_new_tokens=6, shards_dir=None,
                               greedy=True, seed=1, device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     texts = made_up_texts(6, 2)
@@ -613,7 +614,7 @@ def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     # a random model is near uniform: about ln(vocab) nats per token
     assert abs(summary["reference_loss"] - math.log(tok.vocab_size)) < 1.0
     with pytest.raises(XLabError):
-        gen.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
+        pred.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
                         greedy=True, seed=1, device="cpu")
 
 
@@ -646,6 +647,6 @@ def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpo
         gen.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": seed, "num_samples": n})
     path, _, _ = real_checkpoint
     with pytest.raises(XLabError, match="--seed"):
-        gen.cli_predict(path, out=tmp_path / "p.jsonl", num_articles=n, prompt_tokens=2, max_new_tokens=2,
+        pred.cli_predict(path, out=tmp_path / "p.jsonl", num_articles=n, prompt_tokens=2, max_new_tokens=2,
                         shards_dir=None, greedy=True, seed=seed, device="cpu")
     assert gen.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2 ** 63 - n, "num_samples": n})

@@ -244,9 +244,9 @@ def predict(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ):
     """Continue the first K tokens of N predict-split articles; write prompt, reference and generation."""
-    from xlab import generate as gen
+    from xlab import predict as pred
 
-    gen.cli_predict(
+    pred.cli_predict(
         checkpoint, out=out, num_articles=num_articles, prompt_tokens=prompt_tokens,
         max_new_tokens=max_new_tokens, shards_dir=shards, greedy=greedy, seed=seed, device=device,
     )
