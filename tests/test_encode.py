@@ -173,6 +173,8 @@ def test_parts_merge_equals_single_machine(tmp_path):
         assert not (tmp_path / "b/shards/wiki/manifest.json").exists()
     with pytest.raises(XLabError, match="not encoded yet"):
         enc.merge(cfg)
+    with pytest.raises(XLabError, match="not complete yet.*xlab data merge"):  # what a reader is told
+        ShardStore(tmp_path / "b/shards/wiki")
     encode(cfg, num_shards=3, shard_index=1)
     enc.merge(cfg)
     assert store_bytes(tmp_path / "b/shards/wiki") == store_bytes(tmp_path / "a/shards/wiki")

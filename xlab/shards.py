@@ -220,6 +220,11 @@ class ShardStore:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not mpath.is_file():
+            if (self.path / ".work" / "job.json").is_file():
+                # Encoding began but did not finish: a killed run, or scale-out parts not yet merged.
+                raise XLabError(f"the shard store at {self.path} is not complete yet (no {MANIFEST}); rerun "
+                                f"`{ENCODE_HINT}` to finish it, or after --num-shards parts, run the missing "
+                                f"parts and then `xlab data merge`")
             raise XLabError(f"no shard store at {self.path} (missing {MANIFEST}); run `{ENCODE_HINT}` first")
         try:
             with open(mpath, encoding="utf-8") as f:
