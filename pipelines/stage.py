@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from rich.console import Console
 
 import xlab
-from xlab.errors import XLabError
+from xlab.errors import XLabError, first_line
 from xlab.io import atomic_write_json, read_json
 
 console = Console(stderr=False, highlight=False)
@@ -55,7 +55,7 @@ def parquet_file(path: Path, fix: str, columns: Sequence[str] = ("id", "text")):
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise XLabError(f"{path} is not a readable parquet file ({_first_line(e)}); run `{fix}`") from None
+        raise XLabError(f"{path} is not a readable parquet file ({first_line(e)}); run `{fix}`") from None
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise XLabError(f"{path} lacks the column(s) {', '.join(missing)} (has {', '.join(schema.names)}); "
@@ -76,12 +76,7 @@ def reading_parquet(path: Path, fix: str) -> Iterator[None]:
     try:
         yield
     except (pa.ArrowException, OSError) as e:
-        raise XLabError(f"cannot read {path} ({type(e).__name__}: {_first_line(e)}); run `{fix}`") from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
+        raise XLabError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); run `{fix}`") from None
 
 
 def require_manifest(path: Path, what: str, fix: str) -> dict:

@@ -3,7 +3,6 @@
 import bz2
 import gzip
 import json
-import shutil
 import sys
 import types
 from pathlib import Path

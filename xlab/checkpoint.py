@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import xlab
-from xlab.errors import XLabError
+from xlab.errors import XLabError, first_line
 from xlab.io import atomic_dir, atomic_path, atomic_write_json, publish_mode, sha256_bytes
 
 FORMAT = "xlab-checkpoint"
@@ -132,7 +132,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         detail = m.group(1).strip().splitlines()[0][:200] if m else "not a torch checkpoint"
         raise XLabError(f"cannot read checkpoint {path}: {detail}") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse the file is a bad checkpoint, not a bug
-        raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from None
+        raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise XLabError(f"cannot read checkpoint {path}: not an XLab training checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -200,11 +200,6 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
     return model, cfg, tokenizer
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 def _known_settings(d: dict, schema: dict, top: bool = True) -> dict:
     """``d`` without the settings the current schema does not know, except in the ``model`` section
     (an unknown model setting could change the architecture, so it stays and fails loudly)."""
@@ -238,7 +233,7 @@ def _config_and_model(cfg_dict: Any, where: Path):
             cfg = from_dict(_known_settings(cfg_dict, schema))
         model = build_model(cfg)
     except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
-        raise XLabError(f"{where} holds an unusable configuration: {_first_line(e)}") from None
+        raise XLabError(f"{where} holds an unusable configuration: {first_line(e)}") from None
     return cfg, model
 
 
@@ -246,7 +241,7 @@ def _read_export_json(p: Path) -> dict:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except Exception as e:  # noqa: BLE001 - empty, truncated, not UTF-8, unreadable
-        raise XLabError(f"cannot read {p}: {type(e).__name__}: {_first_line(e)}; re-run `xlab export`") from None
+        raise XLabError(f"cannot read {p}: {type(e).__name__}: {first_line(e)}; re-run `xlab export`") from None
     if not isinstance(data, dict):
         raise XLabError(f"cannot read {p}: expected a JSON object, found {type(data).__name__}; re-run `xlab export`")
     return data
@@ -266,11 +261,11 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         try:
             st_load(model, str(w_path), strict=True)
         except Exception as e:  # noqa: BLE001
-            raise XLabError(f"corrupt or mismatched weights {w_path}: {_first_line(e)}") from None
+            raise XLabError(f"corrupt or mismatched weights {w_path}: {first_line(e)}") from None
         try:
             tok_bytes = tok_path.read_bytes()
         except OSError as e:
-            raise XLabError(f"cannot read {tok_path}: {_first_line(e)}") from None
+            raise XLabError(f"cannot read {tok_path}: {first_line(e)}") from None
         meta_file = _read_export_json(path / "meta.json") if (path / "meta.json").is_file() else {}
         step, shards = meta_file.get("step"), meta_file.get("shards")
         meta = {"step": step if isinstance(step, int) and not isinstance(step, bool) else None,
@@ -281,7 +276,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         try:
             model.load_state_dict(ckpt["model"])
         except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
-            raise XLabError(f"checkpoint {path} does not match its model configuration: {_first_line(e)}") from None
+            raise XLabError(f"checkpoint {path} does not match its model configuration: {first_line(e)}") from None
         tok_bytes = tensor_bytes(ckpt["tokenizer"])
         shards = ckpt.get("shards")
         meta = {"step": ckpt.get("step"), "shards": shards if isinstance(shards, str) else None}
@@ -325,7 +320,7 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     try:
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
-        raise XLabError(f"checkpoint {ckpt_path} does not match its model configuration: {_first_line(e)}") from None
+        raise XLabError(f"checkpoint {ckpt_path} does not match its model configuration: {first_line(e)}") from None
     tok_bytes = tensor_bytes(ckpt["tokenizer"])
     with atomic_dir(out) as tmp:
         # save_model (not save_file) handles tied weights: a shared tensor is stored once.

@@ -7,3 +7,11 @@ class XLabError(Exception):
     The message is one line that says what is wrong and, where it helps, which command fixes it.
     The CLI prints it as ``error: <message>`` and exits with code 2, without a traceback.
     """
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, at most ``limit`` characters, or the
+    exception's type name when the message is empty; for one-line errors built from library
+    exceptions (SentencePiece, pyarrow and torch append log text or tracebacks to theirs)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:limit] if lines else type(e).__name__

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from xlab.io import atomic_write_bytes, sha256_bytes
+from xlab.errors import first_line
 
 META = "\u2581"  # SentencePiece's whitespace symbol; a literal one in text is encoded as bytes
 NEWLINE = "\n"
@@ -175,12 +176,6 @@ def reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (SentencePiece appends log text)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(e).__name__
-
-
 def _quiet_sentencepiece(spm) -> None:
     """Keep SentencePiece's C++ log lines (absl INFO/WARNING) off stderr; its errors reach Python
     as exceptions anyway."""
@@ -210,14 +205,14 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._bytes)
         except Exception as e:  # SentencePiece raises RuntimeError/OSError on a bad proto
-            why = "the bytes do not parse as a model" if "ParseFromArray" in str(e) else _first_line(e)
+            why = "the bytes do not parse as a model" if "ParseFromArray" in str(e) else first_line(e)
             raise ValueError(f"not a SentencePiece model: {why}") from None
         try:
             self._setup()
         except ValueError:
             raise
         except Exception as e:  # a proto that parses but is no usable model (IndexError, RuntimeError, ...)
-            raise ValueError(f"not an XLab tokenizer model: {type(e).__name__}: {_first_line(e)}") from None
+            raise ValueError(f"not an XLab tokenizer model: {type(e).__name__}: {first_line(e)}") from None
 
     def _setup(self) -> None:
         sp = self._sp
