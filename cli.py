@@ -16,6 +16,6 @@ if __name__ == "__main__":
     if venv_python.exists() and Path(sys.prefix).resolve() != (here / ".venv").resolve():
         os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.path.insert(0, str(here))
-    from xlab.cli import main
+    from xlab.commands.app import main
 
     main()

@@ -122,8 +122,8 @@ def time_loader(work: Path, seconds: float = 3.0) -> float:
     """Tokens per second of ShardLoader, batch 64, seq_len 512, shuffled, over a 128 MB store."""
     import numpy as np
 
-    from xlab.io import atomic_write_json, sha256_file
-    from xlab.shards import ShardLoader, ShardStore
+    from xlab.fsio import atomic_write_json, sha256_file
+    from xlab.store import ShardLoader, ShardStore
 
     seq_len, rows_per, n_shards = 512, 32768, 4
     path = work / "loader_store"

@@ -41,27 +41,17 @@ QUICK = dict(vocab=10000, seq=128, d_model=128, n_layers=2, n_heads=4, d_ff=512,
 
 
 def write_random_store(path: Path, rows: int, vocab: int, seq: int) -> Path:
-    """A shard store of uniformly random tokens (one train shard); the tokenizer file is a placeholder,
-    which the trainer copies into its checkpoints without parsing."""
+    """A shard store of uniformly random tokens (one train shard of full rows: an article of
+    ``seq - 1`` tokens fills one row exactly); the tokenizer file is a placeholder, which the trainer
+    copies into its checkpoints without parsing."""
     import numpy as np
 
-    from xlab.io import sha256_bytes
-    from xlab.shards import FORMAT, FORMAT_VERSION, token_dtype, write_shard
+    from xlab.store import TokenizerEntry, write_store
 
-    dtype = token_dtype(vocab)
-    data = np.random.default_rng(0).integers(4, vocab, size=(rows, seq + 1)).astype(dtype)
-    sha = write_shard(path / "train" / "000000.npy", data)
-    tok = b"placeholder tokenizer bytes"
-    (path / "tokenizer.model").write_bytes(tok)
-    info = {"rows": rows, "articles": rows, "real_tokens": rows * seq, "target_tokens": rows * seq,
-            "text_bytes": rows * seq * 4, "text_chars": rows * seq * 4,
-            "shards": [{"file": "train/000000.npy", "rows": rows, "real_tokens": rows * seq, "sha256": sha}]}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "xlab_version": "bench", "seq_len": seq,
-                "row_len": seq + 1, "dtype": str(dtype),
-                "tokenizer": {"file": "", "copy": "tokenizer.model", "sha256": sha256_bytes(tok), "vocab_size": vocab,
-                              "pad_id": 0, "sos_id": 1, "eos_id": 2, "unk_id": 3},
-                "splits": {"train": info}, "params": {}, "inputs": {}}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    articles = np.random.default_rng(0).integers(4, vocab, size=(rows, seq - 1)).tolist()
+    ids = TokenizerEntry(vocab_size=vocab, pad_id=3, sos_id=1, eos_id=2, unk_id=0)
+    write_store(path, {"train": articles}, seq_len=seq, tokenizer=ids, tokenizer_bytes=b"placeholder tokenizer",
+                articles_per_shard=rows)
     return path
 
 
@@ -84,8 +74,8 @@ def speed(args) -> None:
     from xlab.config import load_config
     from xlab.distributed import DistInfo
     from xlab.device import autocast_factory, resolve_device
-    from xlab.mfu import mfu, peak_flops
-    from xlab.train import _Trainer
+    from xlab.train.mfu import mfu, peak_flops
+    from xlab.train import Trainer
 
     device = resolve_device(args.device)
     d = DEFAULTS
@@ -96,9 +86,9 @@ def speed(args) -> None:
     cfg = load_config([ROOT / "conf" / "defaults.yaml"], [f"paths.runs_dir={tmp / 'runs'}", "train.run_name=bench",
                                                            f"train.device={device}"], use_defaults_file=False)
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size) == (d["d_model"], d["n_layers"], B)
-    trainer = _Trainer(cfg, store, False, DistInfo(), device)
+    trainer = Trainer(cfg, store, False, DistInfo(), device)
     trainer.model.train()
-    it = trainer._micro_batches()
+    it = trainer.micro_batches()
 
     torch.manual_seed(0)
     ref = gpt2(d).to(device).train()
@@ -139,11 +129,11 @@ def speed(args) -> None:
             times[name].append((time.perf_counter() - t0) / args.steps)
     tok = {k: B * T / statistics.median(v) for k, v in times.items()}
     peak = peak_flops(device)
-    fpt = trainer.raw_model.flops_per_token(T)
+    fpt = trainer.model.flops_per_token(T)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"training step (forward, backward, clip, AdamW), {'bf16' if auto else 'fp32'}, batch {B} x seq {T}, "
           f"vocab {d['vocab']}, {name}, torch {torch.__version__}")
-    print(f"  parameters: xlab {trainer.raw_model.num_parameters():,}  gpt2 {sum(p.numel() for p in ref.parameters()):,}")
+    print(f"  parameters: xlab {trainer.model.num_parameters():,}  gpt2 {sum(p.numel() for p in ref.parameters()):,}")
     for k in steps:
         print(f"  {k:5s} {tok[k]:10,.0f} tokens/s  (median step {statistics.median(times[k]) * 1e3:.1f} ms)")
     m = mfu(fpt, tok["xlab"], peak)

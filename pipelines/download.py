@@ -35,7 +35,7 @@ from pipelines import wikitext
 from pipelines.stage import console, die_with_parent, is_up_to_date, skipped, write_manifest
 from xlab.config import stage_paths
 from xlab.errors import XLabError
-from xlab.io import atomic_dir, sha256_file
+from xlab.fsio import atomic_dir, sha256_file
 
 COLUMNS = ("id", "url", "title", "text")
 STAGE = "download"

@@ -36,7 +36,7 @@ from pipelines.stage import (console, die_with_parent, is_up_to_date, parquet_fi
                              reading_parquet, skipped)
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
-from xlab.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 WORK = ".work"
 SUB_BATCH = 256  # articles tokenized at a time inside a unit (bounds the Python token lists)
@@ -88,7 +88,7 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
     """
     import numpy as np
 
-    from xlab.shards import pack_articles, write_shard
+    from xlab.store import pack_articles, real_tokens, target_tokens, write_shard
 
     tok, seq_len, out = _W["tok"], _W["seq_len"], Path(_W["out"])
     parts = []
@@ -115,11 +115,11 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
                                  vocab_size=tok.vocab_size)
             parts.append(rows)
             rec["articles"] += len(good)
-            rec["target_tokens"] += sum(len(g) + 1 for g in good)
+            rec["target_tokens"] += target_tokens(good)
     dtype = np.dtype(_W["dtype"])
     rows = np.concatenate(parts) if parts else np.empty((0, seq_len + 1), dtype=dtype)
     rec["rows"] = int(rows.shape[0])
-    rec["real_tokens"] = int(np.count_nonzero(rows != tok.pad_id))
+    rec["real_tokens"] = real_tokens(rows, tok.pad_id)
     rel = f"{split}/{unit:06d}.npy"
     rec["file"] = rel
     rec["sha256"] = write_shard(out / rel, rows)
@@ -140,7 +140,7 @@ def _split_files(cfg) -> dict[str, Path]:
 
 def _job(cfg, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
     """Everything that determines the store's bytes: parameters, input hashes, unit counts."""
-    from xlab.shards import FORMAT_VERSION, token_dtype
+    from xlab.store import FORMAT_VERSION, token_dtype
 
     a = int(cfg.shards.articles_per_shard)
     units, articles = {}, {}
@@ -340,7 +340,7 @@ def _up_to_date(out: Path, job: dict) -> bool:
 
 def _finalize(out: Path, job: dict) -> dict:
     """Write the store manifest from the done-records (every unit must be done); print a summary."""
-    from xlab.shards import FORMAT, FORMAT_VERSION
+    from xlab.store import MANIFEST, TOKENIZER_COPY, ShardEntry, SplitEntry, StoreManifest, TokenizerEntry
 
     work = out / WORK
     missing = [f"{s}/{u:06d}" for s in SPLITS for u in range(job["units"][s]) if not _done(out, s, u)]
@@ -349,41 +349,31 @@ def _finalize(out: Path, job: dict) -> dict:
                         f"missing `xlab data encode --num-shards N --shard-index I` parts, then `xlab data merge`")
     tok_src = Path(job["tokenizer_file"])
     tok_bytes = tok_src.read_bytes()
-    from xlab.io import sha256_bytes
+    from xlab.fsio import sha256_bytes
 
     if sha256_bytes(tok_bytes) != job["inputs"]["tokenizer"]:
         raise XLabError(f"{tok_src} changed since encoding began; run `xlab data encode --force`")
     splits = {}
     for s in SPLITS:
-        info = {"rows": 0, "articles": 0, "empty_articles": 0, "rejected_articles": 0, "real_tokens": 0,
-                "target_tokens": 0, "text_bytes": 0, "text_chars": 0, "rejected": [], "shards": []}
+        entry = SplitEntry()
         for u in range(job["units"][s]):
             rec = read_json(work / s / f"{u:06d}.json")
-            for k in ("rows", "articles", "real_tokens", "target_tokens", "text_bytes", "text_chars"):
-                info[k] += rec[k]
-            info["empty_articles"] += rec["empty"]
-            info["rejected_articles"] += len(rec["rejected"])
-            room = MAX_ERRORS_KEPT - len(info["rejected"])
-            info["rejected"].extend(rec["rejected"][:max(room, 0)])
-            info["shards"].append({"file": rec["file"], "rows": rec["rows"], "real_tokens": rec["real_tokens"],
-                                   "sha256": rec["sha256"]})
-        splits[s] = info
-    atomic_write_bytes(out / "tokenizer.model", tok_bytes)  # the store carries its own tokenizer
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "stage": "encode",
-        "xlab_version": xlab.__version__,
-        "seq_len": job["params"]["seq_len"],
-        "row_len": job["params"]["seq_len"] + 1,
-        "dtype": job["dtype"],
-        "tokenizer": {**job["tokenizer"], "file": job["tokenizer_file"], "copy": "tokenizer.model",
-                      "sha256": job["inputs"]["tokenizer"]},
-        "splits": splits,
-        "params": job["params"],
-        "inputs": job["inputs"],
-    }
-    atomic_write_json(out / "manifest.json", manifest)
+            entry.add_shard(ShardEntry(rec["file"], rec["rows"], rec["real_tokens"], rec["sha256"]),
+                            articles=rec["articles"], target_tokens=rec["target_tokens"],
+                            text_bytes=rec["text_bytes"], text_chars=rec["text_chars"])
+            entry.empty_articles += rec["empty"]
+            entry.rejected_articles += len(rec["rejected"])
+            room = MAX_ERRORS_KEPT - len(entry.rejected)
+            entry.rejected.extend(rec["rejected"][:max(room, 0)])
+        splits[s] = entry
+    atomic_write_bytes(out / TOKENIZER_COPY, tok_bytes)  # the store carries its own tokenizer
+    manifest = StoreManifest(
+        seq_len=job["params"]["seq_len"], dtype=job["dtype"],
+        tokenizer=TokenizerEntry(**job["tokenizer"], file=job["tokenizer_file"], copy=TOKENIZER_COPY,
+                                 sha256=job["inputs"]["tokenizer"]),
+        splits=splits, params=job["params"], inputs=job["inputs"], stage="encode", xlab_version=xlab.__version__,
+    ).to_json()
+    atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
     _print_summary(out, manifest)
     return manifest
@@ -413,7 +403,7 @@ def merge(cfg) -> dict:
     job = read_manifest(out / WORK / "job.json")
     if job is None:
         if (out / "manifest.json").is_file():
-            from xlab.shards import ShardStore
+            from xlab.store import ShardStore
 
             store = ShardStore(out)  # XLabError for a manifest that is not a store's
             skipped("merge", out / "manifest.json")

@@ -29,7 +29,7 @@ from pipelines.stage import (console, is_up_to_date, parquet_file, reading_parqu
                              write_manifest)
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
-from xlab.io import atomic_dir, read_json, sha256_file
+from xlab.fsio import atomic_dir, read_json, sha256_file
 
 STAGE = "split"
 

@@ -21,7 +21,7 @@ from rich.console import Console
 
 import xlab
 from xlab.errors import XLabError, first_line
-from xlab.io import atomic_write_json, read_json
+from xlab.fsio import atomic_write_json, read_json
 
 console = Console(stderr=False, highlight=False)
 

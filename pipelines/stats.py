@@ -154,7 +154,7 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
     """
     from rich.table import Table
 
-    from xlab.shards import ShardStore
+    from xlab.store import ShardStore
 
     if plot is not None:  # checked before any work
         plot = Path(plot)

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from pipelines.stage import console, is_up_to_date, parquet_file, read_manifest, reading_parquet, skipped, write_manifest
 from xlab.config import stage_paths
 from xlab.errors import XLabError
-from xlab.io import sha256_file
+from xlab.fsio import sha256_file
 
 STAGE = "tokenizer"
 SPLIT_FIX = "xlab data split --force"

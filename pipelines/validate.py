@@ -1,7 +1,7 @@
 """``xlab data validate``: verify a shard store completely against its manifest and tokenizer.
 
 Checks, for every shard in the manifest: the file exists, its sha256, its ``.npy`` shape and dtype,
-every id below the vocabulary size, and the row structure of the format (xlab/shards.py):
+every id below the vocabulary size, and the row structure of the format (xlab/store/format.py):
 
 - padding only at the tail of a row, right after the article's ``<eos>``, and no row whose targets
   are all padding;
@@ -78,8 +78,8 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
     """Every problem of one shard, as ``"<file> ..."`` lines."""
     import numpy as np
 
-    from xlab.io import sha256_file
-    from xlab.shards import read_npy_header
+    from xlab.fsio import sha256_file
+    from xlab.store import read_npy_header
 
     name = entry["file"]
     if not path.is_file():
@@ -131,8 +131,8 @@ def run(cfg, shards_dir=None) -> int:
     """
     from rich.progress import track
 
-    from xlab.io import sha256_file
-    from xlab.shards import ShardStore, token_dtype
+    from xlab.fsio import sha256_file
+    from xlab.store import ShardStore, token_dtype
 
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
     store = ShardStore(path)

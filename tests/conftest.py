@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-XLAB = [sys.executable, "-m", "xlab.cli"]
+XLAB = [sys.executable, "-m", "xlab"]
 
 
 def run_cli(args, cwd, check=True, timeout=600, env=None):

@@ -66,7 +66,7 @@ def test_round_trip_and_paths():
 
 def test_cli_help_does_not_import_heavy_libraries():
     # `xlab --help` must answer at once: the CLI module may not pull in torch, numpy or datasets.
-    code = ("import sys, xlab.cli; heavy = [m for m in ('torch', 'numpy', 'datasets', 'sentencepiece', "
+    code = ("import sys, xlab.commands.app; heavy = [m for m in ('torch', 'numpy', 'datasets', 'sentencepiece', "
             "'pyarrow') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

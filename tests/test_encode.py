@@ -20,7 +20,7 @@ import pytest
 
 from xlab.config import SPLITS, load_config
 from xlab.errors import XLabError
-from xlab.shards import ShardStore
+from xlab.store import ShardStore
 from conftest import assert_children_die
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,14 +225,14 @@ import sys, time
 sys.path[:0] = [{root!r}, {tests!r}]
 import numpy as np
 import test_encode as te
-from xlab.shards import pack_articles as real_pack
-import xlab.shards
+from xlab.store import pack_articles as real_pack
+import xlab.store
 
 def slow_pack(*a, **k):  # slows every unit so that the parent can kill mid-run
     time.sleep(0.05)
     return real_pack(*a, **k)
 
-xlab.shards.pack_articles = slow_pack
+xlab.store.pack_articles = slow_pack
 te.encode(te.config(__import__('pathlib').Path({dir!r})))
 """
 

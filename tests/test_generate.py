@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from xlab import generate as gen
-from xlab import predict as pred
+from xlab.commands import generate as cli
+from xlab.commands import predict as cli_pred
+from xlab.generate import predict as pred
+from xlab.generate import search
 from xlab.errors import XLabError
 
 EOS = 2
@@ -199,10 +202,10 @@ def test_bad_common_values_raise():
 def test_inverse_cdf_picks_exact_buckets_and_never_a_zero_probability_token():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).expand(4, 4)
     u = torch.tensor([0.25, 0.6, 0.9, 0.99], dtype=torch.float64)
-    assert gen._inverse_cdf(probs, u).tolist() == [0, 1, 2, 3]
+    assert search._inverse_cdf(probs, u).tolist() == [0, 1, 2, 3]
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]]).expand(3, 4)
     u = torch.tensor([0.0, 0.5, 1.0 - 1e-12], dtype=torch.float64)
-    assert gen._inverse_cdf(probs, u).tolist() == [1, 2, 2]
+    assert search._inverse_cdf(probs, u).tolist() == [1, 2, 2]
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
@@ -392,7 +395,7 @@ def test_generate_decodes_the_whole_sequence_and_streams_the_same_text():
 def fake_checkpoint(monkeypatch):
     tok = CharTokenizer()
     model = CachedBigram(random_table(tok.vocab_size, 12, scale=1.0))
-    monkeypatch.setattr(gen, "_load", lambda checkpoint, device: (model, None, tok, {}))
+    monkeypatch.setattr(cli, "load_for_cli", lambda checkpoint, device: (model, None, tok, {}))
     return model, tok
 
 
@@ -403,9 +406,9 @@ CLI_DEFAULTS = dict(max_new_tokens=15, temperature=1.0, top_k=None, top_p=1.0, g
 @pytest.mark.parametrize("opts", [dict(), dict(num_samples=3, top_k=6), dict(greedy=True), dict(beam_width=3)])
 def test_cli_stream_prints_what_non_stream_prints(fake_checkpoint, capsys, opts):
     kw = {**CLI_DEFAULTS, **opts}
-    texts = gen.cli_generate("ckpt.pt", "abc", **kw)
+    texts = cli.cli_generate("ckpt.pt", "abc", **kw)
     plain = capsys.readouterr().out
-    assert gen.cli_generate("ckpt.pt", "abc", **{**kw, "stream": True}) == texts
+    assert cli.cli_generate("ckpt.pt", "abc", **{**kw, "stream": True}) == texts
     assert capsys.readouterr().out == plain
     n = kw["num_samples"]
     assert len(texts) == n and all(t.startswith("abc") for t in texts)
@@ -418,7 +421,7 @@ def test_cli_stream_prints_what_non_stream_prints(fake_checkpoint, capsys, opts)
                                   dict(device="tpu"), dict(add_sos=False)])
 def test_cli_bad_values_are_one_line_errors(fake_checkpoint, opts):
     with pytest.raises(XLabError) as e:
-        gen.cli_generate("ckpt.pt", "" if "add_sos" in opts else "abc", **{**CLI_DEFAULTS, **opts})
+        cli.cli_generate("ckpt.pt", "" if "add_sos" in opts else "abc", **{**CLI_DEFAULTS, **opts})
     assert "\n" not in str(e.value)
 
 
@@ -561,15 +564,13 @@ def real_checkpoint(tmp_path_factory):
     from xlab.checkpoint import save_checkpoint, tokenizer_bytes_tensor
     from xlab.config import load_config, to_dict
     from xlab.model import Transformer
-    from xlab.shards import write_store
+    from xlab.store import TokenizerEntry, write_store
     from xlab.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("gen")
     tok = Tokenizer.train(made_up_texts(200, 1), 320, root / "tok.model", seed=1, num_threads=1)
     store = root / "store"
-    write_store(store, {"predict": tok.encode(made_up_texts(6, 2))}, seq_len=16, vocab_size=tok.vocab_size,
-                pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id, unk_id=tok.unk_id,
-                tokenizer_sha256=tok.sha256)
+    write_store(store, {"predict": tok.encode(made_up_texts(6, 2))}, seq_len=16, tokenizer=TokenizerEntry.of(tok))
     cfg = load_config([], ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
                            f"model.vocab_size={tok.vocab_size}", "model.max_len=16", "generate.top_k=10"],
                       use_defaults_file=False)
@@ -584,21 +585,21 @@ def real_checkpoint(tmp_path_factory):
 def test_cli_generate_with_a_real_checkpoint(real_checkpoint, capsys):
     path, tok, _ = real_checkpoint
     kw = {**CLI_DEFAULTS, "max_new_tokens": 30, "num_samples": 2}
-    texts = gen.cli_generate(path, "the storm", **kw)
+    texts = cli.cli_generate(path, "the storm", **kw)
     out = capsys.readouterr().out
-    assert gen.cli_generate(path, "the storm", **{**kw, "stream": True}) == texts
+    assert cli.cli_generate(path, "the storm", **{**kw, "stream": True}) == texts
     assert capsys.readouterr().out == out
     assert all(t.startswith("the storm") for t in texts) and texts[0] != texts[1]
-    assert gen.cli_generate(path, "the storm", **kw) == texts  # same seed, same text
+    assert cli.cli_generate(path, "the storm", **kw) == texts  # same seed, same text
     capsys.readouterr()
     with pytest.raises(XLabError):
-        gen.cli_generate(path.parent / "missing.pt", "x", **kw)
+        cli.cli_generate(path.parent / "missing.pt", "x", **kw)
 
 
 def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     path, tok, store = real_checkpoint
     out = tmp_path / "pred.jsonl"
-    summary = pred.cli_predict(path, out=out, num_articles=4, prompt_tokens=5, max_new_tokens=6, shards_dir=None,
+    summary = cli_pred.cli_predict(path, out=out, num_articles=4, prompt_tokens=5, max_new_tokens=6, shards_dir=None,
                               greedy=True, seed=1, device="cpu")
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     texts = made_up_texts(6, 2)
@@ -614,14 +615,14 @@ def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     # a random model is near uniform: about ln(vocab) nats per token
     assert abs(summary["reference_loss"] - math.log(tok.vocab_size)) < 1.0
     with pytest.raises(XLabError):
-        pred.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
+        cli_pred.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
                         greedy=True, seed=1, device="cpu")
 
 
 def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
     path, _, _ = real_checkpoint
     with pytest.raises(XLabError, match="position 2"):
-        gen.cli_generate(path, "ab\udcffcd", **CLI_DEFAULTS)
+        cli.cli_generate(path, "ab\udcffcd", **CLI_DEFAULTS)
     from xlab.checkpoint import load_model
 
     model, _, tok = load_model(path)
@@ -635,7 +636,7 @@ def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
     from conftest import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([os.fsencode(sys.executable), b"-m", b"xlab.cli", b"generate", os.fsencode(str(path)),
+    r = subprocess.run([os.fsencode(sys.executable), b"-m", b"xlab", b"generate", os.fsencode(str(path)),
                         b"ab\xffcd", b"--max-new-tokens", b"2"], capture_output=True, env=env, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.decode().startswith("error: the prompt is not valid UTF-8"), r.stderr
     assert b"Traceback" not in r.stderr
@@ -644,9 +645,9 @@ def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
 @pytest.mark.parametrize("seed,n", [(-1, 1), (2 ** 63, 1), (99999999999999999999, 1), (2 ** 63 - 2, 3)])
 def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpoint, tmp_path, seed, n):
     with pytest.raises(XLabError, match="--seed"):
-        gen.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": seed, "num_samples": n})
+        cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": seed, "num_samples": n})
     path, _, _ = real_checkpoint
     with pytest.raises(XLabError, match="--seed"):
-        pred.cli_predict(path, out=tmp_path / "p.jsonl", num_articles=n, prompt_tokens=2, max_new_tokens=2,
+        cli_pred.cli_predict(path, out=tmp_path / "p.jsonl", num_articles=n, prompt_tokens=2, max_new_tokens=2,
                         shards_dir=None, greedy=True, seed=seed, device="cpu")
-    assert gen.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2 ** 63 - n, "num_samples": n})
+    assert cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2 ** 63 - n, "num_samples": n})

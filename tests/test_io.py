@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from xlab.io import atomic_dir, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from xlab.fsio import atomic_dir, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 
 def test_atomic_write_replaces_whole_and_keeps_old_on_failure(tmp_path):
@@ -12,7 +12,7 @@ def test_atomic_write_replaces_whole_and_keeps_old_on_failure(tmp_path):
     atomic_write_json(p, {"x": 1})
     assert read_json(p) == {"x": 1}
     with pytest.raises(RuntimeError):
-        from xlab.io import atomic_path
+        from xlab.fsio import atomic_path
 
         with atomic_path(p) as tmp:
             tmp.write_text("half")

@@ -1,4 +1,4 @@
-"""The shard format, the store reader and the loader (xlab/shards.py)."""
+"""The shard format, the store reader and the loader (xlab/store/)."""
 
 import json
 
@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from xlab.errors import XLabError
-from xlab.shards import (IGNORE_INDEX, ShardLoader, ShardStore, pack_articles, read_npy_header, token_dtype,
-                         write_store)
+from xlab.store import (IGNORE_INDEX, ShardLoader, ShardStore, TokenizerEntry, pack_articles, read_npy_header,
+                        token_dtype, write_store)
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
+
+
+def special_ids(vocab_size: int) -> TokenizerEntry:
+    return TokenizerEntry(vocab_size=vocab_size, pad_id=PAD, sos_id=SOS, eos_id=EOS, unk_id=UNK)
 
 
 def articles(n, vocab=50, seed=0, max_len=40):
@@ -74,7 +78,7 @@ def test_pack_exact_multiple_has_no_pad_only_row():
 def test_large_vocab_never_wraps(tmp_path):
     rows = pack_articles([[69_999, 65_536, 5]], 4, sos_id=SOS, eos_id=EOS, pad_id=PAD, vocab_size=70_000)
     assert rows.dtype == np.uint32 and rows[0, 1] == 69_999 and rows[0, 2] == 65_536
-    write_store(tmp_path / "s", {"train": [[69_999, 65_536, 5]]}, seq_len=4, vocab_size=70_000)
+    write_store(tmp_path / "s", {"train": [[69_999, 65_536, 5]]}, seq_len=4, tokenizer=special_ids(70_000))
     store = ShardStore(tmp_path / "s")
     assert store.dtype == np.uint32
     assert store.read_rows("train", np.array([0]))[0, 1] == 69_999
@@ -84,7 +88,7 @@ def test_large_vocab_never_wraps(tmp_path):
 
 def make_store(tmp_path, n_train=300, seq_len=8, per_shard=37, vocab=50):
     arts = {"train": articles(n_train, vocab, seed=1), "val": articles(40, vocab, seed=2)}
-    write_store(tmp_path / "store", arts, seq_len=seq_len, vocab_size=vocab, articles_per_shard=per_shard)
+    write_store(tmp_path / "store", arts, seq_len=seq_len, tokenizer=special_ids(vocab), articles_per_shard=per_shard)
     return ShardStore(tmp_path / "store"), arts
 
 
@@ -218,7 +222,7 @@ def test_loader_resident_memory_bounded(tmp_path):
     data[:, 0] = SOS
     np.save(path / "train" / "000000.npy", data)
     del data
-    from xlab.io import sha256_file
+    from xlab.fsio import sha256_file
 
     manifest = {"format": "xlab-shards", "format_version": 1, "xlab_version": "x", "seq_len": seq_len,
                 "row_len": seq_len + 1, "dtype": "uint16",

@@ -125,7 +125,7 @@ def test_same_split_in_two_processes(tmp_path):
         work = tmp_path / f"w{salt}"
         write_raw(work, 300)
         env = dict(os.environ, PYTHONHASHSEED=salt, PYTHONPATH=str(ROOT))
-        p = subprocess.run([sys.executable, "-m", "xlab.cli", "data", "split"], cwd=work, env=env,
+        p = subprocess.run([sys.executable, "-m", "xlab", "data", "split"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
         results.append({s: (work / f"data/splits/wiki/{s}.parquet").read_bytes() for s in SPLITS})

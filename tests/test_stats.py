@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from xlab.config import SPLITS, load_config
-from xlab.shards import ShardStore
+from xlab.store import ShardStore
 
 WORDS = ["the", "river", "city", "was", "founded", "in", "north", "königsberg", "東京", "über", "1871", "\n"]
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xlab.errors import XLabError
-from xlab.io import sha256_file
+from xlab.fsio import sha256_file
 from xlab.tokenizer import META, Tokenizer, _prepare, _split_long, _unprepare, reservoir_sample, training_sentences
 
 REPO = Path(__file__).resolve().parent.parent

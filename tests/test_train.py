@@ -129,18 +129,18 @@ def test_accumulating_four_micro_batches_equals_one_four_times_larger(store, tmp
 
 def test_padding_micro_batch_contributes_nothing(store, tmp_path):
     from xlab.distributed import DistInfo
-    from xlab.train import _Trainer
+    from xlab.train import Trainer
 
     cfg = make_cfg(tmp_path)
-    one = _Trainer(cfg, store, False, DistInfo(), torch.device("cpu"))
-    two = _Trainer(make_cfg(tmp_path, "train.run_name=u"), store, False, DistInfo(), torch.device("cpu"))
+    one = Trainer(cfg, store, False, DistInfo(), torch.device("cpu"))
+    two = Trainer(make_cfg(tmp_path, "train.run_name=u"), store, False, DistInfo(), torch.device("cpu"))
     x, y = next(iter(one.loader))
     pad = (x.clone(), torch.full_like(y, -100))
     r1 = one.train_step([(x, y)])
     r2 = two.train_step([pad, (x, y), pad])
     assert r1["count"] == r2["count"] > 0
     assert r2["loss_sum"] == pytest.approx(r1["loss_sum"], rel=1e-6)
-    for p1, p2 in zip(one.raw_model.parameters(), two.raw_model.parameters()):
+    for p1, p2 in zip(one.model.parameters(), two.model.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
         assert torch.isfinite(p2).all()
 
@@ -205,7 +205,7 @@ def test_checkpoint_contents_and_best_kept(store, tmp_path):
     assert set(rec) >= {"loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "mfu"} and rec["mfu"] > 0
     v = read_metrics(tmp_path / "t", "val")[-1]
     assert v["perplexity"] == pytest.approx(math.exp(v["loss"]))
-    info = __import__("xlab.shards", fromlist=["ShardStore"]).ShardStore(store).split_info("val")
+    info = __import__("xlab.store", fromlist=["ShardStore"]).ShardStore(store).split_info("val")
     assert s["val_bits_per_byte"] == pytest.approx(
         v["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2)))
 
@@ -256,7 +256,7 @@ def test_cli_ctrl_c_saves_and_exits_130(store, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "xlab.cli", "train", "--shards", str(store), "--max-steps", "100000",
+    cmd = [sys.executable, "-m", "xlab", "train", "--shards", str(store), "--max-steps", "100000",
            "-o", f"paths.runs_dir={tmp_path}", "-o", "model.d_model=32", "-o", "model.n_layers=2",
            "-o", "model.n_heads=2", "-o", "model.d_ff=64", "-o", "train.batch_size=4", "-o", "train.log_every=1",
            "-o", "train.eval_every=100000", "-o", "train.device=cpu"]
@@ -282,7 +282,7 @@ def test_token_id_outside_the_vocabulary_is_a_one_line_error(store, tmp_path, sp
 
     import numpy as np
 
-    from xlab.shards import ShardStore
+    from xlab.store import ShardStore
 
     bad = tmp_path / "bad"
     shutil.copytree(store, bad)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 from xlab.config import load_config
-from xlab.shards import FORMAT, FORMAT_VERSION, pack_articles, token_dtype, write_shard
+from xlab.store import TokenizerEntry, write_store
 from xlab.tokenizer import Tokenizer
 
 
@@ -22,34 +21,17 @@ def make_texts(n: int, seed: int) -> list[str]:
 
 
 def make_store(root: Path, *, seq_len: int = 16, n_train: int = 120, n_val: int = 20, vocab: int = 300) -> Path:
-    """Write a shard store under ``root/store`` (train and val splits) and return its path."""
+    """Write a shard store under ``root/store`` (train and val splits) and return its path.
+
+    It is written by :func:`xlab.store.write_store`, the same manifest builder as ``xlab data encode``,
+    so it passes ``xlab data validate``."""
     root = Path(root)
     texts = {"train": make_texts(n_train, 1), "val": make_texts(n_val, 2)}
     tok = Tokenizer.train(texts["train"], vocab, root / "tok.model", seed=1, num_threads=1)
     store = root / "store"
-    splits = {}
-    for split, arts in texts.items():
-        ids = tok.encode(arts)
-        rows = pack_articles(ids, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                             vocab_size=tok.vocab_size)
-        sha = write_shard(store / split / "000000.npy", rows)
-        real = int((rows[:, :-1] != tok.pad_id).sum())
-        splits[split] = {
-            "rows": len(rows), "articles": len(arts), "real_tokens": real,
-            "target_tokens": sum(len(a) + 1 for a in ids),
-            "text_bytes": sum(len(a.encode()) for a in arts), "text_chars": sum(len(a) for a in arts),
-            "shards": [{"file": f"{split}/000000.npy", "rows": len(rows), "real_tokens": real, "sha256": sha}],
-        }
-    shutil.copyfile(root / "tok.model", store / "tokenizer.model")
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "xlab_version": "test", "seq_len": seq_len,
-        "row_len": seq_len + 1, "dtype": str(token_dtype(tok.vocab_size)),
-        "tokenizer": {"file": str(root / "tok.model"), "copy": "tokenizer.model", "sha256": tok.sha256,
-                      "vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "sos_id": tok.sos_id,
-                      "eos_id": tok.eos_id, "unk_id": tok.unk_id},
-        "splits": splits, "params": {}, "inputs": {},
-    }
-    (store / "manifest.json").write_text(json.dumps(manifest))
+    write_store(store, {s: tok.encode(arts) for s, arts in texts.items()}, seq_len=seq_len,
+                tokenizer=TokenizerEntry.of(tok, root / "tok.model"), tokenizer_bytes=(root / "tok.model").read_bytes(),
+                texts=texts)
     return store
 
 

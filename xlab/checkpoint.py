@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import xlab
 from xlab.errors import XLabError, first_line
-from xlab.io import atomic_dir, atomic_path, atomic_write_json, publish_mode, sha256_bytes
+from xlab.fsio import atomic_dir, atomic_path, atomic_write_json, publish_mode, sha256_bytes
 
 FORMAT = "xlab-checkpoint"
 FORMAT_VERSION = 1

@@ -18,8 +18,6 @@ from typing import Any, Iterable, Iterator, Optional
 from xlab.device import autocast_factory, resolve_device
 from xlab.errors import XLabError
 
-IGNORE_INDEX = -100
-
 
 def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
                   max_batches: Optional[int] = None, device: Any = "cpu",
@@ -28,14 +26,15 @@ def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, wor
 
     Unlike the training loader the last, incomplete batch is kept, so a whole-split evaluation sees
     every target. Batch ``k`` (of ``ceil(rows / batch_size)``, or the first ``max_batches``) goes to
-    rank ``k % world_size``. Targets at pad positions are :data:`IGNORE_INDEX`.
+    rank ``k % world_size``. Targets at pad positions are :data:`~xlab.store.format.IGNORE_INDEX`.
 
     Raises:
         XLabError: a row holds a token id ``>= vocab_size`` (default the store's), which the model's
             embedding cannot look up: the store is damaged (``xlab data validate`` finds where).
     """
     import numpy as np
-    import torch
+
+    from xlab.store.loader import make_batch
 
     n = store.rows(split)
     n_batches = math.ceil(n / batch_size)
@@ -43,15 +42,8 @@ def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, wor
         n_batches = min(n_batches, max_batches)
     for k in range(rank, n_batches, world_size):
         idx = np.arange(k * batch_size, min(n, (k + 1) * batch_size), dtype=np.int64)
-        rows = store.read_rows(split, idx).astype(np.int64)
-        limit = store.vocab_size if vocab_size is None else vocab_size
-        if rows.size and (int(rows.max()) >= limit or int(rows.min()) < 0):
-            raise XLabError(f"split {split} of shard store {store.path} holds token ids outside 0..{limit - 1} "
-                            f"(rows {idx[0]}..{idx[-1]}); the store is damaged: run `xlab data validate`, "
-                            "then `xlab data encode --force`")
-        tgt = rows[:, 1:]
-        targets = np.where(tgt == store.pad_id, IGNORE_INDEX, tgt)
-        yield (torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(targets).to(device))
+        inputs, targets = make_batch(store, split, idx, vocab_size)
+        yield inputs.to(device), targets.to(device)
 
 
 def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: int = 8192,
@@ -61,7 +53,7 @@ def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: in
     Args:
         model: a :class:`~xlab.model.Transformer` (or anything with ``hidden`` and ``head``).
         batches: ``(inputs, targets)`` int64 tensors ``(B, T)`` on the model's device; targets equal to
-            :data:`IGNORE_INDEX` count for nothing.
+            :data:`~xlab.store.format.IGNORE_INDEX` count for nothing.
         chunk_tokens: positions whose logits are computed at once.
         autocast: a context manager factory for mixed precision (None: full precision).
 
@@ -120,10 +112,10 @@ def metrics(loss_sum: float, correct: int, count: int, split_info: Optional[dict
     }
 
 
-def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[str | os.PathLike] = None,
-        device: str = "auto", max_batches: Optional[int] = None,
-        json_out: Optional[str | os.PathLike] = None) -> dict:
-    """``xlab evaluate``: metrics of a checkpoint or export over a whole split (or its first batches).
+def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "val",
+                        shards_dir: Optional[str | os.PathLike] = None, device: str = "auto",
+                        max_batches: Optional[int] = None) -> dict:
+    """Metrics of a checkpoint or export over a whole split of a shard store (or its first batches).
 
     Args:
         checkpoint: a training checkpoint ``.pt`` or an export folder.
@@ -131,32 +123,21 @@ def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[
         shards_dir: the shard store; default the one the model was trained on.
         device: auto | cpu | cuda | cuda:N.
         max_batches: evaluate only the first N batches (of ``train.batch_size`` rows).
-        json_out: also write the metrics to this JSON file (atomically).
 
     Returns:
         ``{"loss", "accuracy", "perplexity", "bits_per_byte", "tokens", "split", "checkpoint", "step",
-        "batches", "complete"}``.
+        "batches", "complete", "shards"}`` (loss in nats per target token).
 
     Raises:
-        XLabError: unreadable checkpoint, missing store or split, or a store encoded with another
-            tokenizer than the model's.
+        XLabError: unreadable checkpoint, missing store or split, an empty split, ``max_batches < 1``, a
+            damaged store, or a store encoded with another tokenizer than the model's.
     """
-    from rich.console import Console
-    from rich.table import Table
-
     from xlab.checkpoint import load_model_meta
     from xlab.config import stage_paths
-    from xlab.io import atomic_write_json
-    from xlab.shards import ShardStore
+    from xlab.store import ShardStore
 
     if max_batches is not None and max_batches < 1:
         raise XLabError(f"--max-batches must be >= 1, got {max_batches}")
-    if json_out is not None:
-        json_out = Path(json_out)
-        if json_out.is_dir():
-            raise XLabError(f"--json {json_out} is a folder; give a file path such as {json_out / 'metrics.json'}")
-        if not json_out.parent.is_dir():
-            raise XLabError(f"--json {json_out}: folder {json_out.parent} does not exist")
     dev = resolve_device(device)
     model, cfg, tok, meta = load_model_meta(checkpoint, dev)
     if shards_dir is None:
@@ -189,15 +170,4 @@ def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[
     m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
     m.update({"split": split, "checkpoint": str(checkpoint), "step": meta.get("step"), "batches": n_batches,
               "complete": n_batches == total_batches, "shards": str(store.path)})
-    table = Table(title=f"{split} split" + ("" if m["complete"] else f", first {n_batches} batches"))
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens"):
-        v = m[k]
-        table.add_row(k, "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
-    console = Console(highlight=False)
-    console.print(f"[bold]evaluate[/bold] {checkpoint} (step {m['step']}) on {store.path}", soft_wrap=True)
-    console.print(table)
-    if json_out is not None:
-        atomic_write_json(Path(json_out), m)
     return m

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # the same value as xlab.shards.IGNORE_INDEX and torch's cross_entropy default
+from xlab.store.format import IGNORE_INDEX  # torch's cross_entropy default
 
 
 def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from xlab.io import atomic_write_bytes, sha256_bytes
+from xlab.fsio import atomic_write_bytes, sha256_bytes
 from xlab.errors import first_line
 
 META = "\u2581"  # SentencePiece's whitespace symbol; a literal one in text is encoded as bytes

@@ -1,5 +1,5 @@
-"""Text generation: greedy search, sampling and beam search over token ids, and the ``xlab generate``
-command (``xlab predict`` is :mod:`xlab.predict`).
+"""Searches over token ids: greedy search, sampling and beam search, and teacher-forced scoring.
+The text layer (prompts, streaming, decoding) is :mod:`xlab.generate.text`.
 
 The search functions take any ``model`` callable that maps ids ``(B, T)`` int64 to logits
 ``(B, T, V)``. When the model offers a KV cache (it has ``new_cache(batch_size, device=...)``, as the
@@ -28,16 +28,11 @@ top-p (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from xlab.device import resolve_device
-from xlab.errors import XLabError
 
 Model = Callable[..., torch.Tensor]
 
@@ -97,6 +92,11 @@ def filter_logits(logits: torch.Tensor, *, top_k: Optional[int] = None, top_p: f
         ValueError: ``top_k < 0`` or ``top_p`` outside (0, 1].
     """
     check_sampling(0.0, top_k, top_p)
+    return _filter(logits, top_k, top_p)
+
+
+def _filter(logits: torch.Tensor, top_k: Optional[int], top_p: float) -> torch.Tensor:
+    """:func:`filter_logits` without the argument checks (the decoding loop checks them once)."""
     logits = logits.float().clone()
     vocab = logits.shape[-1]
     if top_k and top_k < vocab:
@@ -243,7 +243,7 @@ def _sample_picker(temperature: float, top_k: Optional[int], top_p: float, seeds
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def pick(logits: torch.Tensor, rows: list) -> torch.Tensor:
-        probs = torch.softmax(filter_logits(logits / temperature, top_k=top_k, top_p=top_p), dim=-1)
+        probs = torch.softmax(_filter(logits / temperature, top_k, top_p), dim=-1)
         u = torch.cat([torch.rand(1, generator=gens[r], dtype=torch.float64) for r in rows])
         return _inverse_cdf(probs, u)
 
@@ -415,13 +415,19 @@ def beam_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
     return sorted(finished, key=lambda h: -h.score)
 
 
-# ------------------------------------------------------------------------------------ text level
-def _continuations(model: Model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float,
-                   top_k: Optional[int], top_p: float, greedy: bool, beam_width: int, length_penalty: float,
-                   num_samples: int, seed: int, eos_id: Optional[int],
-                   on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
-    """New ids for each of ``num_samples`` texts, by beam search (``beam_width > 1``), greedy search
-    (``greedy`` or temperature 0) or sampling. ``on_token`` is not called by beam search."""
+# ---------------------------------------------------------------------------- all three searches
+def continuations(model: Model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: float = 1.0, greedy: bool = False, beam_width: int = 1,
+                  length_penalty: float = 1.0, num_samples: int = 1, seed: int = 0, eos_id: Optional[int] = None,
+                  on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+    """New ids for each of ``num_samples`` continuations of ``prompt_ids``, by beam search
+    (``beam_width > 1``; every sample is the one best hypothesis), greedy search (``greedy`` or
+    temperature 0) or sampling; the arguments are those of :func:`sample` and :func:`beam_search`.
+    ``on_token(sample_index, id)`` is not called by beam search.
+
+    Raises:
+        ValueError: as :func:`sample` and :func:`beam_search`.
+    """
     check_sampling(temperature, top_k, top_p)
     if beam_width > 1:
         best = beam_search(model, prompt_ids, max_new_tokens, beam_width=beam_width,
@@ -431,71 +437,6 @@ def _continuations(model: Model, prompt_ids: list[int], *, max_new_tokens: int, 
         temperature = 0.0
     return sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                   num_samples=num_samples, seed=seed, eos_id=eos_id, on_token=on_token)
-
-
-def generate(model: Model, tokenizer: Any, prompt: str, *, max_new_tokens: int = 100, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: float = 1.0, greedy: bool = False, beam_width: int = 1,
-             length_penalty: float = 1.0, seed: int = 42, add_sos: bool = True,
-             on_text: Optional[Callable[[str], None]] = None) -> str:
-    """Continue ``prompt`` and return the decoded text of the whole sequence (prompt + continuation).
-
-    Decoding the whole sequence at once means no space is inserted or lost where the prompt ends.
-    ``<sos>`` (when ``add_sos``) and ``<eos>`` are not part of the text.
-
-    Args:
-        model: as in :func:`greedy_search`.
-        tokenizer: XLab :class:`~xlab.tokenizer.Tokenizer` (encode, decode, sos_id, eos_id,
-            incremental_decoder).
-        prompt: the prompt text (may be empty when ``add_sos``).
-        beam_width: > 1 runs :func:`beam_search` (the sampling options are then ignored).
-        greedy: greedy search (same as ``temperature=0``).
-        seed: seed of the sampling generator.
-        add_sos: prepend ``<sos>``, as at the start of every training article.
-        on_text: streaming: called with successive pieces of text whose concatenation is the
-            returned text (through ``tokenizer.incremental_decoder()``); beam search, which knows its
-            result only at the end, calls it once with the whole text.
-        max_new_tokens, temperature, top_k, top_p, length_penalty: see :func:`sample` and
-            :func:`beam_search`.
-
-    Raises:
-        ValueError: bad option values, or an empty prompt without ``<sos>``.
-        XLabError: the prompt is not valid text (e.g. lone surrogates from bytes that are not UTF-8).
-    """
-    prompt_ids = ([tokenizer.sos_id] if add_sos else []) + encode_prompt(tokenizer, prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty and add_sos is off: nothing to continue")
-    text_ids = prompt_ids[1:] if add_sos else prompt_ids
-    streamer = _Streamer(tokenizer, text_ids, on_text) if on_text is not None and beam_width <= 1 else None
-    new = _continuations(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, greedy=greedy, beam_width=beam_width, length_penalty=length_penalty,
-                         num_samples=1, seed=seed, eos_id=tokenizer.eos_id,
-                         on_token=None if streamer is None else streamer.push)[0]
-    text = tokenizer.decode(text_ids + new)
-    if streamer is not None:
-        streamer.flush()
-    elif on_text is not None:
-        on_text(text)
-    return text
-
-
-class _Streamer:
-    """Feeds the prompt and then each new id through the tokenizer's incremental decoder."""
-
-    def __init__(self, tokenizer: Any, text_ids: list[int], on_text: Callable[[str], None]):
-        self.dec = tokenizer.incremental_decoder()
-        self.on_text = on_text
-        for t in text_ids:
-            self._emit(self.dec.push(t))
-
-    def _emit(self, s: str) -> None:
-        if s:
-            self.on_text(s)
-
-    def push(self, row: int, token: int) -> None:
-        self._emit(self.dec.push(token))
-
-    def flush(self) -> None:
-        self._emit(self.dec.flush())
 
 
 # -------------------------------------------------------------------------------------- scoring
@@ -528,105 +469,3 @@ def reference_nll(model: Model, prefix_ids: Sequence[int], target_ids: Sequence[
         logits = torch.cat(rows)
     nll = F.cross_entropy(logits, targets.to(logits.device), reduction="none")
     return nll.tolist()
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def _load(checkpoint: Path, device: torch.device):
-    """(model, cfg, tokenizer, meta) of a checkpoint .pt or an export folder, the model on ``device``;
-    ``meta`` holds ``shards`` (the store trained on) and ``tokenizer_sha256``."""
-    from xlab.checkpoint import load_model_meta
-
-    if not Path(checkpoint).exists():
-        raise XLabError(f"checkpoint not found: {checkpoint}; train one with `xlab train`")
-    return load_model_meta(checkpoint, device=str(device))
-
-
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """``tokenizer.encode(prompt)`` for a prompt typed by a user.
-
-    Raises:
-        XLabError: the prompt is not valid text, e.g. bytes that are not UTF-8 on the command line
-            (Python hands them over as lone surrogates, which no tokenizer can encode).
-    """
-    try:
-        return list(tokenizer.encode(prompt))
-    except ValueError as e:
-        raise XLabError(f"the prompt is not valid UTF-8 text: {str(e).splitlines()[0]}") from None
-
-
-def _check_seed(seed: int, num_samples: int = 1) -> None:
-    """Sample ``i`` seeds a torch generator with ``seed + i``, which must fit in 0 .. 2**63 - 1."""
-    if seed < 0 or seed + max(num_samples, 1) - 1 >= 2 ** 63:
-        raise XLabError(f"--seed must be between 0 and {2 ** 63 - num_samples} (each of {num_samples} sample(s) uses seed + i), "
-                        f"got {seed}")
-
-
-def _check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float,
-                       beam_width: int = 1, num_samples: int = 1, greedy: bool = False) -> None:
-    if max_new_tokens < 0:
-        raise XLabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    try:
-        check_sampling(temperature, top_k, top_p)
-    except ValueError as e:
-        raise XLabError(str(e).replace("temperature", "--temperature").replace("top_k", "--top-k")
-                        .replace("top_p", "--top-p")) from None
-    if beam_width < 1:
-        raise XLabError(f"--beam-width must be >= 1, got {beam_width}")
-    if num_samples < 1:
-        raise XLabError(f"--num-samples must be >= 1, got {num_samples}")
-    if greedy and beam_width > 1:
-        raise XLabError("--greedy and --beam-width > 1 are two different searches: choose one")
-    if num_samples > 1 and (beam_width > 1 or greedy or temperature == 0):
-        raise XLabError("--num-samples > 1 needs sampling: drop --beam-width/--greedy or use --temperature > 0")
-
-
-def cli_generate(checkpoint: Path, prompt: str, *, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                 top_p: float, greedy: bool, beam_width: int, length_penalty: float, num_samples: int, seed: int,
-                 add_sos: bool, device: str, stream: bool) -> list[str]:
-    """``xlab generate``: print ``num_samples`` texts (prompt + continuation) on stdout.
-
-    Samples are printed one after the other, separated by a ``--- sample i/N ---`` line when there is
-    more than one. With ``stream`` the text appears as it is generated (samples then run one after
-    the other; sample ``i`` still uses seed ``seed + i``, so the text is the same as without
-    ``stream``); beam search prints its result when the search ends.
-
-    Returns:
-        The texts printed.
-
-    Raises:
-        XLabError: bad option values, a missing checkpoint, an unavailable device, an empty prompt
-        with ``--continue``.
-    """
-    _check_cli_options(max_new_tokens, temperature, top_k, top_p, beam_width, num_samples, greedy)
-    if not math.isfinite(length_penalty):
-        raise XLabError(f"--length-penalty must be finite, got {length_penalty}")
-    _check_seed(seed, num_samples)
-    model, _cfg, tok, _meta = _load(checkpoint, resolve_device(device))
-    prompt_ids = ([tok.sos_id] if add_sos else []) + encode_prompt(tok, prompt)
-    if not prompt_ids:
-        raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
-    text_ids = prompt_ids[1:] if add_sos else prompt_ids
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                greedy=greedy, beam_width=beam_width, length_penalty=length_penalty, eos_id=tok.eos_id)
-
-    def header(i: int) -> None:
-        if num_samples > 1:
-            print(f"--- sample {i + 1}/{num_samples} ---", flush=True)
-
-    texts = []
-    if stream and beam_width <= 1:
-        for i in range(num_samples):
-            header(i)
-            streamer = _Streamer(tok, text_ids, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-            new = _continuations(model, prompt_ids, num_samples=1, seed=seed + i, on_token=streamer.push, **opts)[0]
-            streamer.flush()
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-            texts.append(tok.decode(text_ids + new))
-    else:
-        news = _continuations(model, prompt_ids, num_samples=num_samples, seed=seed, **opts)
-        for i, new in enumerate(news):
-            header(i)
-            texts.append(tok.decode(text_ids + new))
-            print(texts[-1], flush=True)
-    return texts

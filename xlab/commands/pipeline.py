@@ -8,23 +8,28 @@ that ignores context would reach), and times every stage.
 from __future__ import annotations
 
 import math
+import shutil
 import time
-from typing import Any
+from pathlib import Path
 
+from omegaconf import DictConfig
 from rich.table import Table
 
+from pipelines import download, encode, split, stats, train_tokenizer
 from pipelines.stage import console
-from xlab.config import stage_paths
+from xlab.checkpoint import load_checkpoint, load_model
+from xlab.commands import evaluate as evaluate_cmd
+from xlab.config import stage_paths, to_dict
+from xlab.errors import XLabError
+from xlab.store import ShardStore
 
 
-def run(cfg: Any, *, force: bool = False, prompt: str = "The history of") -> dict:
+def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of") -> dict:
     """Run every stage; returns ``{"times_s": {stage: seconds}, "val_loss", "unigram_loss", "text"}``.
 
     Raises:
         XLabError: from whichever stage fails (its message names the problem).
     """
-    from pipelines import download, encode, split, stats, train_tokenizer
-
     times: dict[str, float] = {}
 
     def timed(name, fn, *args, **kwargs):
@@ -40,27 +45,20 @@ def run(cfg: Any, *, force: bool = False, prompt: str = "The history of") -> dic
     timed("encode", encode.run, cfg, force=force)
     timed("stats", stats.run, cfg)
 
-    from xlab import train as train_mod
-
-    summary = timed("train", _train, train_mod, cfg, force)
-
-    from xlab import evaluate as eval_mod
-    from xlab.shards import ShardStore
-
+    summary = timed("train", _train, cfg, force)
     paths = stage_paths(cfg)
     last = paths.run / "checkpoints" / "last.pt"
-    metrics = timed("evaluate", eval_mod.run, last, split="val", shards_dir=paths.shards, device=cfg.train.device,
+    metrics = timed("evaluate", evaluate_cmd.run, last, split="val", shards_dir=paths.shards, device=cfg.train.device,
                     max_batches=None, json_out=None)
     store = ShardStore(paths.shards)
     unigram = stats.unigram_baseline(store, fit_split="train", eval_split="val")
 
-    from xlab import generate as gen
-    from xlab.checkpoint import load_model
-
     def _generate():
+        from xlab.generate import generate
+
         model, _, tok = load_model(last, device="cpu")
         g = cfg.generate
-        return gen.generate(model, tok, prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+        return generate(model, tok, prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                             top_k=g.top_k, top_p=g.top_p, seed=g.seed)
 
     text = timed("generate", _generate)
@@ -85,9 +83,9 @@ def run(cfg: Any, *, force: bool = False, prompt: str = "The history of") -> dic
     return {"times_s": times, "val_loss": val_loss, "unigram_loss": unigram, "text": text, "train": summary}
 
 
-def _train(train_mod, cfg, force: bool):
+def _train(cfg: DictConfig, force: bool):
     """Train, resume an interrupted run, or skip a finished one with the same configuration."""
-    import shutil
+    from xlab.train import train  # imports torch: only once training is due
 
     run_dir = stage_paths(cfg).run
     status = _run_status(run_dir, cfg)
@@ -99,19 +97,14 @@ def _train(train_mod, cfg, force: bool):
                       f"another run with -o train.run_name=NAME")
         return None
     if status == "different":
-        from xlab.errors import XLabError
-
         raise XLabError(f"{run_dir} holds a run with another configuration; choose another run with "
                         f"-o train.run_name=NAME, or delete {run_dir} to retrain it")
-    return train_mod.train(cfg, shards_dir=None, resume=(status == "partial"))
+    return train(cfg, shards_dir=None, resume=(status == "partial"))
 
 
-def _run_status(run_dir, cfg) -> str:
+def _run_status(run_dir: Path, cfg: DictConfig) -> str:
     """``none`` (no checkpoint), ``finished`` / ``partial`` (same configuration, done or not), or
     ``different`` (a run with another configuration that ``--force`` would replace)."""
-    from xlab.checkpoint import load_checkpoint
-    from xlab.config import to_dict
-
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return "none"

@@ -1,0 +1,291 @@
+"""The ``xlab`` command line (Typer): one command per stage of the data flow (see the README).
+
+Heavy libraries (torch, datasets, sentencepiece) are imported inside the commands that need them,
+so ``xlab --help`` answers at once. Every :class:`~xlab.errors.XLabError` becomes one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from xlab.errors import XLabError
+
+app = typer.Typer(
+    help="XLab: train transformer language models on Wikipedia, from raw text to generated text.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Data stages: download, split, encode, validate, merge.", no_args_is_help=True)
+tok_app = typer.Typer(help="Tokenizer: train, show.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tok_app, name="tokenizer")
+
+ConfigOpt = Annotated[
+    Optional[List[Path]],
+    typer.Option("--config", "-c", help="YAML file layered over conf/defaults.yaml (repeatable)."),
+]
+SetOpt = Annotated[
+    Optional[List[str]],
+    typer.Option("--set", "-o", help="Override one value, e.g. -o train.lr=1e-3 (repeatable)."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its manifest is up to date.")]
+
+
+def _cfg(config: Optional[List[Path]], overrides: Optional[List[str]], extra: dict | None = None):
+    """Load the layered configuration; ``extra`` holds command options (None means not given)."""
+    from xlab.config import load_config
+
+    return load_config(config or [], overrides or [], values=extra)
+
+
+# ----------------------------------------------------------------------------------------- data
+@data_app.command("download")
+def data_download(
+    source: Annotated[Optional[str], typer.Option(help="sample (built-in Wikipedia sample) | hf | dump")] = None,
+    dump: Annotated[Optional[Path], typer.Option("--dump", help="MediaWiki XML dump (.xml or .xml.bz2) for --source dump.")] = None,
+    max_articles: Annotated[Optional[int], typer.Option(help="Keep only the first N articles.")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Download (or read) Wikipedia articles into data/raw/<name>/articles.parquet."""
+    cfg = _cfg(config, set_, {"data.source": source, "data.dump_path": dump, "data.max_articles": max_articles})
+    from pipelines import download
+
+    download.run(cfg, force=force)
+
+
+@data_app.command("split")
+def data_split(
+    seed: Annotated[Optional[int], typer.Option(help="Split seed.")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Split the articles into train 90% / val 5% / test 2.5% / predict 2.5%."""
+    cfg = _cfg(config, set_, {"data.split_seed": seed})
+    from pipelines import split
+
+    split.run(cfg, force=force)
+
+
+@data_app.command("encode")
+def data_encode(
+    num_proc: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
+    num_shards: Annotated[int, typer.Option(help="Partition the work into N parts (several machines).")] = 1,
+    shard_index: Annotated[int, typer.Option(help="Which part this machine encodes, 0..N-1.")] = 0,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Encode the splits into memory-mapped .npy token shards (shards/<name>/)."""
+    cfg = _cfg(config, set_, {"shards.num_proc": num_proc})
+    from pipelines import encode
+
+    encode.run(cfg, force=force, num_shards=num_shards, shard_index=shard_index)
+
+
+@data_app.command("merge")
+def data_merge(config: ConfigOpt = None, set_: SetOpt = None):
+    """Merge the parts written with --num-shards/--shard-index into one store manifest."""
+    cfg = _cfg(config, set_)
+    from pipelines import encode
+
+    encode.merge(cfg)
+
+
+@data_app.command("validate")
+def data_validate(
+    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Check every shard against the manifest and the tokenizer; exit 1 listing every problem."""
+    cfg = _cfg(config, set_)
+    from pipelines import validate
+
+    code = validate.run(cfg, shards_dir=shards)
+    raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+@tok_app.command("train")
+def tokenizer_train(
+    vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size.")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Train the reversible SentencePiece BPE tokenizer on the train split."""
+    cfg = _cfg(config, set_, {"tokenizer.vocab_size": vocab_size})
+    from pipelines import train_tokenizer
+
+    train_tokenizer.run(cfg, force=force)
+
+
+@tok_app.command("show")
+def tokenizer_show(
+    text: Annotated[str, typer.Argument(help="Text to tokenize.")],
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer .model (default: tokenizers/<name>.model).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Print the pieces and ids of TEXT; byte-fallback pieces are marked."""
+    cfg = _cfg(config, set_)
+    from pipelines import train_tokenizer
+
+    train_tokenizer.show(cfg, text, tokenizer_path=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------- stats
+@app.command("stats")
+def stats(
+    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw the article-length histogram per split to this PNG.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Statistics of the shard store and the tokenizer, as tables."""
+    cfg = _cfg(config, set_)
+    from pipelines import stats as stats_mod
+
+    stats_mod.run(cfg, shards_dir=shards, plot=plot)
+
+
+# ------------------------------------------------------------------------------------- training
+@app.command("train")
+def train(
+    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
+    run_name: Annotated[Optional[str], typer.Option(help="Run folder name under runs/.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from runs/<run>/checkpoints/last.pt.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: the configured epochs).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Train the decoder on a shard store (single process, or DDP under torchrun)."""
+    cfg = _cfg(config, set_, {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device})
+    from xlab.train import train as run_training
+
+    run_training(cfg, shards_dir=shards, resume=resume)
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
+    split: Annotated[str, typer.Option(help="A split of the store: val | test | train | predict.")] = "val",
+    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: the one the model was trained on).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+):
+    """Loss, accuracy, perplexity and bits per byte over a whole split."""
+    from xlab.commands import evaluate as evaluate_cmd
+
+    evaluate_cmd.run(checkpoint, split=split, shards_dir=shards, device=device, max_batches=max_batches, json_out=json_out)
+
+
+@app.command("export")
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint .pt")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/<run>-<step>).")] = None,
+):
+    """Write the weights as safetensors plus the configuration and tokenizer; never overwrites."""
+    from xlab import checkpoint as ckpt
+
+    ckpt.export(checkpoint, out)
+
+
+# ----------------------------------------------------------------------------------- generation
+@app.command("generate")
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (no cap: the time grows linearly with it, one model step per token).")] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most probable tokens (0: off).")] = None,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search.")] = False,
+    beam_width: Annotated[int, typer.Option(help="Beam search with this many beams (1: off).")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="Beam score = logprob / n_tokens**length_penalty.")] = 1.0,
+    num_samples: Annotated[int, typer.Option(help="Independent samples to print.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    continue_: Annotated[bool, typer.Option("--continue", help="No <sos> before the prompt.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
+):
+    """Generate text from PROMPT by sampling, greedy search or beam search."""
+    from xlab.commands.generate import cli_generate
+
+    cli_generate(
+        checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, greedy=greedy, beam_width=beam_width, length_penalty=length_penalty,
+        num_samples=num_samples, seed=seed, add_sos=not continue_, device=device, stream=stream,
+    )
+
+
+@app.command("predict")
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
+    out: Annotated[Path, typer.Option(help="JSONL output file.")] = Path("predictions.jsonl"),
+    num_articles: Annotated[int, typer.Option("-n", "--num-articles", help="Articles of the predict split.")] = 20,
+    prompt_tokens: Annotated[int, typer.Option(help="K: prompt length in tokens.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per article.")] = 64,
+    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: the model's).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of sampling.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+):
+    """Continue the first K tokens of N predict-split articles; write prompt, reference and generation."""
+    from xlab.commands.predict import cli_predict
+
+    cli_predict(
+        checkpoint, out=out, num_articles=num_articles, prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens, shards_dir=shards, greedy=greedy, seed=seed, device=device,
+    )
+
+
+# ------------------------------------------------------------------------------------- pipeline
+@app.command("pipeline")
+def pipeline(
+    force: ForceOpt = False,
+    prompt: Annotated[str, typer.Option(help="Prompt for the closing generation.")] = "The history of",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+):
+    """Run download, split, tokenizer train, encode, stats, train, evaluate and generate, skipping
+    every stage that is up to date."""
+    cfg = _cfg(config, set_)
+    from xlab.commands import pipeline as pipeline_cmd
+
+    pipeline_cmd.run(cfg, force=force, prompt=prompt)
+
+
+def main() -> None:
+    """Entry point of the installed ``xlab`` command."""
+    try:
+        app(prog_name="xlab")
+    except XLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        # A path the user pointed at (or a folder a stage writes to) that cannot be used: a file where a
+        # folder should be, a read-only folder, a full disk. Every stage writes atomically, so what an
+        # earlier run wrote is intact; the message names the path.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

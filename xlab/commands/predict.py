@@ -1,0 +1,97 @@
+"""``xlab predict``: options, the JSONL report written atomically and the summary table; the work is
+:func:`xlab.generate.predict.predict`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from xlab.commands.generate import check_cli_options, check_seed, load_for_cli
+from xlab.config import stage_paths
+from xlab.device import resolve_device
+from xlab.errors import XLabError
+from xlab.fsio import atomic_write_text
+from xlab.generate.predict import predict
+from xlab.store import ShardStore
+
+
+def _store_path(cfg: Any, meta: dict, shards_dir: Optional[Path]) -> Path:
+    """The shard store of ``xlab predict``: ``--shards``, else the store the checkpoint recorded,
+    else ``shards/<data.name>`` of the checkpoint's configuration."""
+    if shards_dir is not None:
+        return Path(shards_dir)
+    if meta.get("shards"):
+        return Path(meta["shards"])
+    try:
+        return stage_paths(cfg).shards
+    except (AttributeError, KeyError, TypeError):  # an export or checkpoint without a data section
+        raise XLabError("cannot tell which shard store the model was trained on; pass --shards") from None
+
+
+def cli_predict(checkpoint: Path, *, out: Path, num_articles: int, prompt_tokens: int, max_new_tokens: int,
+                shards_dir: Optional[Path], greedy: bool, seed: int, device: str) -> dict:
+    """``xlab predict``: write one JSON line per article (see :func:`predict`) to ``out`` atomically
+    and print a summary; sampling uses the checkpoint configuration's ``generate`` settings.
+
+    Returns:
+        Summary dict: articles, skipped, reference_loss (token-weighted mean, nats), out.
+
+    Raises:
+        XLabError: bad option values, a missing checkpoint or store, a store encoded with another
+        tokenizer, no article long enough.
+    """
+    if num_articles < 1:
+        raise XLabError(f"--num-articles must be >= 1, got {num_articles}")
+    if prompt_tokens < 1:
+        raise XLabError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
+    if max_new_tokens < 1:
+        raise XLabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_seed(seed, num_articles)
+    model, cfg, tok, meta = load_for_cli(checkpoint, resolve_device(device))
+    gen_cfg = _get(cfg, "generate")
+    temperature = float(_get(gen_cfg, "temperature", 1.0))
+    top_k = _get(gen_cfg, "top_k", None)
+    top_p = float(_get(gen_cfg, "top_p", 1.0))
+    check_cli_options(max_new_tokens, temperature, top_k, top_p)
+    store = ShardStore(_store_path(cfg, meta, shards_dir))
+    if store.tokenizer_sha256 != tok.sha256:
+        raise XLabError(f"the shard store {store.path} was encoded with another tokenizer than the model's; "
+                        "pass the model's store with --shards")
+    if "predict" not in store.splits:
+        raise XLabError(f"the shard store {store.path} has no predict split; run `xlab data encode`")
+    records, skipped = predict(model, tok, store, num_articles=num_articles, prompt_tokens=prompt_tokens,
+                               max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, temperature=temperature,
+                               top_k=top_k, top_p=top_p)
+    if not records:
+        raise XLabError(f"no predict-split article has more than {prompt_tokens} tokens; lower --prompt-tokens")
+    n_tokens = sum(r["reference_tokens"] for r in records)
+    mean_loss = sum(r["reference_loss"] * r["reference_tokens"] for r in records) / n_tokens
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    summary = {"articles": len(records), "skipped": skipped, "reference_tokens": n_tokens,
+               "reference_loss": mean_loss, "reference_perplexity": math.exp(mean_loss), "out": str(out)}
+    _print_summary(summary, greedy)
+    return summary
+
+
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _print_summary(summary: dict, greedy: bool) -> None:
+    table = Table(title="xlab predict", show_header=False)
+    table.add_row("articles", f"{summary['articles']} ({summary['skipped']} shorter ones skipped)")
+    table.add_row("decoding", "greedy" if greedy else "sampling")
+    table.add_row("reference tokens", str(summary["reference_tokens"]))
+    table.add_row("reference loss", f"{summary['reference_loss']:.4f} nats/token "
+                                    f"(perplexity {summary['reference_perplexity']:.2f})")
+    table.add_row("written", summary["out"])
+    Console(highlight=False).print(table)

@@ -1,0 +1,297 @@
+"""The shard-store format: constants, the token dtype, row packing and :class:`StoreManifest`.
+
+A store is a folder ``shards/<name>/`` with ``manifest.json`` and one subfolder per split holding
+``.npy`` token shards. Each shard is a 2-D array ``(rows, seq_len + 1)`` of ``uint16`` (vocabularies
+up to 65,536 ids) or ``uint32``; a row is one training sequence: ``inputs = row[:-1]``,
+``targets = row[1:]``. An article of ``n`` tokens is stored as ``<sos> t1..tn <eos>`` cut into
+``ceil((n + 1) / seq_len)`` windows that start every ``seq_len`` tokens (consecutive windows share
+one token, so every token after ``<sos>`` is a target exactly once); the last window is padded
+with ``pad_id``. Targets at pad positions become :data:`IGNORE_INDEX`.
+
+The ``.npy`` header (dtype and shape) makes every shard self-describing, after llm.c's token files;
+the dtype follows the vocabulary size as in Megatron. :class:`StoreManifest` is the one place the
+manifest is built and parsed: encode, merge, :func:`~xlab.store.writer.write_store`, the reader,
+the tests and the benchmarks all go through it, so a store written anywhere validates everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+FORMAT = "xlab-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_COPY = "tokenizer.model"  # the store's own copy of its tokenizer
+IGNORE_INDEX = -100  # the loss's ignore index for targets at pad positions (torch's default)
+ENCODE_HINT = "xlab data encode"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id below ``vocab_size``.
+
+    ``uint16`` when ``vocab_size <= 65536`` (2 bytes per token), else ``uint32``.
+
+    Raises:
+        ValueError: ``vocab_size <= 0``.
+    """
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def real_tokens(rows: np.ndarray, pad_id: int) -> int:
+    """Non-pad tokens of ``rows`` ``(n, seq_len + 1)``, every column counted (the manifest's
+    ``real_tokens`` of a shard; the row overlap makes it larger than the number of targets)."""
+    return int(np.count_nonzero(rows != pad_id))
+
+
+def target_tokens(articles: Sequence[Sequence[int]]) -> int:
+    """Targets the articles give a model: ``n + 1`` per article of ``n`` text tokens (each text token
+    and the ``<eos>``; ``<sos>`` is never a target)."""
+    return sum(len(a) + 1 for a in articles)
+
+
+def to_targets(targets: np.ndarray, pad_id: int) -> np.ndarray:
+    """``targets`` (any integer shape) as int64 with :data:`IGNORE_INDEX` where the pad id is."""
+    t = np.asarray(targets).astype(np.int64, copy=False)
+    return np.where(t == pad_id, IGNORE_INDEX, t)
+
+
+def pack_articles(ids: Sequence[Sequence[int]], seq_len: int, *, sos_id: int, eos_id: int, pad_id: int,
+                  vocab_size: int) -> np.ndarray:
+    """Pack tokenized articles into fixed-length rows.
+
+    Args:
+        ids: one list of text token ids per article, each non-empty (callers skip empty articles).
+        seq_len: tokens per training sequence; rows hold ``seq_len + 1`` tokens.
+        sos_id, eos_id, pad_id: special ids framing and padding each article.
+        vocab_size: every id must be in ``[0, vocab_size)``.
+
+    Returns:
+        ``(sum_a ceil((n_a + 1) / seq_len), seq_len + 1)`` array of :func:`token_dtype` (vocab_size),
+        articles in the given order, row ``k`` of an article holding
+        ``full[k * seq_len : k * seq_len + seq_len + 1]`` of ``full = [sos] + t + [eos]``, padded.
+
+    Raises:
+        ValueError: an article is empty or an id is outside ``[0, vocab_size)`` (never wrapped).
+    """
+    dtype = token_dtype(vocab_size)
+    row_len = seq_len + 1
+    n = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+    if len(n) == 0:
+        return np.empty((0, row_len), dtype=dtype)
+    if (n == 0).any():
+        raise ValueError("pack_articles: empty article (skip it before packing)")
+    total = int(n.sum())
+    text = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
+    if total and (text.min() < 0 or text.max() >= vocab_size):
+        bad = int(text.max() if text.max() >= vocab_size else text.min())
+        raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    full_len = n + 2
+    start = np.zeros(len(n), dtype=np.int64)  # offset of each article's <sos> in `flat`
+    np.cumsum(full_len[:-1], out=start[1:])
+    flat_len = int(full_len.sum())
+    # One padding window past the end so every gather below stays in bounds.
+    flat = np.full(flat_len + row_len, pad_id, dtype=np.int64)
+    is_text = np.ones(flat_len, dtype=bool)
+    is_text[start] = False
+    is_text[start + n + 1] = False
+    flat[:flat_len][is_text] = text
+    flat[start] = sos_id
+    flat[start + n + 1] = eos_id
+
+    r = (n + seq_len) // seq_len  # rows per article: ceil((n + 1) / seq_len)
+    art = np.repeat(np.arange(len(n)), r)  # article of each row
+    first_row = np.zeros(len(n), dtype=np.int64)
+    np.cumsum(r[:-1], out=first_row[1:])
+    k = np.arange(len(art)) - first_row[art]  # window index within its article
+    row_start = start[art] + k * seq_len
+    row_end = start[art] + full_len[art]  # one past the article's <eos>
+    idx = row_start[:, None] + np.arange(row_len)[None, :]
+    rows = flat[idx]
+    rows[idx >= row_end[:, None]] = pad_id
+    return rows.astype(dtype, copy=False)
+
+
+def read_npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """``(shape, dtype, fortran_order, data_offset)`` of a ``.npy`` file, reading only its header.
+
+    Also checks that the file's size is exactly the header plus ``prod(shape) * itemsize`` bytes.
+
+    Raises:
+        ValueError: not a ``.npy`` file, a damaged header, or a file shorter (truncated) or longer
+            than its header says.
+        OSError: the file cannot be opened.
+    """
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        try:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - numpy parses the header with Python's tokenizer
+            raise ValueError(f"damaged .npy header ({type(e).__name__}: {e})") from None
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    shape, dtype = tuple(shape), np.dtype(dtype)
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size != need:
+        raise ValueError(f"{'truncated' if size < need else 'trailing bytes'}: the file has {size:,} bytes, "
+                         f"its header says {need:,}")
+    return shape, dtype, bool(fortran), offset
+
+
+# ------------------------------------------------------------------------------------ manifest
+@dataclass
+class ShardEntry:
+    """One shard file of a split: its path relative to the store, rows, non-pad tokens, sha256."""
+
+    file: str
+    rows: int
+    real_tokens: int
+    sha256: str
+
+
+@dataclass
+class SplitEntry:
+    """A split's totals and shards. ``target_tokens`` (tokens a model predicts) and ``text_bytes``
+    (UTF-8 bytes of the text) give bits per byte; ``rejected`` lists at most a bounded number of the
+    articles the tokenizer refused (``rejected_articles`` counts them all)."""
+
+    rows: int = 0
+    articles: int = 0
+    real_tokens: int = 0
+    target_tokens: int = 0
+    text_bytes: int = 0
+    text_chars: int = 0
+    empty_articles: int = 0
+    rejected_articles: int = 0
+    rejected: list = field(default_factory=list)
+    shards: list[ShardEntry] = field(default_factory=list)
+
+    def add_shard(self, shard: ShardEntry, *, articles: int, target_tokens: int, text_bytes: int = 0,
+                  text_chars: int = 0) -> None:
+        """Append ``shard`` and add its counts to the split's totals."""
+        self.shards.append(shard)
+        self.rows += shard.rows
+        self.real_tokens += shard.real_tokens
+        self.articles += articles
+        self.target_tokens += target_tokens
+        self.text_bytes += text_bytes
+        self.text_chars += text_chars
+
+
+@dataclass
+class TokenizerEntry:
+    """The tokenizer a store was encoded with: its ids, sha256, original path and the store's copy."""
+
+    vocab_size: int
+    pad_id: int
+    sos_id: int
+    eos_id: int
+    unk_id: int
+    sha256: str = ""
+    file: str = ""
+    copy: Optional[str] = TOKENIZER_COPY
+
+    @classmethod
+    def of(cls, tok: Any, file: str | os.PathLike = "") -> "TokenizerEntry":
+        """The entry of an XLab :class:`~xlab.tokenizer.Tokenizer` (its ids and sha256)."""
+        return cls(vocab_size=int(tok.vocab_size), pad_id=int(tok.pad_id), sos_id=int(tok.sos_id),
+                   eos_id=int(tok.eos_id), unk_id=int(tok.unk_id), sha256=str(tok.sha256), file=str(file))
+
+
+@dataclass
+class StoreManifest:
+    """``manifest.json`` of a shard store: written last, so a store without one is incomplete.
+
+    ``params`` and ``inputs`` are what the encode stage's up-to-date check compares (parameters,
+    input hashes); ``dtype`` is a numpy dtype name and must be :func:`token_dtype` of the vocabulary.
+    """
+
+    seq_len: int
+    dtype: str
+    tokenizer: TokenizerEntry
+    splits: dict[str, SplitEntry]
+    params: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    stage: str = "encode"
+    xlab_version: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per stored row: ``seq_len + 1`` (inputs and targets overlap by all but one)."""
+        return self.seq_len + 1
+
+    def to_json(self) -> dict:
+        """The manifest as plain JSON containers, keys in a stable order."""
+        d = asdict(self)
+        head = {k: d.pop(k) for k in ("format", "format_version", "stage", "xlab_version", "seq_len")}
+        return {**head, "row_len": self.row_len, **d}
+
+    @classmethod
+    def from_json(cls, d: Any) -> "StoreManifest":
+        """Parse :meth:`to_json` output (unknown keys are ignored).
+
+        Raises:
+            ValueError: not an object, another format or version, a missing or mistyped field, or a
+                row length other than ``seq_len + 1``.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"not an XLab shard store of format version {FORMAT_VERSION} "
+                             f"(found {d.get('format')!r} v{d.get('format_version')})")
+        try:
+            tok = d["tokenizer"]
+            tokenizer = TokenizerEntry(
+                vocab_size=int(tok["vocab_size"]), pad_id=int(tok["pad_id"]), sos_id=int(tok["sos_id"]),
+                eos_id=int(tok["eos_id"]), unk_id=int(tok["unk_id"]), sha256=str(tok.get("sha256", "")),
+                file=str(tok.get("file", "")), copy=tok.get("copy"))
+            if not isinstance(d["splits"], dict):
+                raise TypeError("splits is not an object")
+            splits = {str(name): _split_from_json(s) for name, s in d["splits"].items()}
+            m = cls(seq_len=int(d["seq_len"]), dtype=str(np.dtype(d["dtype"])), tokenizer=tokenizer, splits=splits,
+                    params=dict(d.get("params") or {}), inputs=dict(d.get("inputs") or {}),
+                    stage=str(d.get("stage", "encode")), xlab_version=str(d.get("xlab_version", "")))
+            if int(d.get("row_len", m.row_len)) != m.row_len:
+                raise ValueError(f"row_len {d['row_len']} != seq_len + 1")
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{type(e).__name__}: {e}") from None
+        return m
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/manifest.json`` atomically; return its path."""
+        from xlab.fsio import atomic_write_json
+
+        path = Path(folder) / MANIFEST
+        atomic_write_json(path, self.to_json())
+        return path
+
+
+def _split_from_json(s: Any) -> SplitEntry:
+    if not isinstance(s, dict):
+        raise TypeError("a split is not an object")
+    shards = []
+    for sh in s["shards"]:
+        if not isinstance(sh.get("file"), str):
+            raise TypeError("a shard has no file name")
+        shards.append(ShardEntry(file=sh["file"], rows=int(sh["rows"]), real_tokens=int(sh.get("real_tokens", 0)),
+                                 sha256=str(sh.get("sha256", ""))))
+    counts = {k: int(s.get(k, 0)) for k in ("rows", "articles", "real_tokens", "target_tokens", "text_bytes",
+                                             "text_chars", "empty_articles", "rejected_articles")}
+    return SplitEntry(**counts, rejected=list(s.get("rejected", [])), shards=shards)

@@ -1,0 +1,123 @@
+"""Run logging: ``config.yaml``, ``metrics.jsonl``, TensorBoard scalars and the console (a rich
+progress bar plus one line per log and evaluation step). Only the main rank writes anything."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from xlab.fsio import atomic_write_text
+
+
+def fmt(x: Optional[float], spec: str) -> str:
+    """``format(x, spec)``, or ``n/a`` for None and NaN."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep only the records of ``metrics.jsonl`` up to ``max_step`` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= max_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+class RunLogger:
+    """The logs of one run folder. ``resumed_at`` is the step a resumed run continues from (records
+    after it are dropped from ``metrics.jsonl`` and TensorBoard); None for a fresh run, whose stale
+    ``metrics.jsonl`` (a folder without checkpoints holds nothing worth keeping) is removed.
+
+    Use as a context manager; records are dicts with ``step`` and ``split`` plus numeric metrics.
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, *, main: bool, total_steps: int,
+                 resumed_at: Optional[int] = None):
+        self.run_dir, self.main = Path(run_dir), main
+        self.console = Console(highlight=False)
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
+                                 disable=not main, transient=True)
+        self.total_steps = total_steps
+        self._jsonl = self._writer = None
+        self._task = None
+        if not main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        metrics = self.run_dir / "metrics.jsonl"
+        if resumed_at is not None:
+            truncate_jsonl(metrics, resumed_at)
+        elif metrics.exists():
+            metrics.unlink()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resumed_at)
+        self._jsonl = open(metrics, "a", encoding="utf-8")
+
+    def __enter__(self) -> "RunLogger":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.progress.__exit__(*exc)
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Flush and close ``metrics.jsonl`` and the TensorBoard writer."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def print(self, text: str) -> None:
+        """A console line (main rank only), printed above the progress bar."""
+        if self.main:
+            self.progress.console.print(text, soft_wrap=True)
+
+    def record(self, record: dict) -> None:
+        """Append ``record`` to ``metrics.jsonl`` and its numbers to TensorBoard as ``<split>/<key>``."""
+        if not self.main:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in record.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)):
+                self._writer.add_scalar(f"{record['split']}/{k}", v, record["step"])
+
+    def start_progress(self, step: int) -> None:
+        """Show the progress bar at ``step`` of ``total_steps``."""
+        self._task = self.progress.add_task("train", total=self.total_steps, completed=step, info="")
+
+    def advance(self, loss: float) -> None:
+        """Advance the progress bar by one step, showing the step's loss."""
+        self.progress.update(self._task, advance=1, info=f"loss {loss:.4f}")
+
+    def train_line(self, r: dict) -> None:
+        """Record and print a train log line: ``r`` has step, loss, accuracy, lr, grad_norm,
+        tokens_per_s, mfu (a fraction or None) and time (seconds since the run's start)."""
+        self.record({"split": "train", **r})
+        self.print(f"step {r['step']:>6} | loss {r['loss']:.4f} | acc {r['accuracy']:.3f} | lr {r['lr']:.2e} | "
+                   f"gnorm {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | "
+                   f"mfu {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}%")
+
+    def val_line(self, step: int, m: dict) -> None:
+        """Record and print the validation metrics ``m`` of :func:`xlab.evaluate.metrics` at ``step``."""
+        self.record({"step": step, "split": "val",
+                     **{k: m[k] for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens")}})
+        self.print(f"step {step:>6} | val loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | "
+                   f"ppl {m['perplexity']:.1f} | bpb {fmt(m['bits_per_byte'], '.3f')}")

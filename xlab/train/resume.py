@@ -1,0 +1,67 @@
+"""What a run starts from: a fresh run folder, or ``--resume`` from ``last.pt`` with the configuration
+reconciled (the model section is the checkpoint's; train settings may change and are reported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from xlab.checkpoint import load_checkpoint
+from xlab.config import from_dict, to_dict
+from xlab.errors import XLabError
+
+# Model settings that come from the store, not from the user: they never count as a change.
+FROM_STORE = ("vocab_size", "max_len")
+
+
+def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_path: Path) -> Optional[dict]:
+    """The checkpoint a run continues from: ``last.pt`` with ``resume``, else None.
+
+    Raises:
+        XLabError: ``resume`` without ``last.pt``; a ``last.pt`` trained with another tokenizer than the
+            store's; a fresh run over a folder that already has checkpoints (it would mix two runs).
+    """
+    run_dir = ckpt_dir.parent
+    if resume:
+        last = ckpt_dir / "last.pt"
+        if not last.is_file():
+            raise XLabError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
+        ckpt = load_checkpoint(last)
+        if ckpt.get("tokenizer_sha256") != tokenizer_sha256:
+            raise XLabError(f"{last} was trained on a store with another tokenizer than {store_path}")
+        return ckpt
+    if ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
+        raise XLabError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it "
+                        "or --run-name to start a new run")
+    return None
+
+
+def reconcile(cfg: DictConfig, ckpt: Optional[dict], run_dir: Path, *, vocab_size: int,
+              max_len: int) -> tuple[DictConfig, list[str]]:
+    """The configuration in force and the train settings that changed since the checkpoint.
+
+    The model's ``vocab_size`` and ``max_len`` are the store's. On resume the model section must
+    equal the checkpoint's (the architecture cannot change mid-run); train settings may change
+    (e.g. a larger ``max_steps``), each reported as ``"key old->new"``.
+
+    Raises:
+        XLabError: a model setting that differs from the checkpoint's, naming every such key.
+    """
+    cfg = from_dict(to_dict(cfg))
+    cfg.model.vocab_size, cfg.model.max_len = int(vocab_size), int(max_len)
+    if ckpt is None:
+        return cfg, []
+    d = to_dict(cfg)
+    saved, asked = dict(ckpt["config"]["model"]), d["model"]
+    differ = sorted(k for k in set(saved) | set(asked) if k not in FROM_STORE and saved.get(k) != asked.get(k))
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {asked.get(k)!r} (asked)" for k in differ)
+        raise XLabError(f"model settings cannot change on --resume: {what}; resume with the run's "
+                        f"settings ({run_dir / 'config.yaml'}) or start a new run with --run-name")
+    d["model"] = saved
+    cfg = from_dict(d)
+    old = ckpt["config"].get("train", {})
+    changed = [f"{k} {old.get(k)!r}->{v!r}" for k, v in to_dict(cfg)["train"].items() if k in old and old[k] != v]
+    return cfg, changed

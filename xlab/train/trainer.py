@@ -1,0 +1,394 @@
+"""The training loop: one process, or DistributedDataParallel under ``torchrun``.
+
+What a step does (``train.grad_accum`` micro-batches per optimizer step, per process):
+
+1. Count the non-pad targets of all the step's micro-batches and sum the count over processes.
+2. For each micro-batch, the summed token loss (nats) divided by that global count is
+   back-propagated (times the number of processes, because DDP averages gradients). The step's
+   gradient is therefore that of the mean loss over every non-pad target of the step, whatever the
+   accumulation or the number of processes, and a micro-batch of padding contributes exactly 0.
+   Gradient all-reduce runs only on the last micro-batch (``no_sync`` on the others).
+3. Clip the gradient norm, set the learning rate from the schedule (a function of the step only),
+   take an AdamW step (weight decay on matrices only, not on biases, norms or embeddings).
+
+Logits are never materialised for a whole batch: the loss is fused with the output head
+(:mod:`xlab.loss`). Loss and accuracy sums are kept in fp64.
+
+Run folder ``runs/<run_name>/``: ``config.yaml`` (the configuration in force), ``metrics.jsonl``,
+TensorBoard event files in ``tb/``, and ``checkpoints/last.pt`` plus ``best-*.pt`` (the best
+``keep_best`` by validation loss). Only rank 0 writes. A checkpoint is written atomically every
+``checkpoint_every`` steps, at the end, and on Ctrl-C (after the step in progress; a second Ctrl-C
+stops at once without saving). ``resume=True`` continues from ``last.pt`` exactly: the same losses
+and, with ``train.deterministic``, bit-identical weights to an uninterrupted run. Under DDP the
+checkpoint also holds every rank's torch random state (dropout), restored when resuming with the
+same number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from xlab import distributed as xdist
+from xlab import loss as xloss
+from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
+from xlab.config import stage_paths, to_dict
+from xlab.device import autocast_factory, resolve_device
+from xlab.distributed import DistInfo, all_reduce_sum
+from xlab.errors import XLabError, first_line
+from xlab.evaluate import evaluate, metrics, split_batches
+from xlab.fsio import sha256_bytes
+from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
+from xlab.train.keeper import CheckpointKeeper
+from xlab.train.logger import RunLogger, fmt
+from xlab.train.mfu import mfu, peak_flops
+from xlab.train.optim import build_optimizer
+from xlab.train.resume import reconcile, start_checkpoint
+from xlab.train.schedule import lr_at
+
+
+class LossModule(nn.Module):
+    """The summed chunked loss of ``model`` as one module's forward, so DDP and torch.compile wrap it
+    whole: DDP's gradient hooks are armed by its ``forward``, and the loss calls ``model.hidden`` and
+    the fused head directly. ``forward(inputs, targets)`` returns :func:`xlab.loss.model_loss`."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
+        return xloss.model_loss(self.model, inputs, targets, self.chunk_tokens)
+
+
+def empty_window() -> dict:
+    """Sums of the train steps since the last log line (loss in nats, targets, seconds)."""
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "seconds": 0.0}
+
+
+class Interrupt:
+    """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: the default KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc) -> bool:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def train(cfg: DictConfig, shards_dir: Optional[str | os.PathLike] = None, resume: bool = False, *,
+          stop_after: Optional[int] = None) -> dict:
+    """Train ``cfg.model`` on the shard store; the function behind ``xlab train``.
+
+    Args:
+        cfg: the XLab configuration (``train`` and ``model`` sections are used; ``model.vocab_size``
+            and ``model.max_len`` are set from the store).
+        shards_dir: the shard store folder; default ``shards/<data.name>``.
+        resume: continue from ``runs/<run_name>/checkpoints/last.pt``. The model section then comes
+            from the checkpoint; the train section from ``cfg`` (e.g. to extend ``max_steps``).
+        stop_after: stop as Ctrl-C would (save ``last.pt``, return with ``interrupted: True``) once
+            this many optimizer steps are done in total; for time-boxed jobs and tests.
+
+    Returns:
+        Summary: ``steps``, ``total_steps``, ``train_loss`` (mean over the last logging window),
+        ``val_loss``, ``val_accuracy``, ``val_perplexity``, ``val_bits_per_byte``, ``tokens``,
+        ``seconds``, ``tokens_per_s``, ``mfu``, ``interrupted``, ``run_dir``, ``last_checkpoint``.
+
+    Raises:
+        XLabError: missing or mismatched store; a fresh run over a run folder that has checkpoints
+            (pass ``--resume`` or another ``--run-name``); ``--resume`` without ``last.pt``; a NaN or
+            infinite loss (the last good checkpoint stays as it was).
+        KeyboardInterrupt: after Ctrl-C, once ``last.pt`` is saved (the CLI exits with code 130).
+    """
+    info = xdist.dist_info()
+    device = resolve_device(cfg.train.device, info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    xdist.init(info, device)
+    try:
+        summary = Trainer(cfg, shards_dir, resume, info, device).run(stop_after)
+        # Rank 0 finishes last (it saves); a rank that tears its gloo group down while a peer is
+        # still busy can abort at exit, so all leave together.
+        xdist.barrier()
+        return summary
+    finally:
+        xdist.destroy()
+        torch.use_deterministic_algorithms(deterministic_before)  # process-wide: leave it as found
+
+
+class Trainer:
+    """One training run: the store, model, optimizer, loader and checkpoint keeper, set up from
+    ``cfg`` (fresh, or from ``last.pt`` with ``resume``); :meth:`run` is the loop. :func:`train` is the
+    entry point that also sets up and tears down the process group.
+
+    Raises:
+        XLabError: as :func:`train`, at construction.
+    """
+
+    def __init__(self, cfg: DictConfig, shards_dir: Optional[str | os.PathLike], resume: bool, info: DistInfo,
+                 device: torch.device) -> None:
+        self.info, self.device = info, device
+        paths = stage_paths(cfg)
+        self.store = ShardStore(shards_dir if shards_dir is not None else paths.shards)
+        self.store.check()
+        tok_path = self.store.tokenizer_path
+        if tok_path is None:
+            raise XLabError(f"the tokenizer of shard store {self.store.path} is missing; run `xlab data encode --force`")
+        self.tok_bytes = tok_path.read_bytes()
+        self.tok_sha = sha256_bytes(self.tok_bytes)
+        if self.tok_sha != self.store.tokenizer_sha256:
+            raise XLabError(f"tokenizer {tok_path} does not match shard store {self.store.path}; "
+                            "run `xlab data encode --force`")
+
+        self.run_dir = paths.run
+        self.keeper = CheckpointKeeper(self.run_dir / "checkpoints", cfg.train.keep_best, info, device)
+        self.ckpt = start_checkpoint(self.keeper.dir, resume, self.tok_sha, self.store.path)
+        self.cfg, self.changed = reconcile(cfg, self.ckpt, self.run_dir, vocab_size=self.store.vocab_size,
+                                           max_len=self.store.seq_len)
+        t = self.cfg.train
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
+        torch.manual_seed(t.seed)
+        self.model = build_model(self.cfg).to(device)
+        self.optimizer = build_optimizer(self.model, t, device)
+        self.loader = ShardLoader(self.store, "train", t.batch_size, seed=t.seed, shuffle=True,
+                                  rank=info.rank, world_size=info.world_size, device=device)
+        steps_per_epoch = len(self.loader) // t.grad_accum
+        self.total_steps = int(t.max_steps) if t.max_steps is not None else int(t.epochs) * steps_per_epoch
+        if self.total_steps <= 0:
+            raise XLabError(f"no optimizer step to take: {len(self.loader)} batches per epoch for grad_accum "
+                            f"{t.grad_accum}; lower train.batch_size or train.grad_accum, or encode more data")
+        self.step = 0
+        # Sums over the steps since the last train log line; saved in checkpoints so that a resumed
+        # run logs the same train loss and accuracy as an uninterrupted one.
+        self.win = empty_window()
+        # Dropout differs per rank (different data, different masks), from a seed that resume restores.
+        torch.manual_seed(t.seed + 1000003 * info.rank)
+        random.seed(t.seed + info.rank)
+        np.random.seed((t.seed + info.rank) % 2**32)
+        if self.ckpt is not None:
+            self._restore(self.ckpt)
+
+        loss_module: nn.Module = LossModule(self.model, int(t.loss_chunk_tokens))
+        self.ddp = None
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+            loss_module = self.ddp
+        self.loss_module = torch.compile(loss_module) if t.compile else loss_module
+        self.autocast = autocast_factory(t.precision, device)
+        self.flops_per_token = float(self.model.flops_per_token(self.store.seq_len))
+        self.has_val = "val" in self.store.splits and self.store.rows("val") > 0
+
+    # ----------------------------------------------------------------------------- state
+    def state(self, rank_rng: Optional[list] = None) -> dict:
+        """The training checkpoint's contents (the keys :mod:`xlab.checkpoint` documents)."""
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "total_steps": self.total_steps, "loader": self.loader.state_dict(), "rng": rng_state(),
+            "config": to_dict(self.cfg), "tokenizer": tokenizer_bytes_tensor(self.tok_bytes),
+            "tokenizer_sha256": self.tok_sha, "shards": str(self.store.path), "best": list(self.keeper.best),
+            "rank_rng": rank_rng or [],
+            "log_window": {k: (int(v) if k == "steps" else float(v)) for k, v in self.win.items()},
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.step = int(ckpt["step"])
+            self.loader.load_state_dict(ckpt["loader"])
+            self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
+            saved_win = ckpt.get("log_window")
+            if isinstance(saved_win, dict) and set(saved_win) == set(self.win):
+                self.win = {k: (int(v) if k == "steps" else float(v)) for k, v in saved_win.items()}
+            self.keeper.restore_rng(ckpt)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise XLabError(f"cannot resume from {self.keeper.dir / 'last.pt'}: its training state is incomplete "
+                            f"or damaged ({type(e).__name__}: {first_line(e, 200)})") from None
+
+    # -------------------------------------------------------------------------- one step
+    def micro_batches(self):
+        """Micro-batches forever, epoch after epoch; the loader's state always points at the next one."""
+        while True:
+            yield from self.loader
+
+    def train_step(self, micro: list, stop_flag: bool = False) -> dict:
+        """One optimizer step over ``micro`` (this process's ``grad_accum`` micro-batches, each
+        ``(inputs, targets)`` int64 ``(batch_size, seq_len)``).
+
+        Returns ``{"loss_sum", "correct", "count", "grad_norm", "lr", "stop"}``, sums over all processes.
+
+        Raises:
+            XLabError: a non-finite loss or gradient norm (before the weights are touched).
+        """
+        t = self.cfg.train
+        dev = self.device
+        # Built on the device without a host sync, so CUDA keeps running ahead of Python.
+        count = torch.stack([(y != IGNORE_INDEX).sum() for _, y in micro]).sum().double()
+        head = torch.stack([count, torch.tensor(float(stop_flag), dtype=torch.float64, device=dev)])
+        all_reduce_sum(head)
+        scale = (self.info.world_size / head[0].clamp(min=1.0)).float()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.float64, device=dev)
+        for i, (x, y) in enumerate(micro):
+            sync = self.ddp is None or i == len(micro) - 1
+            with (nullcontext() if sync else self.ddp.no_sync()), (self.autocast() if self.autocast else nullcontext()):
+                ls, c, _ = self.loss_module(x, y)
+            (ls * scale).backward()
+            loss_sum += ls.detach().double()
+            correct += c.double()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = float(t.grad_clip) if t.grad_clip and t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        stats = torch.stack([loss_sum, correct, grad_norm.double().to(dev)])
+        all_reduce_sum(stats[:2])
+        loss_sum_v, correct_v, gn = (float(v) for v in stats.tolist())
+        global_count, stop = (float(v) for v in head.tolist())
+        if not (math.isfinite(loss_sum_v) and math.isfinite(gn)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss_sum_v) else "gradient norm"
+            raise XLabError(f"non-finite {what} at step {self.step + 1}; stopped, the last checkpoint in "
+                            f"{self.keeper.dir} is untouched (lower train.lr or check the data)")
+        lr = lr_at(self.step, lr=t.lr, total_steps=self.total_steps, warmup_steps=t.warmup_steps,
+                   schedule=t.lr_schedule, min_lr_ratio=t.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss_sum": loss_sum_v, "correct": correct_v, "count": global_count, "grad_norm": gn,
+                "lr": lr, "stop": stop > 0}
+
+    def evaluate_val(self) -> Optional[dict]:
+        """Validation metrics (:func:`xlab.evaluate.metrics`) over the first ``eval_batches`` batches of
+        val, the work shared by all ranks; None when the store has no val rows."""
+        if not self.has_val:
+            return None
+        t = self.cfg.train
+        batches = split_batches(self.store, "val", t.batch_size, rank=self.info.rank,
+                                world_size=self.info.world_size, max_batches=t.eval_batches, device=self.device,
+                                vocab_size=int(self.cfg.model.vocab_size))
+        s = evaluate(self.model, batches, chunk_tokens=int(t.loss_chunk_tokens), autocast=self.autocast)
+        v = torch.tensor([s["loss_sum"], s["correct"], s["count"]], dtype=torch.float64, device=self.device)
+        all_reduce_sum(v)
+        loss_sum, correct, count = v.tolist()
+        return metrics(loss_sum, int(correct), int(count), self.store.split_info("val"))
+
+    # ------------------------------------------------------------------------------- run
+    def run(self, stop_after: Optional[int] = None) -> dict:
+        """Train to ``total_steps`` (or ``stop_after``, or Ctrl-C); return the summary of :func:`train`."""
+        t, info = self.cfg.train, self.info
+        log = RunLogger(self.run_dir, self.cfg, main=info.is_main, total_steps=self.total_steps,
+                        resumed_at=self.step if self.ckpt is not None else None)
+        self._print_header(log)
+        peak = peak_flops(self.device)
+        tokens_per_step = t.batch_size * t.grad_accum * info.world_size * self.store.seq_len
+        last_val: Optional[dict] = None
+        last_train_loss, last_mfu, last_ckpt = float("nan"), None, None
+        interrupted = sigint = False
+        t_start, start_step = time.perf_counter(), self.step
+        train_seconds = 0.0  # time in training steps only (not evaluation or saving)
+        micro_iter = self.micro_batches()
+        self.model.train()
+        with Interrupt() as intr, log:
+            log.start_progress(self.step)
+            while self.step < self.total_steps:
+                t_step = time.perf_counter()
+                r = self.train_step([next(micro_iter) for _ in range(t.grad_accum)], stop_flag=intr.requested)
+                dt = time.perf_counter() - t_step
+                train_seconds += dt
+                self._add_to_window(r, dt)
+                log.advance(r["loss_sum"] / max(r["count"], 1))
+                at_end = self.step == self.total_steps
+                if self.step % t.log_every == 0 or at_end:
+                    w = self.win
+                    tps = w["steps"] * tokens_per_step / max(w["seconds"], 1e-9)
+                    last_mfu = mfu(self.flops_per_token, tps, peak)
+                    last_train_loss = w["loss_sum"] / max(w["count"], 1.0)
+                    log.train_line({"step": self.step, "loss": last_train_loss,
+                                    "accuracy": w["correct"] / max(w["count"], 1.0), "lr": r["lr"],
+                                    "grad_norm": r["grad_norm"], "tokens_per_s": tps, "mfu": last_mfu,
+                                    "time": round(time.perf_counter() - t_start, 3)})
+                    self.win = empty_window()
+                stop = r["stop"] or (stop_after is not None and self.step >= stop_after)
+                best_name, dropped = None, []
+                if (self.step % t.eval_every == 0 or at_end) and not stop:
+                    m = self.evaluate_val()
+                    if m is not None:
+                        last_val = m
+                        log.val_line(self.step, m)
+                        best_name, dropped = self.keeper.rank(self.step, m["loss"])
+                if self.step % t.checkpoint_every == 0 or at_end or stop or best_name:
+                    rank_rng = self.keeper.gather_rank_rng()  # collective: every rank takes part
+                    if info.is_main:
+                        last_ckpt = self.keeper.save(self.state(rank_rng), best_name, dropped)
+                if stop:
+                    interrupted, sigint = True, r["stop"]
+                    break
+
+        seconds = time.perf_counter() - t_start
+        done = self.step - start_step
+        summary = {
+            "steps": self.step, "total_steps": self.total_steps, "train_loss": last_train_loss,
+            "val_loss": last_val and last_val["loss"], "val_accuracy": last_val and last_val["accuracy"],
+            "val_perplexity": last_val and last_val["perplexity"],
+            "val_bits_per_byte": last_val and last_val["bits_per_byte"],
+            "tokens": done * tokens_per_step, "seconds": seconds,
+            "tokens_per_s": done * tokens_per_step / train_seconds if train_seconds > 0 else None,
+            "mfu": last_mfu, "interrupted": interrupted, "run_dir": str(self.run_dir),
+            "last_checkpoint": str(last_ckpt) if last_ckpt else None,
+        }
+        log.print(
+            f"[bold]train[/bold]: {'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps}"
+            f" in {seconds:.1f}s"
+            + (f"; train loss {last_train_loss:.4f}" if math.isfinite(last_train_loss)
+               else "; no step to run (the run was already complete)" if self.step == start_step else "")
+            + (f", val loss {last_val['loss']:.4f}, bpb {fmt(last_val['bits_per_byte'], '.3f')}" if last_val else "")
+            + (f"; checkpoint {last_ckpt}" if last_ckpt else ""))
+        if sigint:
+            raise KeyboardInterrupt
+        return summary
+
+    def _add_to_window(self, r: dict, seconds: float) -> None:
+        for k in ("loss_sum", "correct", "count"):
+            self.win[k] += r[k]
+        self.win["steps"] += 1
+        self.win["seconds"] += seconds
+
+    def _print_header(self, log: RunLogger) -> None:
+        t, info = self.cfg.train, self.info
+        log.print(f"[bold]train[/bold] {self.run_dir}: {self.model.num_parameters() / 1e6:.2f}M parameters, "
+                  f"{info.world_size} process(es) on {self.device}, "
+                  f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {self.store.seq_len} tokens per step, "
+                  f"steps {self.step}->{self.total_steps}" + (" (resumed)" if self.ckpt else ""))
+        if self.changed:
+            log.print(f"resumed with changed train settings: {', '.join(self.changed)}")
