@@ -122,13 +122,13 @@ def time_loader(work: Path, seconds: float = 3.0) -> float:
     """Tokens per second of ShardLoader, batch 64, seq_len 512, shuffled, over a 128 MB store."""
     import numpy as np
 
-    from xlab.fsio import atomic_write_json, sha256_file
-    from xlab.store import ShardLoader, ShardStore
+    from xlab.fsio import sha256_file
+    from xlab.store import ShardEntry, ShardLoader, ShardStore, SplitEntry, StoreManifest, TokenizerEntry
 
     seq_len, rows_per, n_shards = 512, 32768, 4
     path = work / "loader_store"
     rng = np.random.default_rng(0)
-    shards = []
+    train = SplitEntry()
     for k in range(n_shards):
         a = rng.integers(5, 8192, size=(rows_per, seq_len + 1), dtype=np.uint16)
         a[::3, 0] = 1
@@ -136,13 +136,9 @@ def time_loader(work: Path, seconds: float = 3.0) -> float:
         p = path / "train" / f"{k:06d}.npy"
         p.parent.mkdir(parents=True, exist_ok=True)
         np.save(p, a)
-        shards.append({"file": f"train/{k:06d}.npy", "rows": rows_per, "real_tokens": 0, "sha256": sha256_file(p)})
-    atomic_write_json(path / "manifest.json", {
-        "format": "xlab-shards", "format_version": 1, "xlab_version": "bench", "seq_len": seq_len,
-        "row_len": seq_len + 1, "dtype": "uint16",
-        "tokenizer": {"file": "", "sha256": "", "vocab_size": 8192, "pad_id": 3, "sos_id": 1, "eos_id": 2,
-                      "unk_id": 0},
-        "splits": {"train": {"rows": rows_per * n_shards, "shards": shards}}})
+        train.add_shard(ShardEntry(f"train/{k:06d}.npy", rows_per, 0, sha256_file(p)), articles=0, target_tokens=0)
+    ids = TokenizerEntry(vocab_size=8192, pad_id=3, sos_id=1, eos_id=2, unk_id=0, copy=None)
+    StoreManifest(seq_len=seq_len, dtype="uint16", tokenizer=ids, splits={"train": train}, stage="bench").write(path)
     loader = ShardLoader(ShardStore(path), "train", 64, seed=0)
     it = iter(loader)
     for _ in range(20):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from xlab.errors import XLabError
-from xlab.store import (IGNORE_INDEX, ShardLoader, ShardStore, TokenizerEntry, pack_articles, read_npy_header,
-                        token_dtype, write_store)
+from xlab.store import (IGNORE_INDEX, ShardEntry, ShardLoader, ShardStore, SplitEntry, StoreManifest, TokenizerEntry,
+                        pack_articles, read_npy_header, token_dtype, write_store)
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 
@@ -224,14 +224,10 @@ def test_loader_resident_memory_bounded(tmp_path):
     del data
     from xlab.fsio import sha256_file
 
-    manifest = {"format": "xlab-shards", "format_version": 1, "xlab_version": "x", "seq_len": seq_len,
-                "row_len": seq_len + 1, "dtype": "uint16",
-                "tokenizer": {"file": "", "sha256": "", "vocab_size": 8192, "pad_id": PAD, "sos_id": SOS,
-                              "eos_id": EOS, "unk_id": UNK},
-                "splits": {"train": {"rows": rows, "shards": [{"file": "train/000000.npy", "rows": rows,
-                                                                "real_tokens": 0,
-                                                                "sha256": sha256_file(path / "train/000000.npy")}]}}}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    train = SplitEntry()
+    train.add_shard(ShardEntry("train/000000.npy", rows, 0, sha256_file(path / "train/000000.npy")), articles=0,
+                    target_tokens=0)
+    StoreManifest(seq_len=seq_len, dtype="uint16", tokenizer=special_ids(8192), splits={"train": train}).write(path)
     store = ShardStore(path)
     loader = ShardLoader(store, "train", 64, seed=0)
     next(iter(ShardLoader(store, "train", 64, seed=1)))  # warm up imports and allocator
