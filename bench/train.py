@@ -72,10 +72,10 @@ def speed(args) -> None:
     import torch
 
     from xlab.config import load_config
-    from xlab.distributed import DistInfo
     from xlab.device import autocast_factory, resolve_device
-    from xlab.train.mfu import mfu, peak_flops
+    from xlab.distributed import DistInfo
     from xlab.train import Trainer
+    from xlab.train.mfu import mfu, peak_flops
 
     device = resolve_device(args.device)
     d = DEFAULTS

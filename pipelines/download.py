@@ -25,10 +25,11 @@ import socket
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from pipelines import wikitext
@@ -324,7 +325,7 @@ def _hf_rows(d: Any, c: Counter) -> Iterator[Row]:
             yield (str(row["id"]), row["url"], row["title"], text)
     except XLabError:
         raise
-    except Exception as e:  # the library raises many types; the user needs one line
+    except Exception as e:  # noqa: BLE001 - the library raises many types; the user needs one line
         if _is_network_error(e):
             raise XLabError(_hub_message(f"{type(e).__name__}")) from None
         first = (str(e).strip().splitlines() or [""])[0]

@@ -27,13 +27,21 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import xlab
-from pipelines.stage import (console, die_with_parent, is_up_to_date, parquet_file, read_manifest,
-                             reading_parquet, skipped)
+from pipelines.stage import (
+    console,
+    die_with_parent,
+    is_up_to_date,
+    parquet_file,
+    read_manifest,
+    reading_parquet,
+    skipped,
+)
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file

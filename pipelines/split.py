@@ -22,11 +22,19 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from pipelines.stage import (console, is_up_to_date, parquet_file, reading_parquet, require_manifest, skipped,
-                             write_manifest)
+from pipelines.stage import (
+    console,
+    is_up_to_date,
+    parquet_file,
+    reading_parquet,
+    require_manifest,
+    skipped,
+    write_manifest,
+)
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_dir, read_json, sha256_file

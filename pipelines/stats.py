@@ -13,8 +13,8 @@ beat to have learned more than token frequencies.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipelines.stage import console
 from xlab.config import stage_paths

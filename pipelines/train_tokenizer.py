@@ -9,10 +9,19 @@ Skips  when the manifest holds the same parameters, the same train split sha256 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipelines.stage import console, is_up_to_date, parquet_file, read_manifest, reading_parquet, skipped, write_manifest
+from pipelines.stage import (
+    console,
+    is_up_to_date,
+    parquet_file,
+    read_manifest,
+    reading_parquet,
+    skipped,
+    write_manifest,
+)
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import sha256_file

@@ -155,7 +155,7 @@ def run(cfg, shards_dir=None) -> int:
         if sum(int(e["rows"]) for e in info["shards"]) != int(info.get("rows", -1)):
             problems.append(f"manifest: split {s} rows {info.get('rows')} != the sum over its shards")
     checked_rows = 0
-    for s, e in track(entries, description="validate", console=console, transient=True):
+    for _split, e in track(entries, description="validate", console=console, transient=True):
         problems.extend(check_shard(path / e["file"], e, store))
         checked_rows += int(e["rows"])
     if problems:

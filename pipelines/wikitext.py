@@ -21,9 +21,10 @@ import bz2
 import gzip
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Optional
 from urllib.parse import quote
 
 # Bumped whenever the cleaner's output changes, so that stage manifests notice it.

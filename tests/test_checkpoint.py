@@ -16,8 +16,8 @@ from train_helpers import make_cfg, make_store, one_thread
 
 import xlab
 from xlab.checkpoint import export, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state
-from xlab.errors import XLabError
 from xlab.commands.evaluate import run as evaluate_run
+from xlab.errors import XLabError
 from xlab.store import ShardStore
 from xlab.train import train
 

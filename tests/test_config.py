@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from xlab.config import from_dict, load_config, stage_paths, to_dict
 from xlab.errors import XLabError
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_children_die
 
 from pipelines import download, wikitext
 from xlab.config import load_config
 from xlab.errors import XLabError
-from conftest import assert_children_die
 
 FIXTURE = Path(__file__).parent / "data" / "mini-dump.xml"
 

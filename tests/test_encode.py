@@ -17,11 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_children_die
 
 from xlab.config import SPLITS, load_config
 from xlab.errors import XLabError
 from xlab.store import ShardStore
-from conftest import assert_children_die
 
 ROOT = Path(__file__).resolve().parent.parent
 REJECT = "\ufffe"  # the stand-in tokenizer rejects text holding this noncharacter
@@ -68,7 +68,7 @@ def write_corpus(root: Path, n=60, seed=0, extra=None, vocab_size=300):
     words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta", "ηta", "theta", "\n"]
     d = root / "data" / "splits" / "wiki"
     d.mkdir(parents=True)
-    for k, s in enumerate(SPLITS):
+    for s in SPLITS:
         texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(n)]
         ids = [f"{s}-{i}" for i in range(n)]
         if s == "train" and extra:

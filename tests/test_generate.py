@@ -11,9 +11,9 @@ import torch
 from xlab import generate as gen
 from xlab.commands import generate as cli
 from xlab.commands import predict as cli_pred
+from xlab.errors import XLabError
 from xlab.generate import predict as pred
 from xlab.generate import search
-from xlab.errors import XLabError
 
 EOS = 2
 

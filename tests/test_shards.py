@@ -8,8 +8,19 @@ import pytest
 import torch
 
 from xlab.errors import XLabError
-from xlab.store import (IGNORE_INDEX, ShardEntry, ShardLoader, ShardStore, SplitEntry, StoreManifest, TokenizerEntry,
-                        pack_articles, read_npy_header, token_dtype, write_store)
+from xlab.store import (
+    IGNORE_INDEX,
+    ShardEntry,
+    ShardLoader,
+    ShardStore,
+    SplitEntry,
+    StoreManifest,
+    TokenizerEntry,
+    pack_articles,
+    read_npy_header,
+    token_dtype,
+    write_store,
+)
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 

@@ -17,7 +17,6 @@ from xlab.errors import XLabError
 from xlab.loss import chunked_cross_entropy, full_cross_entropy, linear_cross_entropy
 from xlab.train import lr_at, param_groups, train
 
-
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 

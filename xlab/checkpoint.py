@@ -170,7 +170,7 @@ def _tokenizer_from_bytes(data: bytes):
         return Tokenizer.from_bytes(data)
     except XLabError:
         raise
-    except Exception as e:  # sentencepiece raises RuntimeError / OSError on bad bytes
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError / OSError on bad bytes
         raise XLabError(f"the tokenizer stored with the model is unreadable: {e}") from None
 
 

@@ -9,9 +9,10 @@ This module imports neither torch nor numpy, so that ``xlab --help`` stays fast.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from xlab.errors import XLabError
 

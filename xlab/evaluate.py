@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 from xlab.device import autocast_factory, resolve_device
 from xlab.errors import XLabError

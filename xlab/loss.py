@@ -19,7 +19,8 @@ whole accumulated step, across micro-batches and processes.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -47,11 +47,12 @@ import os
 import random
 import re
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
-from xlab.fsio import atomic_write_bytes, sha256_bytes
 from xlab.errors import first_line
+from xlab.fsio import atomic_write_bytes, sha256_bytes
 
 META = "\u2581"  # SentencePiece's whitespace symbol; a literal one in text is encoded as bytes
 NEWLINE = "\n"
@@ -183,7 +184,7 @@ def _quiet_sentencepiece(spm) -> None:
     if setter is not None:
         try:
             setter(2)
-        except Exception:  # pragma: no cover - older builds
+        except Exception:  # noqa: BLE001 - older builds
             pass
 
 
@@ -204,14 +205,14 @@ class Tokenizer:
         _quiet_sentencepiece(spm)
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._bytes)
-        except Exception as e:  # SentencePiece raises RuntimeError/OSError on a bad proto
+        except Exception as e:  # noqa: BLE001 - SentencePiece raises RuntimeError/OSError on a bad proto
             why = "the bytes do not parse as a model" if "ParseFromArray" in str(e) else first_line(e)
             raise ValueError(f"not a SentencePiece model: {why}") from None
         try:
             self._setup()
         except ValueError:
             raise
-        except Exception as e:  # a proto that parses but is no usable model (IndexError, RuntimeError, ...)
+        except Exception as e:  # noqa: BLE001 - a proto that parses but is no usable model (IndexError, ...)
             raise ValueError(f"not an XLab tokenizer model: {type(e).__name__}: {first_line(e)}") from None
 
     def _setup(self) -> None:
@@ -271,7 +272,7 @@ class Tokenizer:
         num_threads: int | None = None,
         character_coverage: float = 0.9995,
         split_digits: bool = True,
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Train a BPE model on ``texts`` and write it to ``path`` atomically.
 
         Args:
@@ -345,14 +346,14 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a ``.model`` file. Raises FileNotFoundError, or ValueError for anything that is not
         an XLab SentencePiece model: an empty or foreign file, a damaged model, or a model that
         would not round-trip text."""
         return cls(Path(path).read_bytes())
 
     @classmethod
-    def from_bytes(cls, model_bytes: bytes) -> "Tokenizer":
+    def from_bytes(cls, model_bytes: bytes) -> Tokenizer:
         """A tokenizer from the bytes of a ``.model`` file (e.g. stored in a checkpoint); raises
         ValueError as :meth:`load` does."""
         return cls(model_bytes)
@@ -459,7 +460,7 @@ class Tokenizer:
     def _decode_one(self, ids: Sequence[int]) -> str:
         return _unprepare(self._decode_bytes(ids).decode("utf-8", errors="replace"))
 
-    def incremental_decoder(self) -> "IncrementalDecoder":
+    def incremental_decoder(self) -> IncrementalDecoder:
         """A decoder for generation: feed ids one at a time (see :class:`IncrementalDecoder`)."""
         return IncrementalDecoder(self)
 

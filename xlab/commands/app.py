@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from xlab.errors import XLabError
 
@@ -28,17 +27,17 @@ app.add_typer(data_app, name="data")
 app.add_typer(tok_app, name="tokenizer")
 
 ConfigOpt = Annotated[
-    Optional[List[Path]],
+    Optional[list[Path]],
     typer.Option("--config", "-c", help="YAML file layered over conf/defaults.yaml (repeatable)."),
 ]
 SetOpt = Annotated[
-    Optional[List[str]],
+    Optional[list[str]],
     typer.Option("--set", "-o", help="Override one value, e.g. -o train.lr=1e-3 (repeatable)."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if its manifest is up to date.")]
 
 
-def _cfg(config: Optional[List[Path]], overrides: Optional[List[str]], extra: dict | None = None):
+def _cfg(config: Optional[list[Path]], overrides: Optional[list[str]], extra: dict | None = None):
     """Load the layered configuration; ``extra`` holds command options (None means not given)."""
     from xlab.config import load_config
 

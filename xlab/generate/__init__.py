@@ -6,8 +6,17 @@ teacher-forced scoring), the text layer (:mod:`~xlab.generate.text`: prompts, st
 text out. Importing this package imports torch.
 """
 
-from xlab.generate.search import (Hypothesis, Model, beam_search, check_sampling, continuations, filter_logits,
-                                  greedy_search, reference_nll, sample)
+from xlab.generate.search import (
+                                  Hypothesis,
+                                  Model,
+                                  beam_search,
+                                  check_sampling,
+                                  continuations,
+                                  filter_logits,
+                                  greedy_search,
+                                  reference_nll,
+                                  sample,
+)
 from xlab.generate.text import Streamer, encode_prompt, generate
 
 __all__ = ["Hypothesis", "Model", "Streamer", "beam_search", "check_sampling", "continuations", "encode_prompt",

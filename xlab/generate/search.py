@@ -28,8 +28,9 @@ top-p (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,8 @@ The searches over ids are :mod:`xlab.generate.search`."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from xlab.errors import XLabError
 from xlab.generate.search import Model, continuations

@@ -5,9 +5,23 @@
 ``loader`` deals its rows into training batches (:class:`ShardLoader`).
 """
 
-from xlab.store.format import (FORMAT, FORMAT_VERSION, IGNORE_INDEX, MANIFEST, TOKENIZER_COPY, ShardEntry, SplitEntry,
-                               StoreManifest, TokenizerEntry, pack_articles, read_npy_header, real_tokens,
-                               target_tokens, to_targets, token_dtype)
+from xlab.store.format import (
+                               FORMAT,
+                               FORMAT_VERSION,
+                               IGNORE_INDEX,
+                               MANIFEST,
+                               TOKENIZER_COPY,
+                               ShardEntry,
+                               SplitEntry,
+                               StoreManifest,
+                               TokenizerEntry,
+                               pack_articles,
+                               read_npy_header,
+                               real_tokens,
+                               target_tokens,
+                               to_targets,
+                               token_dtype,
+)
 from xlab.store.loader import ShardLoader
 from xlab.store.reader import ShardStore
 from xlab.store.writer import write_shard, write_store

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -207,7 +208,7 @@ class TokenizerEntry:
     copy: Optional[str] = TOKENIZER_COPY
 
     @classmethod
-    def of(cls, tok: Any, file: str | os.PathLike = "") -> "TokenizerEntry":
+    def of(cls, tok: Any, file: str | os.PathLike = "") -> TokenizerEntry:
         """The entry of an XLab :class:`~xlab.tokenizer.Tokenizer` (its ids and sha256)."""
         return cls(vocab_size=int(tok.vocab_size), pad_id=int(tok.pad_id), sos_id=int(tok.sos_id),
                    eos_id=int(tok.eos_id), unk_id=int(tok.unk_id), sha256=str(tok.sha256), file=str(file))
@@ -244,7 +245,7 @@ class StoreManifest:
         return {**head, "row_len": self.row_len, **d}
 
     @classmethod
-    def from_json(cls, d: Any) -> "StoreManifest":
+    def from_json(cls, d: Any) -> StoreManifest:
         """Parse :meth:`to_json` output (unknown keys are ignored).
 
         Raises:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import numpy as np
 
@@ -174,7 +175,7 @@ class ShardLoader:
                     x, y = self.make_batch(self.batch_indices(e, p))
                     q.put((x.pin_memory(), y.pin_memory()) if cuda else (x, y))
                 q.put(None)
-            except BaseException as exc:  # surfaced in the consumer
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
                 q.put(exc)
 
         t = threading.Thread(target=produce, name="xlab-shard-prefetch", daemon=True)

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 
 from xlab.errors import XLabError
-from xlab.store.format import (ENCODE_HINT, FORMAT, FORMAT_VERSION, MANIFEST, StoreManifest, read_npy_header,
-                               token_dtype)
+from xlab.store.format import ENCODE_HINT, FORMAT, FORMAT_VERSION, MANIFEST, StoreManifest, read_npy_header, token_dtype
 
 
 class ShardStore:
@@ -214,7 +213,7 @@ class ShardStore:
     def __del__(self):  # pragma: no cover - best effort
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn os down
             pass
 
     def __getstate__(self):  # file descriptors do not travel to other processes

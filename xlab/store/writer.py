@@ -5,14 +5,24 @@ writes the same format from token lists (tests, benchmarks, tools)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from xlab.fsio import atomic_path, atomic_write_bytes, sha256_bytes, sha256_file
-from xlab.store.format import (TOKENIZER_COPY, ShardEntry, SplitEntry, StoreManifest, TokenizerEntry,
-                               pack_articles, real_tokens, target_tokens, token_dtype)
+from xlab.store.format import (
+    TOKENIZER_COPY,
+    ShardEntry,
+    SplitEntry,
+    StoreManifest,
+    TokenizerEntry,
+    pack_articles,
+    real_tokens,
+    target_tokens,
+    token_dtype,
+)
 
 
 def write_shard(path: str | os.PathLike, rows: np.ndarray) -> str:

@@ -66,7 +66,7 @@ class RunLogger:
         self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resumed_at)
         self._jsonl = open(metrics, "a", encoding="utf-8")
 
-    def __enter__(self) -> "RunLogger":
+    def __enter__(self) -> RunLogger:
         self.progress.__enter__()
         return self
 

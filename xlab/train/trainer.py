@@ -33,7 +33,6 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -84,7 +83,7 @@ class Interrupt:
         self.requested = False
         self._old = None
 
-    def __enter__(self) -> "Interrupt":
+    def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
             self._old = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handler)
