@@ -101,18 +101,24 @@ def main() -> None:
             times[name].append(timed(fn, device))
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    print(f"device {device}, threads {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, "
-          f"{n} new tokens, max_len {DIMS['max_len']}, median of {args.rounds} rounds")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, "
+        f"{n} new tokens, max_len {DIMS['max_len']}, median of {args.rounds} rounds"
+    )
     for name, t in med.items():
         print(f"  {name:<24} {t:8.3f} s   {1000 * t / n:7.2f} ms/token   {n / t:8.1f} tokens/s")
     cache_ratio = med["greedy, recompute"] / med["greedy, KV cache"]
     last_ratio = med["greedy, recompute-last"] / med["greedy, KV cache"]
     beam_ratio = med[f"beam {args.beam_width}, KV cache"] / med["greedy, KV cache"]
-    print(f"KV cache speed-up over recompute: {cache_ratio:.2f}x (target >= 5x: "
-          f"{'met' if cache_ratio >= 5 else 'NOT met'})")
+    print(
+        f"KV cache speed-up over recompute: {cache_ratio:.2f}x (target >= 5x: "
+        f"{'met' if cache_ratio >= 5 else 'NOT met'})"
+    )
     print(f"KV cache speed-up over a recompute that projects only the last position: {last_ratio:.2f}x")
-    print(f"beam {args.beam_width} / greedy time per generated token: {beam_ratio:.2f}x (target <= 3x: "
-          f"{'met' if beam_ratio <= 3 else 'NOT met'})")
+    print(
+        f"beam {args.beam_width} / greedy time per generated token: {beam_ratio:.2f}x (target <= 3x: "
+        f"{'met' if beam_ratio <= 3 else 'NOT met'})"
+    )
 
 
 if __name__ == "__main__":

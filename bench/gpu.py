@@ -35,8 +35,7 @@ from xlab.model import ModelConfig, Transformer
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets; without sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
-GPT2_SMALL = dict(vocab_size=50304, max_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-                  tie_embeddings=True)
+GPT2_SMALL = dict(vocab_size=50304, max_len=1024, d_model=768, n_layers=12, n_heads=12, d_ff=3072, tie_embeddings=True)
 TINY = dict(vocab_size=512, max_len=64, d_model=64, n_layers=2, n_heads=2, d_ff=256, tie_embeddings=True)
 
 
@@ -92,8 +91,10 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = args.peak_tflops or (peak_tflops(name) if cuda else None)
     fpt = model.flops_per_token(T)
-    print(f"{name}: {model.num_parameters() / 1e6:.1f}M parameters, batch {B} x seq {T}, bf16 autocast, "
-          f"SDPA FlashAttention forced, fused AdamW, compile={args.compile}, {fpt / 1e9:.3f} GFLOP/token")
+    print(
+        f"{name}: {model.num_parameters() / 1e6:.1f}M parameters, batch {B} x seq {T}, bf16 autocast, "
+        f"SDPA FlashAttention forced, fused AdamW, compile={args.compile}, {fpt / 1e9:.3f} GFLOP/token"
+    )
 
     # FLASH_ATTENTION only: if the flash kernel cannot take these inputs, SDPA raises instead of
     # quietly running a slower kernel and spoiling the figure.

@@ -34,9 +34,19 @@ def make_gpt2():
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         sys.exit("this benchmark needs HF transformers: pip install 'xlabml[bench]'")
-    cfg = GPT2Config(vocab_size=DIMS["vocab_size"], n_positions=DIMS["max_len"], n_embd=DIMS["d_model"],
-                     n_layer=DIMS["n_layers"], n_head=DIMS["n_heads"], n_inner=DIMS["d_ff"],
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=DIMS["vocab_size"],
+        n_positions=DIMS["max_len"],
+        n_embd=DIMS["d_model"],
+        n_layer=DIMS["n_layers"],
+        n_head=DIMS["n_heads"],
+        n_inner=DIMS["d_ff"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     cfg._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(cfg)
     assert model.config._attn_implementation == "sdpa"
@@ -49,6 +59,7 @@ def step_fn(model, logits_of):
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         loss.backward()
         model.zero_grad(set_to_none=True)
+
     return step
 
 

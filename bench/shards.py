@@ -41,9 +41,16 @@ def prepare(work: Path, repeat: int, vocab_size: int):
     from pipelines import download, split, train_tokenizer
     from xlab.config import SPLITS, load_config
 
-    cfg = load_config([], [f"paths.data_dir={work / 'data'}", f"paths.tokenizer_dir={work / 'tok'}",
-                           f"paths.shards_dir={work / 'shards'}", f"tokenizer.vocab_size={vocab_size}"],
-                      use_defaults_file=False)
+    cfg = load_config(
+        [],
+        [
+            f"paths.data_dir={work / 'data'}",
+            f"paths.tokenizer_dir={work / 'tok'}",
+            f"paths.shards_dir={work / 'shards'}",
+            f"tokenizer.vocab_size={vocab_size}",
+        ],
+        use_defaults_file=False,
+    )
     download.run(cfg)
     split.run(cfg)
     train_tokenizer.run(cfg)
@@ -93,13 +100,20 @@ def time_datasets_map(work: Path, model: Path, cores: int) -> tuple[float, int, 
     d = work / "data" / "splits" / "wiki"
     cache = work / "hf"
     shutil.rmtree(cache, ignore_errors=True)
-    ds = datasets.load_dataset("parquet", data_files={s: str(d / f"{s}.parquet") for s in SPLITS},
-                               cache_dir=str(cache / "load"))
+    ds = datasets.load_dataset(
+        "parquet", data_files={s: str(d / f"{s}.parquet") for s in SPLITS}, cache_dir=str(cache / "load")
+    )
     feats = Features({"tokens": Sequence(Value("int64"))})
     t0 = time.perf_counter()
-    out = ds.map(_hf_tokenize, batched=True, num_proc=cores, remove_columns=["id", "url", "title", "text"],
-                 features=feats, fn_kwargs={"model": str(model)},
-                 cache_file_names={s: str(cache / f"{s}.arrow") for s in SPLITS})
+    out = ds.map(
+        _hf_tokenize,
+        batched=True,
+        num_proc=cores,
+        remove_columns=["id", "url", "title", "text"],
+        features=feats,
+        fn_kwargs={"model": str(model)},
+        cache_file_names={s: str(cache / f"{s}.arrow") for s in SPLITS},
+    )
     dt = time.perf_counter() - t0
     tokens = sum(int(sum(len(x) for x in out[s]["tokens"])) for s in SPLITS)
     nbytes = sum(f.stat().st_size for f in cache.glob("*.arrow"))
@@ -207,11 +221,13 @@ def main() -> None:
             "peak_rss_MB_largest_child": round(peak_children),
         }
         print(json.dumps(res, indent=2))
-        print(f"encode to verified shards (num_proc={cores}, the default): "
-              f"{res['ratio_xlab_vs_raw_sentencepiece']:.2f}x raw SentencePiece "
-              f"(target >= 0.75), {res['ratio_xlab_vs_datasets_map']:.2f}x datasets.map(int64); "
-              f"storage {res['store_bytes_per_slot']:.2f} B/token slot vs {res['arrow_int64_bytes_per_token']:.2f} "
-              f"(Arrow int64); loader {loader_tps / 1e6:.1f}M tokens/s (target 20M)")
+        print(
+            f"encode to verified shards (num_proc={cores}, the default): "
+            f"{res['ratio_xlab_vs_raw_sentencepiece']:.2f}x raw SentencePiece "
+            f"(target >= 0.75), {res['ratio_xlab_vs_datasets_map']:.2f}x datasets.map(int64); "
+            f"storage {res['store_bytes_per_slot']:.2f} B/token slot vs {res['arrow_int64_bytes_per_token']:.2f} "
+            f"(Arrow int64); loader {loader_tps / 1e6:.1f}M tokens/s (target 20M)"
+        )
     finally:
         if args.keep:
             print(f"kept {work}")

@@ -56,14 +56,19 @@ def main() -> int:
 
     train_path = args.splits / "train.parquet"
     if not train_path.is_file():
-        print(f"no train split at {train_path}: run `xlab pipeline` (or `xlab data download` then "
-              "`xlab data split`) first", file=sys.stderr)
+        print(
+            f"no train split at {train_path}: run `xlab pipeline` (or `xlab data download` then "
+            "`xlab data split`) first",
+            file=sys.stderr,
+        )
         return 1
     texts = read_texts(train_path)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     lines = [p for t in texts for p in t.split("\n") if p]
-    print(f"train split: {len(texts):,} texts, {n_bytes / 1e6:.2f} MB, {len(lines):,} lines; "
-          f"vocab {args.vocab_size}, {args.threads} threads, best of {args.repeats}")
+    print(
+        f"train split: {len(texts):,} texts, {n_bytes / 1e6:.2f} MB, {len(lines):,} lines; "
+        f"vocab {args.vocab_size}, {args.threads} threads, best of {args.repeats}"
+    )
 
     # ---- training: ours (articles in, codec + splitting + sampling + SentencePiece) vs raw (lines in)
     def train_ours():
@@ -72,17 +77,34 @@ def main() -> int:
     def train_raw():
         buf = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=args.vocab_size,
-            byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-            user_defined_symbols=[NEWLINE], unk_id=0, bos_id=1, eos_id=2, pad_id=3, max_sentence_length=4096,
-            input_sentence_size=0, shuffle_input_sentence=False, num_threads=args.threads, minloglevel=2,
+            sentence_iterator=iter(lines),
+            model_writer=buf,
+            model_type="bpe",
+            vocab_size=args.vocab_size,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            user_defined_symbols=[NEWLINE],
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            max_sentence_length=4096,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=args.threads,
+            minloglevel=2,
         )
         return buf.getvalue()
 
     (t_ours, t_raw), (tok, _) = best_of(max(1, args.repeats - 1), train_ours, train_raw)
-    print(f"training   : xlab {t_ours:7.2f} s   raw sentencepiece {t_raw:7.2f} s   "
-          f"ratio {t_ours / t_raw:.3f} (target <= 1.2)")
+    print(
+        f"training   : xlab {t_ours:7.2f} s   raw sentencepiece {t_raw:7.2f} s   "
+        f"ratio {t_ours / t_raw:.3f} (target <= 1.2)"
+    )
 
     # ---- encoding: the same model, texts and threads
     sp = tok._sp
@@ -95,11 +117,15 @@ def main() -> int:
 
     (e_ours, e_raw), (ids, _) = best_of(args.repeats, enc_ours, enc_raw)
     ratio = e_raw / e_ours
-    print(f"encode     : xlab {n_bytes / e_ours / 1e6:7.2f} MB/s raw sentencepiece {n_bytes / e_raw / 1e6:7.2f} MB/s "
-          f"throughput ratio {ratio:.3f} (target >= 0.9)")
+    print(
+        f"encode     : xlab {n_bytes / e_ours / 1e6:7.2f} MB/s raw sentencepiece {n_bytes / e_raw / 1e6:7.2f} MB/s "
+        f"throughput ratio {ratio:.3f} (target >= 0.9)"
+    )
     assert tok.decode(ids) == texts, "round trip failed"
-    print(f"round trip : exact on all {len(texts):,} train texts; train bytes per token "
-          f"{n_bytes / sum(map(len, ids)):.3f}")
+    print(
+        f"round trip : exact on all {len(texts):,} train texts; train bytes per token "
+        f"{n_bytes / sum(map(len, ids)):.3f}"
+    )
 
     val_path = args.splits / "val.parquet"
     if val_path.is_file():

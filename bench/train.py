@@ -50,8 +50,14 @@ def write_random_store(path: Path, rows: int, vocab: int, seq: int) -> Path:
 
     articles = np.random.default_rng(0).integers(4, vocab, size=(rows, seq - 1)).tolist()
     ids = TokenizerEntry(vocab_size=vocab, pad_id=3, sos_id=1, eos_id=2, unk_id=0)
-    write_store(path, {"train": articles}, seq_len=seq, tokenizer=ids, tokenizer_bytes=b"placeholder tokenizer",
-                articles_per_shard=rows)
+    write_store(
+        path,
+        {"train": articles},
+        seq_len=seq,
+        tokenizer=ids,
+        tokenizer_bytes=b"placeholder tokenizer",
+        articles_per_shard=rows,
+    )
     return path
 
 
@@ -60,9 +66,20 @@ def gpt2(d: dict):
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         sys.exit("this benchmark needs HF transformers: pip install 'xlabml[bench]'")
-    cfg = GPT2Config(vocab_size=d["vocab"], n_positions=d["seq"], n_embd=d["d_model"], n_layer=d["n_layers"],
-                     n_head=d["n_heads"], n_inner=d["d_ff"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=d["vocab"],
+        n_positions=d["seq"],
+        n_embd=d["d_model"],
+        n_layer=d["n_layers"],
+        n_head=d["n_heads"],
+        n_inner=d["d_ff"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel._from_config(cfg, attn_implementation="sdpa")
     assert model.config._attn_implementation == "sdpa"
     return model
@@ -83,8 +100,11 @@ def speed(args) -> None:
     n_steps = 2 + 2 * args.rounds * args.steps
     tmp = Path(tempfile.mkdtemp(prefix="xlab-bench-"))
     store = write_random_store(tmp / "store", B * (n_steps + 2), d["vocab"], T)
-    cfg = load_config([ROOT / "conf" / "defaults.yaml"], [f"paths.runs_dir={tmp / 'runs'}", "train.run_name=bench",
-                                                           f"train.device={device}"], use_defaults_file=False)
+    cfg = load_config(
+        [ROOT / "conf" / "defaults.yaml"],
+        [f"paths.runs_dir={tmp / 'runs'}", "train.run_name=bench", f"train.device={device}"],
+        use_defaults_file=False,
+    )
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size) == (d["d_model"], d["n_layers"], B)
     trainer = Trainer(cfg, store, False, DistInfo(), device)
     trainer.model.train()
@@ -99,7 +119,7 @@ def speed(args) -> None:
 
     def ref_step(i: int) -> None:
         x = ref_batches[i % len(ref_batches)]
-        with (auto() if auto else torch.autocast("cpu", enabled=False)):
+        with auto() if auto else torch.autocast("cpu", enabled=False):
             loss = ref(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
@@ -121,7 +141,7 @@ def speed(args) -> None:
     sync()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.rounds):
-        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+        for name in list(steps) if r % 2 == 0 else list(reversed(steps)):
             t0 = time.perf_counter()
             for i in range(args.steps):
                 steps[name](i)
@@ -131,13 +151,17 @@ def speed(args) -> None:
     peak = peak_flops(device)
     fpt = trainer.model.flops_per_token(T)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"training step (forward, backward, clip, AdamW), {'bf16' if auto else 'fp32'}, batch {B} x seq {T}, "
-          f"vocab {d['vocab']}, {name}, torch {torch.__version__}")
+    print(
+        f"training step (forward, backward, clip, AdamW), {'bf16' if auto else 'fp32'}, batch {B} x seq {T}, "
+        f"vocab {d['vocab']}, {name}, torch {torch.__version__}"
+    )
     print(f"  parameters: xlab {trainer.model.num_parameters():,}  gpt2 {sum(p.numel() for p in ref.parameters()):,}")
     for k in steps:
         print(f"  {k:5s} {tok[k]:10,.0f} tokens/s  (median step {statistics.median(times[k]) * 1e3:.1f} ms)")
     m = mfu(fpt, tok["xlab"], peak)
-    peak_s = "n/a" if not peak else f"{peak / 1e9:,.1f} GFLOP/s" + (" (measured matmul)" if device.type == "cpu" else "")
+    peak_s = (
+        "n/a" if not peak else f"{peak / 1e9:,.1f} GFLOP/s" + (" (measured matmul)" if device.type == "cpu" else "")
+    )
     print(f"  xlab MFU: {'n/a' if m is None else f'{100 * m:.1f}%'} against {peak_s}; {fpt / 1e6:.1f} MFLOP per token")
     print(f"ratio xlab/gpt2: {tok['xlab'] / tok['gpt2']:.2f}")
 
@@ -164,8 +188,16 @@ def memory_child(kind: str, dims: dict, device_name: str) -> None:
 
     device = torch.device(device_name)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=dims["vocab"], max_len=dims["seq"], d_model=dims["d_model"],
-                                    n_layers=dims["n_layers"], n_heads=dims["n_heads"], d_ff=dims["d_ff"])).to(device)
+    model = Transformer(
+        ModelConfig(
+            vocab_size=dims["vocab"],
+            max_len=dims["seq"],
+            d_model=dims["d_model"],
+            n_layers=dims["n_layers"],
+            n_heads=dims["n_heads"],
+            d_ff=dims["d_ff"],
+        )
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, dims["vocab"], (dims["batch"], dims["seq"]), device=device)
     if device.type == "cuda":
@@ -191,20 +223,30 @@ def memory(args) -> None:
     for label, dims in (("defaults", DEFAULTS), ("quick-like", QUICK)):
         res = {}
         for kind in ("chunked", "naive"):
-            out = subprocess.run([sys.executable, __file__, "--_memory-child", kind, json.dumps(dims), args.device],
-                                 capture_output=True, text=True, check=True,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            out = subprocess.run(
+                [sys.executable, __file__, "--_memory-child", kind, json.dumps(dims), args.device],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
             res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         what = "peak allocated (CUDA)" if args.device.startswith("cuda") else "peak resident"
-        print(f"memory, {label} ({res['naive']['params'] / 1e6:.1f}M parameters, batch {dims['batch']} x seq "
-              f"{dims['seq']}, vocab {dims['vocab']}), {what} over a training step:")
+        print(
+            f"memory, {label} ({res['naive']['params'] / 1e6:.1f}M parameters, batch {dims['batch']} x seq "
+            f"{dims['seq']}, vocab {dims['vocab']}), {what} over a training step:"
+        )
         for kind in ("chunked", "naive"):
             r = res[kind]
-            print(f"  {kind:8s} {r['peak'] / 2**20:8,.0f} MiB  ({(r['peak'] - r['before']) / 2**20:,.0f} MiB above "
-                  f"the {r['before'] / 2**20:,.0f} MiB before the step)")
-        print(f"  ratio naive/chunked: {res['naive']['peak'] / res['chunked']['peak']:.2f} peak, "
-              f"{(res['naive']['peak'] - res['naive']['before']) / (res['chunked']['peak'] - res['chunked']['before']):.2f}"
-              " above")
+            print(
+                f"  {kind:8s} {r['peak'] / 2**20:8,.0f} MiB  ({(r['peak'] - r['before']) / 2**20:,.0f} MiB above "
+                f"the {r['before'] / 2**20:,.0f} MiB before the step)"
+            )
+        print(
+            f"  ratio naive/chunked: {res['naive']['peak'] / res['chunked']['peak']:.2f} peak, "
+            f"{(res['naive']['peak'] - res['naive']['before']) / (res['chunked']['peak'] - res['chunked']['before']):.2f}"
+            " above"
+        )
 
 
 def main() -> None:

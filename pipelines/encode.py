@@ -100,10 +100,18 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
 
     tok, seq_len, out = _W["tok"], _W["seq_len"], Path(_W["out"])
     parts = []
-    rec = {"articles": 0, "empty": 0, "rejected": [], "rows": 0, "real_tokens": 0, "target_tokens": 0,
-           "text_bytes": 0, "text_chars": 0}
+    rec = {
+        "articles": 0,
+        "empty": 0,
+        "rejected": [],
+        "rows": 0,
+        "real_tokens": 0,
+        "target_tokens": 0,
+        "text_bytes": 0,
+        "text_chars": 0,
+    }
     for a in range(0, len(texts), SUB_BATCH):
-        b_ids, b_texts = ids[a:a + SUB_BATCH], texts[a:a + SUB_BATCH]
+        b_ids, b_texts = ids[a : a + SUB_BATCH], texts[a : a + SUB_BATCH]
         keep_idx = [i for i, t in enumerate(b_texts) if t and not t.isspace()]
         rec["empty"] += len(b_texts) - len(keep_idx)
         encoded = _encode_texts(tok, [b_texts[i] for i in keep_idx], _W["threads"])
@@ -119,8 +127,9 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
                 rec["text_bytes"] += len(t.encode("utf-8", "surrogatepass"))
                 good.append(enc)
         if good:
-            rows = pack_articles(good, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                 vocab_size=tok.vocab_size)
+            rows = pack_articles(
+                good, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size
+            )
             parts.append(rows)
             rec["articles"] += len(good)
             rec["target_tokens"] += target_tokens(good)
@@ -158,10 +167,21 @@ def _job(cfg, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
         units[s] = math.ceil(n / a)
     params = {"seq_len": int(cfg.shards.seq_len), "articles_per_shard": a, "format_version": FORMAT_VERSION}
     inputs = {"tokenizer": tok.sha256, "splits": {s: sha256_file(p) for s, p in split_files.items()}}
-    return {"params": params, "inputs": inputs, "units": units, "articles": articles,
-            "dtype": token_dtype(tok.vocab_size).name, "tokenizer_file": str(tok_path),
-            "tokenizer": {"vocab_size": int(tok.vocab_size), "pad_id": int(tok.pad_id), "sos_id": int(tok.sos_id),
-                          "eos_id": int(tok.eos_id), "unk_id": int(tok.unk_id)}}
+    return {
+        "params": params,
+        "inputs": inputs,
+        "units": units,
+        "articles": articles,
+        "dtype": token_dtype(tok.vocab_size).name,
+        "tokenizer_file": str(tok_path),
+        "tokenizer": {
+            "vocab_size": int(tok.vocab_size),
+            "pad_id": int(tok.pad_id),
+            "sos_id": int(tok.sos_id),
+            "eos_id": int(tok.eos_id),
+            "unk_id": int(tok.unk_id),
+        },
+    }
 
 
 def _done(out: Path, split: str, unit: int) -> bool:
@@ -190,8 +210,8 @@ def _units_of(pf, split: str, wanted: set[int], articles_per_unit: int) -> Itera
                 if b_ids is None:
                     b_ids = batch.column(0).to_pylist()
                     b_texts = batch.column(1).to_pylist()
-                ids.extend(b_ids[k:k + take])
-                texts.extend("" if t is None else t for t in b_texts[k:k + take])
+                ids.extend(b_ids[k : k + take])
+                texts.extend("" if t is None else t for t in b_texts[k : k + take])
             k += take
             row += take
             if row == (unit + 1) * articles_per_unit:
@@ -203,8 +223,9 @@ def _units_of(pf, split: str, wanted: set[int], articles_per_unit: int) -> Itera
         yield split, unit, ids, texts
 
 
-def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
-        tokenizer_loader: Callable = load_tokenizer) -> dict:
+def run(
+    cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0, tokenizer_loader: Callable = load_tokenizer
+) -> dict:
     """Encode ``data/splits/<name>/*.parquet`` into ``shards/<name>/`` (see the module docstring).
 
     Args:
@@ -224,8 +245,9 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
             being merged.
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise XLabError(f"--shard-index must be in [0, --num-shards) and --num-shards >= 1 "
-                        f"(got {shard_index} of {num_shards})")
+        raise XLabError(
+            f"--shard-index must be in [0, --num-shards) and --num-shards >= 1 (got {shard_index} of {num_shards})"
+        )
     paths = stage_paths(cfg)
     split_files = _split_files(cfg)
     tok_path = paths.tokenizer
@@ -234,7 +256,9 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
     try:
         tok = tokenizer_loader(str(tok_path))
     except ValueError as e:  # an empty, foreign or damaged .model file
-        raise XLabError(f"{tok_path} is not a usable XLab tokenizer ({e}); run `xlab tokenizer train --force`") from None
+        raise XLabError(
+            f"{tok_path} is not a usable XLab tokenizer ({e}); run `xlab tokenizer train --force`"
+        ) from None
     out = paths.shards
     job = _job(cfg, tok, split_files, tok_path)
     mpath = out / "manifest.json"
@@ -245,9 +269,11 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
         if num_shards == 1:
             skipped("encode", mpath)
         else:
-            console.print(f"[bold]encode[/bold]: the store {out} is already complete and up to date "
-                          f"(it holds part {shard_index} of {num_shards}); nothing to do. Use --force to "
-                          f"re-encode it from scratch as a part folder.")
+            console.print(
+                f"[bold]encode[/bold]: the store {out} is already complete and up to date "
+                f"(it holds part {shard_index} of {num_shards}); nothing to do. Use --force to "
+                f"re-encode it from scratch as a part folder."
+            )
         return read_json(mpath)
 
     # From here the store is being changed: first make sure no manifest claims it is complete.
@@ -285,24 +311,36 @@ def run(cfg, force: bool = False, num_shards: int = 1, shard_index: int = 0,
 
     if num_shards == 1:
         return _finalize(out, job)
-    left = [i for i in range(num_shards) if not all(_done(out, s, u) for s in SPLITS
-                                                     for u in range(i, job["units"][s], num_shards))]
-    console.print(f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete "
-                  f"({n_mine} units in {out}); parts not yet here: {left or 'none'}. "
-                  f"Copy every part's folder into one, then run `xlab data merge`.")
+    left = [
+        i
+        for i in range(num_shards)
+        if not all(_done(out, s, u) for s in SPLITS for u in range(i, job["units"][s], num_shards))
+    ]
+    console.print(
+        f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete "
+        f"({n_mine} units in {out}); parts not yet here: {left or 'none'}. "
+        f"Copy every part's folder into one, then run `xlab data merge`."
+    )
     return {"part": shard_index, "num_shards": num_shards, "units": n_mine, "parts_missing": left}
 
 
-def _execute(units: Iterator[tuple], total: int, num_proc: int, loader: Callable, tok_path: str,
-             settings: dict, label: str) -> None:
+def _execute(
+    units: Iterator[tuple], total: int, num_proc: int, loader: Callable, tok_path: str, settings: dict, label: str
+) -> None:
     """Encode every unit, in this process (``num_proc == 1``) or in a pool of ``num_proc`` processes."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if total == 0:
         return
     rejected = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task(label, total=total)
 
         def done(rec):
@@ -317,8 +355,12 @@ def _execute(units: Iterator[tuple], total: int, num_proc: int, loader: Callable
             import multiprocessing as mp
 
             # spawn, not fork: the parent holds pyarrow/tokenizer threads that fork would copy mid-state.
-            with ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(loader, tok_path, settings, os.getpid())) as pool:
+            with ProcessPoolExecutor(
+                num_proc,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(loader, tok_path, settings, os.getpid()),
+            ) as pool:
                 pending = set()
                 for item in units:
                     pending.add(pool.submit(_encode_unit, *item))
@@ -353,8 +395,10 @@ def _finalize(out: Path, job: dict) -> dict:
     work = out / WORK
     missing = [f"{s}/{u:06d}" for s in SPLITS for u in range(job["units"][s]) if not _done(out, s, u)]
     if missing:
-        raise XLabError(f"{len(missing)} unit(s) not encoded yet (e.g. {', '.join(missing[:3])}); run the "
-                        f"missing `xlab data encode --num-shards N --shard-index I` parts, then `xlab data merge`")
+        raise XLabError(
+            f"{len(missing)} unit(s) not encoded yet (e.g. {', '.join(missing[:3])}); run the "
+            f"missing `xlab data encode --num-shards N --shard-index I` parts, then `xlab data merge`"
+        )
     tok_src = Path(job["tokenizer_file"])
     tok_bytes = tok_src.read_bytes()
     from xlab.fsio import sha256_bytes
@@ -366,20 +410,30 @@ def _finalize(out: Path, job: dict) -> dict:
         entry = SplitEntry()
         for u in range(job["units"][s]):
             rec = read_json(work / s / f"{u:06d}.json")
-            entry.add_shard(ShardEntry(rec["file"], rec["rows"], rec["real_tokens"], rec["sha256"]),
-                            articles=rec["articles"], target_tokens=rec["target_tokens"],
-                            text_bytes=rec["text_bytes"], text_chars=rec["text_chars"])
+            entry.add_shard(
+                ShardEntry(rec["file"], rec["rows"], rec["real_tokens"], rec["sha256"]),
+                articles=rec["articles"],
+                target_tokens=rec["target_tokens"],
+                text_bytes=rec["text_bytes"],
+                text_chars=rec["text_chars"],
+            )
             entry.empty_articles += rec["empty"]
             entry.rejected_articles += len(rec["rejected"])
             room = MAX_ERRORS_KEPT - len(entry.rejected)
-            entry.rejected.extend(rec["rejected"][:max(room, 0)])
+            entry.rejected.extend(rec["rejected"][: max(room, 0)])
         splits[s] = entry
     atomic_write_bytes(out / TOKENIZER_COPY, tok_bytes)  # the store carries its own tokenizer
     manifest = StoreManifest(
-        seq_len=job["params"]["seq_len"], dtype=job["dtype"],
-        tokenizer=TokenizerEntry(**job["tokenizer"], file=job["tokenizer_file"], copy=TOKENIZER_COPY,
-                                 sha256=job["inputs"]["tokenizer"]),
-        splits=splits, params=job["params"], inputs=job["inputs"], stage="encode", xlab_version=xlab.__version__,
+        seq_len=job["params"]["seq_len"],
+        dtype=job["dtype"],
+        tokenizer=TokenizerEntry(
+            **job["tokenizer"], file=job["tokenizer_file"], copy=TOKENIZER_COPY, sha256=job["inputs"]["tokenizer"]
+        ),
+        splits=splits,
+        params=job["params"],
+        inputs=job["inputs"],
+        stage="encode",
+        xlab_version=xlab.__version__,
     ).to_json()
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
@@ -394,8 +448,16 @@ def _print_summary(out: Path, m: dict) -> None:
     for c in ("split", "articles", "empty", "rejected", "rows", "targets", "text MB", "shards"):
         t.add_column(c, justify="right" if c != "split" else "left")
     for s, i in m["splits"].items():
-        t.add_row(s, f"{i['articles']:,}", f"{i['empty_articles']:,}", f"{i['rejected_articles']:,}",
-                  f"{i['rows']:,}", f"{i['target_tokens']:,}", f"{i['text_bytes'] / 1e6:,.2f}", str(len(i["shards"])))
+        t.add_row(
+            s,
+            f"{i['articles']:,}",
+            f"{i['empty_articles']:,}",
+            f"{i['rejected_articles']:,}",
+            f"{i['rows']:,}",
+            f"{i['target_tokens']:,}",
+            f"{i['text_bytes'] / 1e6:,.2f}",
+            str(len(i["shards"])),
+        )
     console.print(t)
 
 

@@ -82,14 +82,15 @@ def assign_splits(ids: Sequence[str], seed: int, fractions: Sequence[float]):
     n = len(ids)
     keys = np.fromiter(
         (int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in ids),
-        dtype=np.uint64, count=n,
+        dtype=np.uint64,
+        count=n,
     )
     # Ties of 64-bit keys are all but impossible; the id breaks them so the order is total anyway.
     order = np.lexsort((np.asarray(ids, dtype=object).astype(str), keys)) if n else np.zeros(0, np.int64)
     out = np.empty(n, dtype=np.int8)
     start = 0
     for k, c in enumerate(split_counts(n, fractions)):
-        out[order[start:start + c]] = k
+        out[order[start : start + c]] = k
         start += c
     return out
 
@@ -146,7 +147,7 @@ def run(cfg: Any, force: bool = False) -> dict:
         try:
             start = 0
             for batch in pf.iter_batches(batch_size=4096):
-                lab = labels[start:start + batch.num_rows]
+                lab = labels[start : start + batch.num_rows]
                 start += batch.num_rows
                 for k, s in enumerate(SPLITS):
                     part = batch.filter(lab == k)
@@ -173,8 +174,9 @@ def _chars(batch) -> int:
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
-                    transient=True)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
+    )
 
 
 def _print_summary(counts: dict, seconds: float, out_dir: Path) -> None:
@@ -190,7 +192,9 @@ def _print_summary(counts: dict, seconds: float, out_dir: Path) -> None:
     console.print(f"{counts['articles']:,} articles split in {seconds:.1f} s")
     empty = [s for s in SPLITS if counts[s] == 0]
     if empty:
-        console.print(f"[bold yellow]warning[/bold yellow]: the {', '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
-                      f"empty ({counts['articles']:,} articles in all); stages that read "
-                      f"{'them' if len(empty) > 1 else 'it'} will have nothing to work on. Use more articles "
-                      f"(data.max_articles) or other data.*_fraction values.")
+        console.print(
+            f"[bold yellow]warning[/bold yellow]: the {', '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} "
+            f"empty ({counts['articles']:,} articles in all); stages that read "
+            f"{'them' if len(empty) > 1 else 'it'} will have nothing to work on. Use more articles "
+            f"(data.max_articles) or other data.*_fraction values."
+        )

@@ -59,8 +59,7 @@ def parquet_file(path: Path, fix: str, columns: Sequence[str] = ("id", "text")):
         raise XLabError(f"{path} is not a readable parquet file ({first_line(e)}); run `{fix}`") from None
     missing = [c for c in columns if c not in schema.names]
     if missing:
-        raise XLabError(f"{path} lacks the column(s) {', '.join(missing)} (has {', '.join(schema.names)}); "
-                        f"run `{fix}`")
+        raise XLabError(f"{path} lacks the column(s) {', '.join(missing)} (has {', '.join(schema.names)}); run `{fix}`")
     if "text" in columns:
         t = schema.field("text").type
         if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
@@ -104,8 +103,9 @@ def is_up_to_date(manifest_path: Path, params: dict, inputs: dict, outputs: Iter
     return same and all(Path(p).exists() for p in outputs)
 
 
-def write_manifest(manifest_path: Path, *, stage: str, params: dict, inputs: dict, counts: dict,
-                   extra: dict | None = None) -> dict:
+def write_manifest(
+    manifest_path: Path, *, stage: str, params: dict, inputs: dict, counts: dict, extra: dict | None = None
+) -> dict:
     """Write a stage manifest atomically and return it."""
     m = {
         "stage": stage,
@@ -147,6 +147,7 @@ def die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # the parent is already gone (we were re-parented)
         os._exit(1)
     if not armed:
+
         def watch() -> None:
             while os.getppid() == parent_pid:
                 time.sleep(1.0)

@@ -43,7 +43,7 @@ def target_counts(store, split: str):
     counts = np.zeros(store.vocab_size, dtype=np.int64)
     for arr in _chunks(store, split):
         for a in range(0, len(arr), CHUNK_ROWS):
-            t = np.asarray(arr[a:a + CHUNK_ROWS, 1:]).ravel()
+            t = np.asarray(arr[a : a + CHUNK_ROWS, 1:]).ravel()
             counts += np.bincount(t[t != store.pad_id], minlength=store.vocab_size)
     return counts
 
@@ -136,9 +136,15 @@ def vocab_stats(tok, store, split: str = "train") -> dict:
         t = store.read_rows(split, idx)[:, 1:].ravel().astype(np.int64)
         text = t[~np.isin(t, list(special))]
         fallback = float(is_byte[text].mean()) if len(text) else float("nan")
-    return {"vocab_size": int(tok.vocab_size), "special": len(special), "byte_pieces": int(is_byte.sum()),
-            "single_chars": single, "learned_pieces": learned, "byte_fallback_fraction": fallback,
-            "sample_rows": int(min(n, SAMPLE_ROWS))}
+    return {
+        "vocab_size": int(tok.vocab_size),
+        "special": len(special),
+        "byte_pieces": int(is_byte.sum()),
+        "single_chars": single,
+        "learned_pieces": learned,
+        "byte_fallback_fraction": fallback,
+        "sample_rows": int(min(n, SAMPLE_ROWS)),
+    }
 
 
 def run(cfg, shards_dir=None, plot=None) -> dict:
@@ -159,8 +165,10 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
     if plot is not None:  # checked before any work
         plot = Path(plot)
         if plot.is_dir() or plot.suffix.lower() != ".png":
-            raise XLabError(f"--plot needs the path of a .png file, got {str(plot)!r} "
-                            f"({'a folder' if plot.is_dir() else 'not .png'}); e.g. --plot lengths.png")
+            raise XLabError(
+                f"--plot needs the path of a .png file, got {str(plot)!r} "
+                f"({'a folder' if plot.is_dir() else 'not .png'}); e.g. --plot lengths.png"
+            )
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
     store = ShardStore(path)
     store.check()  # damaged or missing shards: one clear line, not a numpy error halfway through
@@ -170,15 +178,27 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
     for c in ("split", "articles", "sequences", "real tokens", "padding", "chars/tok", "bytes/tok"):
         t.add_column(c, justify="left" if c == "split" else "right")
     for s, d in per.items():
-        t.add_row(s, f"{d['articles']:,}", f"{d['sequences']:,}", f"{d['real_tokens']:,}",
-                  f"{d['padding_fraction']:.1%}", f"{d['chars_per_token']:.2f}", f"{d['bytes_per_token']:.2f}")
+        t.add_row(
+            s,
+            f"{d['articles']:,}",
+            f"{d['sequences']:,}",
+            f"{d['real_tokens']:,}",
+            f"{d['padding_fraction']:.1%}",
+            f"{d['chars_per_token']:.2f}",
+            f"{d['bytes_per_token']:.2f}",
+        )
     console.print(t)
     t = Table(title="article length (tokens)")
     for c in ("split", "mean", "median", "std", "p99"):
         t.add_column(c, justify="left" if c == "split" else "right")
     for s, d in per.items():
-        t.add_row(s, f"{d['length_mean']:.1f}", f"{d['length_median']:.0f}", f"{d['length_std']:.1f}",
-                  f"{d['length_p99']:.0f}")
+        t.add_row(
+            s,
+            f"{d['length_mean']:.1f}",
+            f"{d['length_median']:.0f}",
+            f"{d['length_std']:.1f}",
+            f"{d['length_p99']:.0f}",
+        )
     console.print(t)
 
     vocab = None
@@ -189,34 +209,48 @@ def run(cfg, shards_dir=None, plot=None) -> dict:
         try:
             tok = Tokenizer.load(tok_path)
         except ValueError as e:  # an empty, foreign or damaged .model file
-            raise XLabError(f"{tok_path} is not a usable XLab tokenizer ({e}); rebuild it with "
-                            f"`xlab tokenizer train --force` and `xlab data encode --force`") from None
+            raise XLabError(
+                f"{tok_path} is not a usable XLab tokenizer ({e}); rebuild it with "
+                f"`xlab tokenizer train --force` and `xlab data encode --force`"
+            ) from None
         vocab = vocab_stats(tok, store, "train" if "train" in store.splits else store.splits[0])
         v = Table(title=f"vocabulary ({tok_path})")
         for c in ("pieces", "special", "bytes", "single chars", "learned", "byte fallback"):
             v.add_column(c, justify="right")
-        v.add_row(f"{vocab['vocab_size']:,}", str(vocab["special"]), f"{vocab['byte_pieces']:,}",
-                  f"{vocab['single_chars']:,}", f"{vocab['learned_pieces']:,}",
-                  f"{vocab['byte_fallback_fraction']:.3%}")
+        v.add_row(
+            f"{vocab['vocab_size']:,}",
+            str(vocab["special"]),
+            f"{vocab['byte_pieces']:,}",
+            f"{vocab['single_chars']:,}",
+            f"{vocab['learned_pieces']:,}",
+            f"{vocab['byte_fallback_fraction']:.3%}",
+        )
         console.print(v)
-        console.print(f"byte fallback: share of text tokens that are byte pieces, in {vocab['sample_rows']:,} "
-                      f"seeded random rows of the train split")
+        console.print(
+            f"byte fallback: share of text tokens that are byte pieces, in {vocab['sample_rows']:,} "
+            f"seeded random rows of the train split"
+        )
     else:
         console.print("[yellow]tokenizer file not found; vocabulary statistics skipped[/yellow]")
 
     unigram = None
     if {"train", "val"} <= set(store.splits) and per["val"]["target_tokens"]:
         unigram = unigram_baseline(store)
-        console.print(f"unigram baseline on val (add-one smoothed train counts): {unigram:.3f} nats/token "
-                      f"({unigram / math.log(2):.3f} bits/token)")
+        console.print(
+            f"unigram baseline on val (add-one smoothed train counts): {unigram:.3f} nats/token "
+            f"({unigram / math.log(2):.3f} bits/token)"
+        )
     if plot is not None:
         try:
             _plot(per, plot)
         except OSError as e:
             raise XLabError(f"cannot write {plot}: {e.strerror or e}") from None
         console.print(f"article-length histogram written to {plot}")
-    return {"splits": {s: {k: v for k, v in d.items() if k != "lengths"} for s, d in per.items()},
-            "vocab": vocab, "unigram_val_nats": unigram}
+    return {
+        "splits": {s: {k: v for k, v in d.items() if k != "lengths"} for s, d in per.items()},
+        "vocab": vocab,
+        "unigram_val_nats": unigram,
+    }
 
 
 def _plot(per: dict, path: Path) -> None:

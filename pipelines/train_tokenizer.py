@@ -104,8 +104,10 @@ def run(cfg: Any, force: bool = False) -> dict:
 
     n_train = _num_rows(train_path)
     if n_train == 0:
-        raise XLabError(f"the train split {train_path} is empty (0 articles); rerun `xlab data split --force` "
-                        f"with more articles (data.max_articles) or a larger data.train_fraction")
+        raise XLabError(
+            f"the train split {train_path} is empty (0 articles); rerun `xlab data split --force` "
+            f"with more articles (data.max_articles) or a larger data.train_fraction"
+        )
 
     t0 = time.perf_counter()
     with console.status(f"training a {params['vocab_size']}-piece BPE tokenizer on {train_path} ..."):
@@ -121,8 +123,10 @@ def run(cfg: Any, force: bool = False) -> dict:
             )
         except ValueError as e:
             if str(e).startswith("no training text"):
-                raise XLabError(f"the train split {train_path} has no text (all {n_train:,} articles are empty); "
-                                f"rerun `xlab data download --force` and `xlab data split --force`") from None
+                raise XLabError(
+                    f"the train split {train_path} has no text (all {n_train:,} articles are empty); "
+                    f"rerun `xlab data download --force` and `xlab data split --force`"
+                ) from None
             raise XLabError(f"tokenizer training failed: {e} (try another -o tokenizer.vocab_size=N)") from None
     report = dict(tok.train_report)
     counts: dict[str, Any] = {
@@ -138,8 +142,9 @@ def run(cfg: Any, force: bool = False) -> dict:
     if val_path.is_file():
         with console.status("measuring bytes per token on the val split ..."):
             v = bytes_per_token(tok, val_path)
-        counts.update(val_texts=v["texts"], val_bytes=v["bytes"], val_tokens=v["tokens"],
-                      val_bytes_per_token=v["bytes_per_token"])
+        counts.update(
+            val_texts=v["texts"], val_bytes=v["bytes"], val_tokens=v["tokens"], val_bytes_per_token=v["bytes_per_token"]
+        )
     extra = {
         "tokenizer": {
             "file": paths.tokenizer.name,
@@ -162,8 +167,9 @@ def _summary(path: Path, tok: Any, counts: dict, seconds: float) -> None:
     t = Table(title=f"tokenizer train: {path}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
-    t.add_row("vocabulary", f"{tok.vocab_size:,} (unk {tok.unk_id}, sos {tok.sos_id}, eos {tok.eos_id}, "
-              f"pad {tok.pad_id})")
+    t.add_row(
+        "vocabulary", f"{tok.vocab_size:,} (unk {tok.unk_id}, sos {tok.sos_id}, eos {tok.eos_id}, pad {tok.pad_id})"
+    )
     t.add_row("train texts / bytes", f"{counts['texts']:,} / {counts['bytes']:,}")
     t.add_row("lines (paragraphs)", f"{counts['lines']:,}")
     t.add_row("lines split (too long)", f"{counts['lines_split']:,}")
@@ -198,8 +204,12 @@ def show(cfg: Any, text: str, tokenizer_path: Path | None = None) -> dict:
     except ValueError as e:
         raise XLabError(f"cannot encode the text: {e}") from None
     pieces = [tok.id_to_piece(i) for i in ids]
-    table = Table(title=f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes", caption=str(path),
-                  title_justify="left", caption_justify="left")
+    table = Table(
+        title=f"{len(ids)} tokens, {len(text.encode('utf-8'))} bytes",
+        caption=str(path),
+        title_justify="left",
+        caption_justify="left",
+    )
     table.add_column("#", justify="right", style="dim")
     table.add_column("id", justify="right")
     table.add_column("piece")
@@ -207,10 +217,14 @@ def show(cfg: Any, text: str, tokenizer_path: Path | None = None) -> dict:
     for k, (i, p) in enumerate(zip(ids, pieces)):
         byte = tok.is_byte(i)
         shown = escape(repr(p)[1:-1])  # makes "\n", "\t" and friends visible
-        table.add_row(str(k), str(i), f"[yellow]{shown}[/yellow]" if byte else shown, "[yellow]byte[/yellow]" if byte else "")
+        table.add_row(
+            str(k), str(i), f"[yellow]{shown}[/yellow]" if byte else shown, "[yellow]byte[/yellow]" if byte else ""
+        )
     console.print(table)
     ok = tok.decode(ids) == text
     n_bytes = len(text.encode("utf-8"))
-    console.print(f"bytes per token: {n_bytes / len(ids):.3f}" if ids else "empty text: no tokens",
-                  f"· round trip: {'exact' if ok else 'DIFFERS'}")
+    console.print(
+        f"bytes per token: {n_bytes / len(ids):.3f}" if ids else "empty text: no tokens",
+        f"· round trip: {'exact' if ok else 'DIFFERS'}",
+    )
     return {"ids": ids, "pieces": pieces, "bytes": n_bytes, "tokens": len(ids), "roundtrip": ok}

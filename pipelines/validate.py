@@ -26,8 +26,7 @@ CHUNK_ROWS = 65536  # rows checked at a time (bounded memory)
 MAX_ROWS_LISTED = 100  # per problem kind and file; the rest are counted
 
 
-def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos: int, eos: int,
-                  found: dict) -> None:
+def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos: int, eos: int, found: dict) -> None:
     """Add ``{kind: [row numbers]}`` for a chunk of rows starting at file row ``start``.
 
     ``prev_last`` is the last row of the previous chunk (None at the top of the file)."""
@@ -47,7 +46,9 @@ def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos
         worst = int(r[bad_rows].max())
         found[f"token id >= vocabulary size {vocab_size} (largest {worst})"].extend((bad_rows + start).tolist())
     is_pad = r == pad
-    add("padding followed by a token (padding must end the row)", (np.logical_or.accumulate(is_pad, 1) != is_pad).any(1))
+    add(
+        "padding followed by a token (padding must end the row)", (np.logical_or.accumulate(is_pad, 1) != is_pad).any(1)
+    )
     add("no target token (the row's targets are all padding)", is_pad[:, 1:].all(1))
     add("<sos> after column 0", (r[:, 1:] == sos).any(1))
     eos_mid = (r[:, :-1] == eos) & ~is_pad[:, 1:]
@@ -70,8 +71,10 @@ def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos
         check = np.ones(n, dtype=bool)
     prev_open = (prev != pad).all(1) & (prev[:, -1] != eos)
     add("the previous row's article is cut short before this <sos>", check & starts & prev_open)
-    add("the row continues no article (previous row ended or does not overlap)",
-        check & ~starts & (~prev_open | (prev[:, -1] != r[:, 0])))
+    add(
+        "the row continues no article (previous row ended or does not overlap)",
+        check & ~starts & (~prev_open | (prev[:, -1] != r[:, 0])),
+    )
 
 
 def check_shard(path: Path, entry: dict, store) -> list[str]:
@@ -104,10 +107,18 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
     real = 0
     prev_last = None
     for a in range(0, shape[0], CHUNK_ROWS):
-        chunk = np.asarray(arr[a:a + CHUNK_ROWS])
+        chunk = np.asarray(arr[a : a + CHUNK_ROWS])
         real += int(np.count_nonzero(chunk != store.pad_id))
-        _row_problems(chunk, a, prev_last, vocab_size=store.vocab_size, pad=store.pad_id, sos=store.sos_id,
-                      eos=store.eos_id, found=found)
+        _row_problems(
+            chunk,
+            a,
+            prev_last,
+            vocab_size=store.vocab_size,
+            pad=store.pad_id,
+            sos=store.sos_id,
+            eos=store.eos_id,
+            found=found,
+        )
         prev_last = chunk[-1]
     if prev_last is not None and not ((prev_last == store.pad_id).any() or prev_last[-1] == store.eos_id):
         found["the shard ends inside an article (last row has no <eos>)"].append(shape[0] - 1)
@@ -140,15 +151,17 @@ def run(cfg, shards_dir=None) -> int:
     if store.row_len != store.seq_len + 1:
         problems.append(f"manifest: row_len {store.row_len} != seq_len + 1 ({store.seq_len + 1})")
     if store.dtype != token_dtype(store.vocab_size):
-        problems.append(f"manifest: dtype {store.dtype} is not {token_dtype(store.vocab_size)} for vocabulary "
-                        f"{store.vocab_size}")
+        problems.append(
+            f"manifest: dtype {store.dtype} is not {token_dtype(store.vocab_size)} for vocabulary {store.vocab_size}"
+        )
     tok_files = [p for p in (stage_paths(cfg).tokenizer, path / "tokenizer.model") if p.is_file()]
     if not tok_files:
         problems.append("tokenizer: no tokenizer file found to compare with the manifest")
     for p in tok_files:
         if sha256_file(p) != store.tokenizer_sha256:
-            problems.append(f"tokenizer: sha256 of {p} differs from the manifest's; re-encode with "
-                            f"`xlab data encode --force`")
+            problems.append(
+                f"tokenizer: sha256 of {p} differs from the manifest's; re-encode with `xlab data encode --force`"
+            )
     entries = [(s, e) for s in store.splits for e in store.split_info(s)["shards"]]
     for s in store.splits:
         info = store.split_info(s)
@@ -163,6 +176,8 @@ def run(cfg, shards_dir=None) -> int:
         for line in problems:
             console.print(f"  {line}", markup=False, highlight=False)
         return 1
-    console.print(f"[bold green]validate[/bold green]: {path} is sound ({len(entries)} shards, "
-                  f"{checked_rows:,} rows, tokenizer {store.tokenizer_sha256[:12]})")
+    console.print(
+        f"[bold green]validate[/bold green]: {path} is sound ({len(entries)} shards, "
+        f"{checked_rows:,} rows, tokenizer {store.tokenizer_sha256[:12]})"
+    )
     return 0

@@ -19,11 +19,12 @@ def run_cli(args, cwd, check=True, timeout=600, env=None):
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     if env:
         e.update(env)
-    p = subprocess.run(XLAB + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                       timeout=timeout, env=e)
+    p = subprocess.run(XLAB + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=e)
     if check and p.returncode != 0:
-        raise AssertionError(f"xlab {' '.join(map(str, args))} exited {p.returncode}\n"
-                             f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"xlab {' '.join(map(str, args))} exited {p.returncode}\n"
+            f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+        )
     return p
 
 

@@ -51,8 +51,7 @@ def test_checkpoint_loads_weights_only_and_refuses_pickled_objects(tmp_path, tra
     _, last, _ = trained
     # The real checkpoint has only tensors and plain data: torch's own weights_only loader accepts it.
     ck = torch.load(last, weights_only=True)
-    assert {"model", "optimizer", "step", "loader", "rng", "config", "tokenizer", "shards",
-            "xlab_version"} <= set(ck)
+    assert {"model", "optimizer", "step", "loader", "rng", "config", "tokenizer", "shards", "xlab_version"} <= set(ck)
     assert ck["xlab_version"] == xlab.__version__ and isinstance(ck["config"], dict)
     evil = tmp_path / "evil.pt"
     torch.save({"format": "xlab-checkpoint", "format_version": 1, "model": Evil()}, evil)
@@ -67,7 +66,7 @@ def test_missing_corrupt_and_foreign_files(tmp_path, trained):
     with pytest.raises(XLabError, match="not found"):
         load_checkpoint(tmp_path / "none.pt")
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(last.read_bytes()[: 5000])
+    bad.write_bytes(last.read_bytes()[:5000])
     with pytest.raises(XLabError, match="cannot read checkpoint"):
         load_checkpoint(bad)
     other = tmp_path / "other.pt"
@@ -89,12 +88,18 @@ def test_save_is_atomic(tmp_path):
 def test_export_and_load_model_both_forms(tmp_path, trained):
     _, last, _ = trained
     out = export(last, tmp_path / "exp")
-    assert sorted(f.name for f in out.iterdir()) == ["config.json", "config.yaml", "meta.json",
-                                                     "model.safetensors", "tokenizer.model"]
+    assert sorted(f.name for f in out.iterdir()) == [
+        "config.json",
+        "config.yaml",
+        "meta.json",
+        "model.safetensors",
+        "tokenizer.model",
+    ]
     umask = os.umask(0)
     os.umask(umask)
-    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == \
-        {f.name: 0o666 & ~umask for f in out.iterdir()}  # readable like any file the user writes
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {
+        f.name: 0o666 & ~umask for f in out.iterdir()
+    }  # readable like any file the user writes
     ratio = sum(f.stat().st_size for f in out.iterdir()) / last.stat().st_size
     assert 0.2 < ratio < 0.45  # AdamW's two moments stay behind
     with pytest.raises(XLabError, match="already exists"):
@@ -134,7 +139,8 @@ def test_evaluate_whole_split_matches_full_logits(tmp_path, trained):
     part = evaluate_run(last, split="val", max_batches=1)
     assert not part["complete"] and part["tokens"] < m["tokens"]
     assert part["bits_per_byte"] == pytest.approx(
-        part["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2)))
+        part["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2))
+    )
     with pytest.raises(XLabError, match="not in shard store"):
         evaluate_run(last, split="test")
 
@@ -161,8 +167,12 @@ def _ck_variant(tmp_path, last, name, **change):
 def test_broken_checkpoints_are_one_line_errors_everywhere(tmp_path, trained, cli):
     _, last, _ = trained
     rng = np.random.default_rng(0)
-    files = {"random.pt": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(), "text.pt": b"hello\n",
-             "empty.pt": b"", "truncated.pt": last.read_bytes()[:20000]}
+    files = {
+        "random.pt": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "text.pt": b"hello\n",
+        "empty.pt": b"",
+        "truncated.pt": last.read_bytes()[:20000],
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     bad = [tmp_path / n for n in files]
@@ -180,8 +190,12 @@ def test_broken_checkpoints_are_one_line_errors_everywhere(tmp_path, trained, cl
         with pytest.raises(XLabError):
             export(p, tmp_path / f"out-{p.stem}")
         assert not (tmp_path / f"out-{p.stem}").exists()
-    for args in (["generate", tmp_path / "random.pt", "Hi"], ["export", tmp_path / "text.pt"],
-                 ["evaluate", tmp_path / "nomodel.pt"], ["export", tmp_path / "shape.pt"]):
+    for args in (
+        ["generate", tmp_path / "random.pt", "Hi"],
+        ["export", tmp_path / "text.pt"],
+        ["evaluate", tmp_path / "nomodel.pt"],
+        ["export", tmp_path / "shape.pt"],
+    ):
         r = cli(args, cwd=tmp_path, check=False)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: "), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -225,8 +239,15 @@ def test_evaluate_refuses_empty_splits_and_bad_options(tmp_path, trained, cli):
     store_path, last, _ = trained
 
     def add_empty_test(man):
-        man["splits"]["test"] = {"rows": 0, "articles": 0, "real_tokens": 0, "target_tokens": 0,
-                                 "text_bytes": 0, "text_chars": 0, "shards": []}
+        man["splits"]["test"] = {
+            "rows": 0,
+            "articles": 0,
+            "real_tokens": 0,
+            "target_tokens": 0,
+            "text_bytes": 0,
+            "text_chars": 0,
+            "shards": [],
+        }
 
     store = _store_copy(store_path, tmp_path / "s", add_empty_test)
     with pytest.raises(XLabError, match="split test of .* has no rows"):
@@ -239,8 +260,11 @@ def test_evaluate_refuses_empty_splits_and_bad_options(tmp_path, trained, cli):
             evaluate_run(last, split="val", shards_dir=store, max_batches=n)
     with pytest.raises(XLabError, match="is a folder"):
         evaluate_run(last, split="val", shards_dir=store, json_out=tmp_path)
-    r = cli(["evaluate", last, "--split", "test", "--shards", store, "--json", tmp_path / "m.json"],
-            cwd=tmp_path, check=False)
+    r = cli(
+        ["evaluate", last, "--split", "test", "--shards", store, "--json", tmp_path / "m.json"],
+        cwd=tmp_path,
+        check=False,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: split test") and "Traceback" not in r.stderr, r.stderr
     r = cli(["evaluate", last, "--json", tmp_path], cwd=tmp_path, check=False)
     assert r.returncode == 2 and "is a folder" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -32,13 +32,16 @@ def test_full_config_matches_release_model():
     assert (cfg.data.hf_path, cfg.data.hf_config) == ("wikimedia/wikipedia", "20231101.en")
 
 
-@pytest.mark.parametrize("override, word", [
-    (["train.batch_size=abc"], "batch_size"),
-    (["train.nope=1"], "nope"),
-    (["model.norm=batchnorm"], "model.norm"),
-    (["model.n_heads=3"], "divisible"),
-    (["data.train_fraction=0.5"], "sum to 1"),
-])
+@pytest.mark.parametrize(
+    "override, word",
+    [
+        (["train.batch_size=abc"], "batch_size"),
+        (["train.nope=1"], "nope"),
+        (["model.norm=batchnorm"], "model.norm"),
+        (["model.n_heads=3"], "divisible"),
+        (["data.train_fraction=0.5"], "sum to 1"),
+    ],
+)
 def test_bad_values_are_one_line_errors(override, word):
     with pytest.raises(XLabError) as e:
         load_config([], override)
@@ -66,8 +69,10 @@ def test_round_trip_and_paths():
 
 def test_cli_help_does_not_import_heavy_libraries():
     # `xlab --help` must answer at once: the CLI module may not pull in torch, numpy or datasets.
-    code = ("import sys, xlab.commands.app; heavy = [m for m in ('torch', 'numpy', 'datasets', 'sentencepiece', "
-            "'pyarrow') if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, xlab.commands.app; heavy = [m for m in ('torch', 'numpy', 'datasets', 'sentencepiece', "
+        "'pyarrow') if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -90,9 +95,17 @@ def test_modern_extra_builds_a_model_that_runs():
 
     from xlab.model import Transformer
 
-    cfg = load_config([ROOT / "conf" / "extra" / "modern.yaml"],
-                      ["model.vocab_size=64", "model.max_len=16", "model.d_model=32", "model.n_heads=4",
-                       "model.d_ff=64", "model.n_layers=2"])
+    cfg = load_config(
+        [ROOT / "conf" / "extra" / "modern.yaml"],
+        [
+            "model.vocab_size=64",
+            "model.max_len=16",
+            "model.d_model=32",
+            "model.n_heads=4",
+            "model.d_ff=64",
+            "model.n_layers=2",
+        ],
+    )
     model = Transformer(cfg.model)
     logits = model(torch.randint(0, 64, (2, 16)))
     assert logits.shape == (2, 16, 64)

@@ -30,7 +30,8 @@ def store(tmp_path_factory):
 def torchrun(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False) -> str:
     """Run ``xlab.train.train`` in 2 gloo processes; return rank 0's stdout."""
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS)!r})
         import torch
@@ -39,10 +40,16 @@ def torchrun(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_afte
         from xlab.train import train
         train(make_cfg({str(runs)!r}, *{overrides!r}), shards_dir={str(store)!r}, resume={resume!r},
               stop_after={stop_after!r})
-    """))
+    """)
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script)], capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -67,8 +74,13 @@ def test_two_processes_match_one_process_with_twice_the_batch(store, tmp_path):
 
 def test_two_process_resume_is_exact(store, tmp_path):
     # Dropout on: each rank's random stream must be saved and restored, not only rank 0's.
-    o = ("train.batch_size=2", "model.dropout=0.2", "train.max_steps=6", "train.eval_every=100",
-         "train.checkpoint_every=100")
+    o = (
+        "train.batch_size=2",
+        "model.dropout=0.2",
+        "train.max_steps=6",
+        "train.eval_every=100",
+        "train.checkpoint_every=100",
+    )
     torchrun(tmp_path, store, tmp_path / "full", *o)
     torchrun(tmp_path, store, tmp_path / "cut", *o, stop_after=3)
     torchrun(tmp_path, store, tmp_path / "cut", *o, resume=True)

@@ -24,8 +24,7 @@ ALPHA = (
     "See also\nProxima Centauri\n\n"
     "Alpha Centauri\nAlpha"
 )
-BETA = ("Beta (Β, β) is the second letter of the Greek alphabet.\n\n"
-        "History\nIt derives from the Phoenician letter bēt.")
+BETA = "Beta (Β, β) is the second letter of the Greek alphabet.\n\nHistory\nIt derives from the Phoenician letter bēt."
 
 
 def make_cfg(tmp_path, *overrides):
@@ -44,21 +43,24 @@ def test_cleaner_on_fixture_pages():
     assert wikitext.clean_wikitext(pages["Empty page"].text) == ""
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("a<ref>x [[y]]</ref> b<ref name=\"n\"/>.", "a b."),  # references, full and self-closing
-    # The stray '' makes the parser leave this <ref> as text; it is removed all the same.
-    ("said.<ref>[[S C#I D|I D]]'' by [[S C]]. 2007.</ref>\n\nNext<ref name=r/> one.", "said.\n\nNext one."),
-    ("{{Infobox|x=1}}Text {{lang|fr|mot}} here.", "Text  here."),  # templates vanish
-    ("x [[image:P.png|thumb|a [[B|c]] caption]] y", "x  y"),  # media links with nested links, any case
-    ("x [[Media:Sound.ogg]] y", "x  y"),
-    ("[[Category:Stars| ]]\n[[category:Nearby stars]]", "Nearby stars"),  # prefix dropped, blank sort key
-    ("__NOTOC__Lead.__FORCETOC__", "Lead."),
-    ("Lead.\n\n==  Head  ==\n\n\n\nBody.\n=== Empty ===\n{{stub}}", "Lead.\n\nHead\n\nBody.\n\nEmpty"),
-    ("{|\n| cell || [[Category:In table]]\n|}\nAfter.", "After."),
-    ("&amp; &Sigma; [http://x.org label] [[A|b]]", "& Σ label b"),
-    ("   \n\n", ""),
-    (None, ""),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ('a<ref>x [[y]]</ref> b<ref name="n"/>.', "a b."),  # references, full and self-closing
+        # The stray '' makes the parser leave this <ref> as text; it is removed all the same.
+        ("said.<ref>[[S C#I D|I D]]'' by [[S C]]. 2007.</ref>\n\nNext<ref name=r/> one.", "said.\n\nNext one."),
+        ("{{Infobox|x=1}}Text {{lang|fr|mot}} here.", "Text  here."),  # templates vanish
+        ("x [[image:P.png|thumb|a [[B|c]] caption]] y", "x  y"),  # media links with nested links, any case
+        ("x [[Media:Sound.ogg]] y", "x  y"),
+        ("[[Category:Stars| ]]\n[[category:Nearby stars]]", "Nearby stars"),  # prefix dropped, blank sort key
+        ("__NOTOC__Lead.__FORCETOC__", "Lead."),
+        ("Lead.\n\n==  Head  ==\n\n\n\nBody.\n=== Empty ===\n{{stub}}", "Lead.\n\nHead\n\nBody.\n\nEmpty"),
+        ("{|\n| cell || [[Category:In table]]\n|}\nAfter.", "After."),
+        ("&amp; &Sigma; [http://x.org label] [[A|b]]", "& Σ label b"),
+        ("   \n\n", ""),
+        (None, ""),
+    ],
+)
 def test_cleaner_rules(source, expected):
     assert wikitext.clean_wikitext(source) == expected
 
@@ -79,9 +81,14 @@ def compressed_copies(tmp_path):
 
 
 def test_dump_reader_streams_every_page(tmp_path):
-    expected = [("101", "Alpha Centauri", 0, False), ("102", "Alpha Cen", 0, True),
-                ("103", "Wikipedia:About", 4, False), ("104", "Empty page", 0, False),
-                ("105", "Old redirect", 0, True), ("106", "Beta (letter)", 0, False)]
+    expected = [
+        ("101", "Alpha Centauri", 0, False),
+        ("102", "Alpha Cen", 0, True),
+        ("103", "Wikipedia:About", 4, False),
+        ("104", "Empty page", 0, False),
+        ("105", "Old redirect", 0, True),
+        ("106", "Beta (letter)", 0, False),
+    ]
     for path in compressed_copies(tmp_path).values():
         pages = list(wikitext.iter_dump_pages(path))
         assert [(p.id, p.title, p.ns, p.redirect) for p in pages] == expected
@@ -101,7 +108,14 @@ def test_dump_source(tmp_path, kind, num_proc):
         {"id": "106", "url": "https://en.wikipedia.org/wiki/Beta_(letter)", "title": "Beta (letter)", "text": BETA},
     ]
     c = out["counts"]
-    assert (c["pages"], c["articles_read"], c["redirects"], c["non_articles"], c["empty"], c["articles"]) == (6, 3, 2, 1, 1, 2)
+    assert (c["pages"], c["articles_read"], c["redirects"], c["non_articles"], c["empty"], c["articles"]) == (
+        6,
+        3,
+        2,
+        1,
+        1,
+        2,
+    )
     assert c["characters"] == len(ALPHA) + len(BETA)
     m = json.loads((tmp_path / "data/raw/wiki/manifest.json").read_text())
     assert m["params"]["dump_path"] == str(dump) and m["counts"]["articles"] == 2
@@ -173,8 +187,9 @@ def test_max_articles_below_one_refused(tmp_path):
 
 
 def test_sample_file_checks(monkeypatch):
-    wrong = download.SampleFile(download.SAMPLE_DUMP.dist, "4.4.0", download.SAMPLE_DUMP.path,
-                                download.SAMPLE_DUMP.size, "0" * 64)
+    wrong = download.SampleFile(
+        download.SAMPLE_DUMP.dist, "4.4.0", download.SAMPLE_DUMP.path, download.SAMPLE_DUMP.size, "0" * 64
+    )
     with pytest.raises(XLabError, match="make setup"):
         download.locate_sample_file(wrong)
     missing = download.SampleFile("no-such-dist-xlab", "1.0", "x.json", 1, "0" * 64)
@@ -203,6 +218,7 @@ def test_hub_probe(monkeypatch):
 
     def hang(*args, **kwargs):  # a name lookup that never answers
         import time
+
         time.sleep(1)
         raise OSError("too late")
 
@@ -237,9 +253,11 @@ def test_hf_rows_written(tmp_path, monkeypatch):
 
     def load(path, config, split, streaming):
         calls.append((path, config, split, streaming))
-        return [{"id": "1", "url": "u1", "title": "A", "text": "alpha"},
-                {"id": "2", "url": "u2", "title": "B", "text": "  "},
-                {"id": "3", "url": "u3", "title": "C", "text": "gamma"}]
+        return [
+            {"id": "1", "url": "u1", "title": "A", "text": "alpha"},
+            {"id": "2", "url": "u2", "title": "B", "text": "  "},
+            {"id": "3", "url": "u3", "title": "C", "text": "gamma"},
+        ]
 
     fake_datasets(monkeypatch, load)
     out = download.run(make_cfg(tmp_path, "data.source=hf", "data.max_articles=5"))
@@ -249,11 +267,14 @@ def test_hf_rows_written(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- the CLI
-@pytest.mark.parametrize("args, words", [
-    (["--source", "hf"], ["cannot reach the Hugging Face Hub", "--source sample"]),
-    (["--source", "dump", "--dump", "missing.xml.bz2"], ["dump file not found: missing.xml.bz2"]),
-    (["--source", "dump"], ["--dump PATH"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--source", "hf"], ["cannot reach the Hugging Face Hub", "--source sample"]),
+        (["--source", "dump", "--dump", "missing.xml.bz2"], ["dump file not found: missing.xml.bz2"]),
+        (["--source", "dump"], ["--dump PATH"]),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(tmp_path, cli, args, words):
     p = cli(["data", "download", *args], cwd=tmp_path, check=False)  # the fixture sets HF_HUB_OFFLINE=1
     err = p.stderr.strip()
@@ -293,13 +314,16 @@ def test_sigkill_of_download_leaves_no_worker_processes(tmp_path):
     with open(tmp_path / "big.xml", "w") as f:
         f.write('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">\n')
         for i in range(600):
-            f.write(f"<page><title>T{i}</title><ns>0</ns><id>{i + 1}</id><revision><text>{body}</text>"
-                    f"</revision></page>\n")
+            f.write(
+                f"<page><title>T{i}</title><ns>0</ns><id>{i + 1}</id><revision><text>{body}</text></revision></page>\n"
+            )
         f.write("</mediawiki>\n")
     root = Path(__file__).resolve().parent.parent
-    script = (f"import sys; sys.path.insert(0, {str(root)!r}); from pipelines import download; "
-              f"from xlab.config import load_config; download.run(load_config([], ['paths.data_dir={tmp_path}/data', "
-              f"'data.source=dump', 'data.dump_path={tmp_path}/big.xml', 'data.num_proc=2'], use_defaults_file=False))")
+    script = (
+        f"import sys; sys.path.insert(0, {str(root)!r}); from pipelines import download; "
+        f"from xlab.config import load_config; download.run(load_config([], ['paths.data_dir={tmp_path}/data', "
+        f"'data.source=dump', 'data.dump_path={tmp_path}/big.xml', 'data.num_proc=2'], use_defaults_file=False))"
+    )
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
 

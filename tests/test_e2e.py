@@ -9,11 +9,40 @@ pytestmark = pytest.mark.slow
 
 # A tiny but complete configuration: 400 articles, vocabulary 512, sequences of 32 tokens.
 TINY = [
-    "-o", "data.max_articles=400", "-o", "tokenizer.vocab_size=512", "-o", "shards.seq_len=32",
-    "-o", "shards.num_proc=2", "-o", "model.d_model=32", "-o", "model.n_layers=1", "-o", "model.n_heads=2",
-    "-o", "model.d_ff=64", "-o", "train.batch_size=8", "-o", "train.max_steps=12", "-o", "train.warmup_steps=2",
-    "-o", "train.eval_every=6", "-o", "train.checkpoint_every=6", "-o", "train.log_every=3",
-    "-o", "train.eval_batches=4", "-o", "train.lr=3e-3", "-o", "generate.max_new_tokens=8",
+    "-o",
+    "data.max_articles=400",
+    "-o",
+    "tokenizer.vocab_size=512",
+    "-o",
+    "shards.seq_len=32",
+    "-o",
+    "shards.num_proc=2",
+    "-o",
+    "model.d_model=32",
+    "-o",
+    "model.n_layers=1",
+    "-o",
+    "model.n_heads=2",
+    "-o",
+    "model.d_ff=64",
+    "-o",
+    "train.batch_size=8",
+    "-o",
+    "train.max_steps=12",
+    "-o",
+    "train.warmup_steps=2",
+    "-o",
+    "train.eval_every=6",
+    "-o",
+    "train.checkpoint_every=6",
+    "-o",
+    "train.log_every=3",
+    "-o",
+    "train.eval_batches=4",
+    "-o",
+    "train.lr=3e-3",
+    "-o",
+    "generate.max_new_tokens=8",
 ]
 
 
@@ -80,14 +109,17 @@ def test_every_command(work, cli):
     assert "unigram" in out
 
 
-@pytest.mark.parametrize("args, word", [
-    (["data", "split"], "xlab data download"),
-    (["tokenizer", "train"], "xlab data split"),
-    (["data", "encode"], "xlab data split"),
-    (["train"], "xlab data encode"),
-    (["generate", "missing.pt", "hi"], "missing.pt"),
-    (["evaluate", "missing.pt"], "missing.pt"),
-])
+@pytest.mark.parametrize(
+    "args, word",
+    [
+        (["data", "split"], "xlab data download"),
+        (["tokenizer", "train"], "xlab data split"),
+        (["data", "encode"], "xlab data split"),
+        (["train"], "xlab data encode"),
+        (["generate", "missing.pt", "hi"], "missing.pt"),
+        (["evaluate", "missing.pt"], "missing.pt"),
+    ],
+)
 def test_missing_earlier_stage_is_one_line_exit_2(tmp_path, cli, args, word):
     p = cli(args, cwd=tmp_path, check=False)
     assert p.returncode == 2, p.stderr

@@ -82,9 +82,14 @@ def write_corpus(root: Path, n=60, seed=0, extra=None, vocab_size=300):
 
 
 def config(root: Path, **shards):
-    o = [f"paths.data_dir={root / 'data'}", f"paths.tokenizer_dir={root / 'tokenizers'}",
-         f"paths.shards_dir={root / 'shards'}", "shards.seq_len=16", "shards.articles_per_shard=7",
-         "shards.num_proc=1"]
+    o = [
+        f"paths.data_dir={root / 'data'}",
+        f"paths.tokenizer_dir={root / 'tokenizers'}",
+        f"paths.shards_dir={root / 'shards'}",
+        "shards.seq_len=16",
+        "shards.articles_per_shard=7",
+        "shards.num_proc=1",
+    ]
     o += [f"shards.{k}={v}" for k, v in shards.items()]
     return load_config([], o, use_defaults_file=False)
 
@@ -364,8 +369,9 @@ def test_damaged_split_file_is_one_clear_error(tmp_path, damage):
     if damage == "int_text":
         pq.write_table(pa.table({"id": ["a"], "url": ["u"], "title": ["t"], "text": [7]}), p)
     else:
-        p.write_bytes({"empty": b"", "random": np.random.default_rng(0).bytes(5000),
-                       "truncated": data[: len(data) // 2]}[damage])
+        p.write_bytes(
+            {"empty": b"", "random": np.random.default_rng(0).bytes(5000), "truncated": data[: len(data) // 2]}[damage]
+        )
     with pytest.raises(XLabError, match=r"val\.parquet.*xlab data split --force"):
         encode(cfg)
     assert store_bytes(tmp_path / "shards/wiki") == before  # the earlier store is untouched
@@ -396,4 +402,7 @@ def test_counts_below_one_are_refused(tmp_path, key, value):
 
 def test_cli_num_proc_zero_is_refused(tmp_path, cli):
     r = cli(["data", "encode", "--num-proc", "0"], cwd=tmp_path, check=False)
-    assert r.returncode == 2 and r.stderr.strip() == "error: shards.num_proc must be at least 1 (or null for the default), got 0"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "error: shards.num_proc must be at least 1 (or null for the default), got 0"
+    )

@@ -177,11 +177,26 @@ def test_top_k():
     assert all(set(mask[b].nonzero().view(-1).tolist()) == set(x[b].topk(7).indices.tolist()) for b in range(3))
     # top-k then top-p on the renormalised top-k probabilities: [3, 3, 2] -> 0.42, 0.42, 0.16
     assert torch.isfinite(gen.filter_logits(logits, top_k=3, top_p=0.5))[0].tolist() == [
-        False, True, True, False, False]
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1),
-                                    dict(top_p=0.0), dict(top_p=1.01), dict(top_p=-0.5), dict(num_samples=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-0.1),
+        dict(temperature=float("nan")),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.01),
+        dict(top_p=-0.5),
+        dict(num_samples=0),
+    ],
+)
 def test_bad_sampling_values_raise(kwargs):
     with pytest.raises(ValueError):
         gen.sample(Bigram(random_table(8, 0)), [1], 3, **kwargs)
@@ -342,7 +357,7 @@ def brute_force_best(table, prompt_last, max_new, eos, alpha):
             s, prev = 0.0, prompt_last
             for t in seq:
                 s, prev = s + lp[prev, t].item(), t
-            best = max(best, s / m ** alpha)
+            best = max(best, s / m**alpha)
     return best
 
 
@@ -399,8 +414,20 @@ def fake_checkpoint(monkeypatch):
     return model, tok
 
 
-CLI_DEFAULTS = dict(max_new_tokens=15, temperature=1.0, top_k=None, top_p=1.0, greedy=False, beam_width=1,
-                    length_penalty=1.0, num_samples=1, seed=42, add_sos=True, device="cpu", stream=False)
+CLI_DEFAULTS = dict(
+    max_new_tokens=15,
+    temperature=1.0,
+    top_k=None,
+    top_p=1.0,
+    greedy=False,
+    beam_width=1,
+    length_penalty=1.0,
+    num_samples=1,
+    seed=42,
+    add_sos=True,
+    device="cpu",
+    stream=False,
+)
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(num_samples=3, top_k=6), dict(greedy=True), dict(beam_width=3)])
@@ -415,10 +442,22 @@ def test_cli_stream_prints_what_non_stream_prints(fake_checkpoint, capsys, opts)
     assert plain.count("--- sample") == (n if n > 1 else 0)
 
 
-@pytest.mark.parametrize("opts", [dict(temperature=-1.0), dict(top_p=1.5), dict(top_k=-2), dict(beam_width=0),
-                                  dict(num_samples=0), dict(num_samples=2, greedy=True),
-                                  dict(num_samples=2, beam_width=2), dict(max_new_tokens=-1), dict(greedy=True, beam_width=3),
-                                  dict(device="tpu"), dict(add_sos=False)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(temperature=-1.0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(beam_width=0),
+        dict(num_samples=0),
+        dict(num_samples=2, greedy=True),
+        dict(num_samples=2, beam_width=2),
+        dict(max_new_tokens=-1),
+        dict(greedy=True, beam_width=3),
+        dict(device="tpu"),
+        dict(add_sos=False),
+    ],
+)
 def test_cli_bad_values_are_one_line_errors(fake_checkpoint, opts):
     with pytest.raises(XLabError) as e:
         cli.cli_generate("ckpt.pt", "" if "add_sos" in opts else "abc", **{**CLI_DEFAULTS, **opts})
@@ -449,7 +488,7 @@ class FakeStore:
         for art in articles:
             toks = [1] + art + [2]
             for k in range(math.ceil((len(art) + 1) / seq_len)):
-                w = toks[k * seq_len: k * seq_len + seq_len + 1]
+                w = toks[k * seq_len : k * seq_len + seq_len + 1]
                 rows.append(w + [0] * (seq_len + 1 - len(w)))
         self.data = np.array(rows, dtype=np.uint16)
         self.splits = ["predict"]
@@ -476,8 +515,9 @@ def test_predict_records_and_reference_loss():
     table = random_table(tok.vocab_size, 13, scale=1.0)
     m = CachedBigram(table)
     arts = [tok.encode("abcdefgh"), tok.encode("ab"), tok.encode("hello bb"), tok.encode("pa ma.")]
-    recs, skipped = pred.predict(m, tok, FakeStore(arts, seq_len=3), num_articles=5, prompt_tokens=3,
-                                max_new_tokens=4, greedy=True)
+    recs, skipped = pred.predict(
+        m, tok, FakeStore(arts, seq_len=3), num_articles=5, prompt_tokens=3, max_new_tokens=4, greedy=True
+    )
     assert skipped == 1 and [r["index"] for r in recs] == [0, 2, 3]
     r = recs[0]
     assert (r["prompt"], r["reference"], r["prompt_tokens"], r["reference_tokens"]) == ("abc", "defg", 3, 4)
@@ -571,14 +611,33 @@ def real_checkpoint(tmp_path_factory):
     tok = Tokenizer.train(made_up_texts(200, 1), 320, root / "tok.model", seed=1, num_threads=1)
     store = root / "store"
     write_store(store, {"predict": tok.encode(made_up_texts(6, 2))}, seq_len=16, tokenizer=TokenizerEntry.of(tok))
-    cfg = load_config([], ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-                           f"model.vocab_size={tok.vocab_size}", "model.max_len=16", "generate.top_k=10"],
-                      use_defaults_file=False)
+    cfg = load_config(
+        [],
+        [
+            "model.d_model=32",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.d_ff=64",
+            f"model.vocab_size={tok.vocab_size}",
+            "model.max_len=16",
+            "generate.top_k=10",
+        ],
+        use_defaults_file=False,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     path = root / "last.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "config": to_dict(cfg), "step": 0, "shards": str(store),
-                           "tokenizer": tokenizer_bytes_tensor(tok.to_bytes()), "tokenizer_sha256": tok.sha256})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "config": to_dict(cfg),
+            "step": 0,
+            "shards": str(store),
+            "tokenizer": tokenizer_bytes_tensor(tok.to_bytes()),
+            "tokenizer_sha256": tok.sha256,
+        },
+    )
     return path, tok, store
 
 
@@ -599,14 +658,32 @@ def test_cli_generate_with_a_real_checkpoint(real_checkpoint, capsys):
 def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     path, tok, store = real_checkpoint
     out = tmp_path / "pred.jsonl"
-    summary = cli_pred.cli_predict(path, out=out, num_articles=4, prompt_tokens=5, max_new_tokens=6, shards_dir=None,
-                              greedy=True, seed=1, device="cpu")
+    summary = cli_pred.cli_predict(
+        path,
+        out=out,
+        num_articles=4,
+        prompt_tokens=5,
+        max_new_tokens=6,
+        shards_dir=None,
+        greedy=True,
+        seed=1,
+        device="cpu",
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     texts = made_up_texts(6, 2)
     assert len(rows) == 4 and summary["articles"] == 4 and "reference loss" in capsys.readouterr().out
     for r, text in zip(rows, texts):
-        assert set(r) == {"index", "row", "prompt", "reference", "generated", "prompt_tokens",
-                          "reference_tokens", "generated_tokens", "reference_loss"}
+        assert set(r) == {
+            "index",
+            "row",
+            "prompt",
+            "reference",
+            "generated",
+            "prompt_tokens",
+            "reference_tokens",
+            "generated_tokens",
+            "reference_loss",
+        }
         ids = tok.encode(text)
         assert r["prompt"] + r["reference"] == tok.decode(ids[:11])
         assert r["prompt_tokens"] == 5 and r["reference_tokens"] == 6 and r["reference_loss"] > 0
@@ -615,8 +692,17 @@ def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     # a random model is near uniform: about ln(vocab) nats per token
     assert abs(summary["reference_loss"] - math.log(tok.vocab_size)) < 1.0
     with pytest.raises(XLabError):
-        cli_pred.cli_predict(path, out=out, num_articles=2, prompt_tokens=500, max_new_tokens=4, shards_dir=None,
-                        greedy=True, seed=1, device="cpu")
+        cli_pred.cli_predict(
+            path,
+            out=out,
+            num_articles=2,
+            prompt_tokens=500,
+            max_new_tokens=4,
+            shards_dir=None,
+            greedy=True,
+            seed=1,
+            device="cpu",
+        )
 
 
 def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
@@ -636,18 +722,40 @@ def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
     from conftest import ROOT
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([os.fsencode(sys.executable), b"-m", b"xlab", b"generate", os.fsencode(str(path)),
-                        b"ab\xffcd", b"--max-new-tokens", b"2"], capture_output=True, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            os.fsencode(sys.executable),
+            b"-m",
+            b"xlab",
+            b"generate",
+            os.fsencode(str(path)),
+            b"ab\xffcd",
+            b"--max-new-tokens",
+            b"2",
+        ],
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and r.stderr.decode().startswith("error: the prompt is not valid UTF-8"), r.stderr
     assert b"Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("seed,n", [(-1, 1), (2 ** 63, 1), (99999999999999999999, 1), (2 ** 63 - 2, 3)])
+@pytest.mark.parametrize("seed,n", [(-1, 1), (2**63, 1), (99999999999999999999, 1), (2**63 - 2, 3)])
 def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpoint, tmp_path, seed, n):
     with pytest.raises(XLabError, match="--seed"):
         cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": seed, "num_samples": n})
     path, _, _ = real_checkpoint
     with pytest.raises(XLabError, match="--seed"):
-        cli_pred.cli_predict(path, out=tmp_path / "p.jsonl", num_articles=n, prompt_tokens=2, max_new_tokens=2,
-                        shards_dir=None, greedy=True, seed=seed, device="cpu")
-    assert cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2 ** 63 - n, "num_samples": n})
+        cli_pred.cli_predict(
+            path,
+            out=tmp_path / "p.jsonl",
+            num_articles=n,
+            prompt_tokens=2,
+            max_new_tokens=2,
+            shards_dir=None,
+            greedy=True,
+            seed=seed,
+            device="cpu",
+        )
+    assert cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2**63 - n, "num_samples": n})

@@ -71,8 +71,9 @@ def violations(module: str, targets: set[str]) -> list[str]:
     bad = []
     mine = room(module)
     if module == "xlab":  # the package facade: __version__ and load_model (the README's Python API)
-        return [f"xlab -> {t} (the facade reaches the core only)" for t in sorted(targets)
-                if room(t) not in GROUND | CORE]
+        return [
+            f"xlab -> {t} (the facade reaches the core only)" for t in sorted(targets) if room(t) not in GROUND | CORE
+        ]
     for t in sorted(targets):
         theirs = room(t)
         if mine == "pipelines":
@@ -81,8 +82,10 @@ def violations(module: str, targets: set[str]) -> list[str]:
         elif theirs == "pipelines":
             if mine not in COMMANDS:
                 bad.append(f"{module} -> {t} (only xlab.commands imports pipelines)")
-        elif theirs != mine and (layer(theirs) > layer(mine) or (layer(mine) == layer(theirs) == APPS_LAYER and
-                                                                 (mine, theirs) != ("xlab.train", "xlab.evaluate"))):
+        elif theirs != mine and (
+            layer(theirs) > layer(mine)
+            or (layer(mine) == layer(theirs) == APPS_LAYER and (mine, theirs) != ("xlab.train", "xlab.evaluate"))
+        ):
             bad.append(f"{module} -> {t} (a {mine} module imports {theirs}, above it or beside it)")
     return bad
 

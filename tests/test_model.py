@@ -118,7 +118,7 @@ def test_autocast_bf16_gives_bf16_logits_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
         cache = m.new_cache(2)  # in the autocast dtype: keys and values are bf16 there
-        steps = [m(x[:, :8], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(8, 16)]
+        steps = [m(x[:, :8], cache=cache)] + [m(x[:, t : t + 1], cache=cache) for t in range(8, 16)]
     assert out.dtype == torch.bfloat16 and cache.k.dtype == torch.bfloat16
     assert m.new_cache(2).k.dtype == torch.float32
     assert maxdiff(out, m(x)) < 5e-2
@@ -166,7 +166,7 @@ def test_kv_cache_prefill_then_step_by_step_equals_full_forward(position, n_kv_h
     assert cache.k.shape == (SMALL.n_layers, 2, n_kv_heads or SMALL.n_heads, SMALL.max_len, 8)
     steps = [m(x[:, :5], cache=cache)]
     for t in range(5, SMALL.max_len):
-        steps.append(m(x[:, t:t + 1], cache=cache))
+        steps.append(m(x[:, t : t + 1], cache=cache))
     assert cache.length == SMALL.max_len
     assert maxdiff(torch.cat(steps, dim=1), full) < 1e-4
     with pytest.raises(ValueError, match="overflow"):
@@ -240,8 +240,9 @@ def test_initialization():
     assert abs(m.blocks[3].ffn.proj.weight.std().item() - resid) < 1e-3
     assert all(mod.bias.abs().max() == 0 for mod in m.modules() if isinstance(mod, torch.nn.Linear))
     # the untrained model predicts close to uniform: loss near ln(V)
-    loss = torch.nn.functional.cross_entropy(m(torch.randint(0, 4096, (4, 16))).flatten(0, 1),
-                                             torch.randint(0, 4096, (64,)))
+    loss = torch.nn.functional.cross_entropy(
+        m(torch.randint(0, 4096, (4, 16))).flatten(0, 1), torch.randint(0, 4096, (64,))
+    )
     assert abs(loss.item() - math.log(4096)) < 0.2
 
 
@@ -260,16 +261,31 @@ def test_dropout_only_in_training():
 
 
 # Every combination of the architecture options, forward and backward on a tiny model.
-COMBOS = list(itertools.product(("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu"), POSITIONS,
-                                (False, True), (False, True), (None, 1)))
+COMBOS = list(
+    itertools.product(
+        ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu"), POSITIONS, (False, True), (False, True), (None, 1)
+    )
+)
 
 
 @pytest.mark.parametrize("norm,activation,position,tie,bias,n_kv_heads", COMBOS)
 def test_every_option_combination_trains(norm, activation, position, tie, bias, n_kv_heads):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=31, max_len=8, d_model=16, n_layers=1, n_heads=2, d_ff=24, dropout=0.1,
-                      norm=norm, activation=activation, position=position, tie_embeddings=tie, bias=bias,
-                      n_kv_heads=n_kv_heads)
+    cfg = ModelConfig(
+        vocab_size=31,
+        max_len=8,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        d_ff=24,
+        dropout=0.1,
+        norm=norm,
+        activation=activation,
+        position=position,
+        tie_embeddings=tie,
+        bias=bias,
+        n_kv_heads=n_kv_heads,
+    )
     m = Transformer(cfg).train()
     x = torch.randint(0, 31, (2, 8))
     loss = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten())
@@ -311,12 +327,15 @@ def test_flash_attn_on_cpu_is_refused_clearly(monkeypatch):
         make(attention="flash_attn")(ids())
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(n_kv_heads=3), "n_kv_heads"),
-    (dict(d_model=30), "divisible"),
-    (dict(position="alibi"), "position"),
-    (dict(d_model=20, n_heads=4, position="rope"), "even head size"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(n_kv_heads=3), "n_kv_heads"),
+        (dict(d_model=30), "divisible"),
+        (dict(position="alibi"), "position"),
+        (dict(d_model=20, n_heads=4, position="rope"), "even head size"),
+    ],
+)
 def test_bad_configuration_is_refused(bad, match):
     with pytest.raises(XLabError, match=match):
         Transformer(replace(SMALL, **bad))
@@ -341,7 +360,8 @@ def test_parameter_count_of_the_release_configuration():
     per_layer = (
         3 * (C * C + C)  # q, k, v projections with biases
         + (C * C + C)  # attention output projection
-        + (C * F + F) + (F * C + C)  # feed-forward
+        + (C * F + F)
+        + (F * C + C)  # feed-forward
         + 2 * 2 * C  # two LayerNorms (weight and bias)
     )
     expected = V * C + L * per_layer + 2 * C + (C * V + V)  # embedding, blocks, final norm, head with bias

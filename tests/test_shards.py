@@ -50,7 +50,7 @@ def test_pack_windows_match_contract():
         full = [SOS] + a + [EOS]
         n_rows = -(-(len(a) + 1) // seq_len)
         for k in range(n_rows):
-            w = full[k * seq_len:k * seq_len + seq_len + 1]
+            w = full[k * seq_len : k * seq_len + seq_len + 1]
             expected.append(w + [PAD] * (seq_len + 1 - len(w)))
     assert rows.tolist() == expected
     assert rows.dtype == np.uint16
@@ -66,7 +66,7 @@ def reference_rows(arts, seq_len):
         full = [SOS] + list(a) + [EOS]
         k = 0
         while k * seq_len < len(full) - 1:  # a window exists while it holds at least one target
-            w = full[k * seq_len:k * seq_len + seq_len + 1]
+            w = full[k * seq_len : k * seq_len + seq_len + 1]
             out.append(w + [PAD] * (seq_len + 1 - len(w)))
             k += 1
     return out
@@ -236,8 +236,9 @@ def test_loader_resident_memory_bounded(tmp_path):
     from xlab.fsio import sha256_file
 
     train = SplitEntry()
-    train.add_shard(ShardEntry("train/000000.npy", rows, 0, sha256_file(path / "train/000000.npy")), articles=0,
-                    target_tokens=0)
+    train.add_shard(
+        ShardEntry("train/000000.npy", rows, 0, sha256_file(path / "train/000000.npy")), articles=0, target_tokens=0
+    )
     StoreManifest(seq_len=seq_len, dtype="uint16", tokenizer=special_ids(8192), splits={"train": train}).write(path)
     store = ShardStore(path)
     loader = ShardLoader(store, "train", 64, seed=0)
@@ -299,8 +300,9 @@ def test_damaged_npy_is_a_clear_error(tmp_path, how):
         ShardStore(store.path).check()
 
 
-@pytest.mark.parametrize("manifest", ["[]", "[1]", '"x"', "3", "null",
-                                      '{"format": "xlab-shards", "format_version": 1, "splits": []}'])
+@pytest.mark.parametrize(
+    "manifest", ["[]", "[1]", '"x"', "3", "null", '{"format": "xlab-shards", "format_version": 1, "splits": []}']
+)
 def test_manifest_of_the_wrong_shape_is_a_clear_error(tmp_path, manifest):
     store, _ = make_store(tmp_path)
     (store.path / "manifest.json").write_text(manifest)

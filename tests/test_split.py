@@ -22,9 +22,15 @@ FRACTIONS = (0.9, 0.05, 0.025, 0.025)
 def write_raw(root: Path, n: int, name: str = "wiki") -> list[str]:
     """A stand-in for the download stage's output: ``n`` articles with ids ``a0..a{n-1}``."""
     ids = [f"a{i}" for i in range(n)]
-    table = pa.table({"id": ids, "url": [f"https://en.wikipedia.org/wiki/T{i}" for i in ids],
-                      "title": [f"T{i}" for i in ids], "text": [f"text of {i} " * (1 + len(i)) for i in ids]},
-                     schema=pa.schema([(c, pa.string()) for c in ("id", "url", "title", "text")]))
+    table = pa.table(
+        {
+            "id": ids,
+            "url": [f"https://en.wikipedia.org/wiki/T{i}" for i in ids],
+            "title": [f"T{i}" for i in ids],
+            "text": [f"text of {i} " * (1 + len(i)) for i in ids],
+        },
+        schema=pa.schema([(c, pa.string()) for c in ("id", "url", "title", "text")]),
+    )
     raw = root / "data" / "raw" / name
     raw.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, raw / "articles.parquet")
@@ -41,10 +47,18 @@ def read_splits(root, name="wiki"):
 
 
 # --------------------------------------------------------------------------------------- counts
-@pytest.mark.parametrize("n, expected", [
-    (0, [0, 0, 0, 0]), (3, [3, 0, 0, 0]), (4, [1, 1, 1, 1]), (10, [7, 1, 1, 1]),
-    (40, [36, 2, 1, 1]), (100, [90, 5, 3, 2]), (10_093, [9084, 505, 252, 252]),
-])
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        (0, [0, 0, 0, 0]),
+        (3, [3, 0, 0, 0]),
+        (4, [1, 1, 1, 1]),
+        (10, [7, 1, 1, 1]),
+        (40, [36, 2, 1, 1]),
+        (100, [90, 5, 3, 2]),
+        (10_093, [9084, 505, 252, 252]),
+    ],
+)
 def test_split_counts(n, expected):
     assert split.split_counts(n, FRACTIONS) == expected
 
@@ -125,8 +139,14 @@ def test_same_split_in_two_processes(tmp_path):
         work = tmp_path / f"w{salt}"
         write_raw(work, 300)
         env = dict(os.environ, PYTHONHASHSEED=salt, PYTHONPATH=str(ROOT))
-        p = subprocess.run([sys.executable, "-m", "xlab", "data", "split"], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "xlab", "data", "split"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
         results.append({s: (work / f"data/splits/wiki/{s}.parquet").read_bytes() for s in SPLITS})
     assert results[0] == results[1]

@@ -33,9 +33,18 @@ def encoded(tmp_path_factory):
         ids = [f"{s}{i}" for i in range(n)]
         pq.write_table(pa.table({"id": ids, "url": ids, "title": ids, "text": texts[s]}), d / f"{s}.parquet")
     tok = Tokenizer.train(texts["train"], 320, root / "tokenizers" / "wiki.model", num_threads=1)
-    cfg = load_config([], [f"paths.data_dir={root / 'data'}", f"paths.tokenizer_dir={root / 'tokenizers'}",
-                           f"paths.shards_dir={root / 'shards'}", "shards.seq_len=12",
-                           "shards.articles_per_shard=16", "shards.num_proc=1"], use_defaults_file=False)
+    cfg = load_config(
+        [],
+        [
+            f"paths.data_dir={root / 'data'}",
+            f"paths.tokenizer_dir={root / 'tokenizers'}",
+            f"paths.shards_dir={root / 'shards'}",
+            "shards.seq_len=12",
+            "shards.articles_per_shard=16",
+            "shards.num_proc=1",
+        ],
+        use_defaults_file=False,
+    )
     encode.run(cfg)
     return cfg, tok, texts, ShardStore(root / "shards" / "wiki")
 

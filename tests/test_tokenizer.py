@@ -123,9 +123,35 @@ def test_special_token_text_is_ordinary_text(tok):
 @pytest.mark.parametrize(
     "s",
     [
-        "", " ", "  ", "   a  ", "\n", "\n\n\n", " \n ", "\n a", "a\n", "a \n b", "\t", "\r\n", "\r", "a\r\nb\r\n",
-        "\x00", "a\x00\x01\x7f\x1b[0m", "ﬁ ① Ｆ ½ ℌ e\u0301 \u00a0 \u3000 Å Å", "😀🇫🇷👩‍👩‍👧 𝔘",
-        "▁", "▁▁", " ▁", "▁ ", "\n▁\n", "a▁b", "▁\n", "▁a▁", "<0xE2><0x96><0x81>", "\ufffd", "\ufeffBOM",
+        "",
+        " ",
+        "  ",
+        "   a  ",
+        "\n",
+        "\n\n\n",
+        " \n ",
+        "\n a",
+        "a\n",
+        "a \n b",
+        "\t",
+        "\r\n",
+        "\r",
+        "a\r\nb\r\n",
+        "\x00",
+        "a\x00\x01\x7f\x1b[0m",
+        "ﬁ ① Ｆ ½ ℌ e\u0301 \u00a0 \u3000 Å Å",
+        "😀🇫🇷👩‍👩‍👧 𝔘",
+        "▁",
+        "▁▁",
+        " ▁",
+        "▁ ",
+        "\n▁\n",
+        "a▁b",
+        "▁\n",
+        "▁a▁",
+        "<0xE2><0x96><0x81>",
+        "\ufffd",
+        "\ufeffBOM",
         "\u2028\u2029\x85\x0b\x0c",
     ],
 )
@@ -221,8 +247,9 @@ def test_other_sentencepiece_models_are_refused(tmp_path):
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(make_corpus(40)), model_writer=buf, vocab_size=300,
-                                   model_type="bpe", minloglevel=2)  # defaults: NFKC, dummy prefix, no bytes
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(make_corpus(40)), model_writer=buf, vocab_size=300, model_type="bpe", minloglevel=2
+    )  # defaults: NFKC, dummy prefix, no bytes
     with pytest.raises(ValueError, match="not an XLab tokenizer"):
         Tokenizer.from_bytes(buf.getvalue())
     with pytest.raises(ValueError, match="not a SentencePiece model"):
@@ -239,7 +266,7 @@ def test_newline_is_one_token_and_words_after_it_tokenize_as_after_a_space(tok, 
         after_space = tok.encode("x " + w)
         after_nl = tok.encode("x\n" + w)
         x = tok.encode("x")
-        assert after_space[len(x):] == tok.encode(w), w  # start of text == after a space
+        assert after_space[len(x) :] == tok.encode(w), w  # start of text == after a space
         assert after_nl == x + [nl] + tok.encode(w), w
         assert tok.encode("x\n\n" + w) == x + [nl, nl] + tok.encode(w), w
         assert tok.encode(w + "\n") == tok.encode(w) + [nl]
@@ -341,8 +368,13 @@ def _cfg(tmp_path, *extra):
     from xlab.config import load_config
 
     return load_config(
-        overrides=[f"paths.data_dir={tmp_path}/data", f"paths.tokenizer_dir={tmp_path}/tokenizers",
-                   "tokenizer.vocab_size=500", "tokenizer.num_threads=1", *extra],
+        overrides=[
+            f"paths.data_dir={tmp_path}/data",
+            f"paths.tokenizer_dir={tmp_path}/tokenizers",
+            "tokenizer.vocab_size=500",
+            "tokenizer.num_threads=1",
+            *extra,
+        ],
         use_defaults_file=False,
     )
 
@@ -353,8 +385,13 @@ def _write_split(path: Path, texts: list[str]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     n = len(texts)
-    pq.write_table(pa.table({"id": [str(i) for i in range(n)], "url": [""] * n, "title": [""] * n, "text": texts},
-                            schema=pa.schema([(c, pa.string()) for c in ("id", "url", "title", "text")])), path)
+    pq.write_table(
+        pa.table(
+            {"id": [str(i) for i in range(n)], "url": [""] * n, "title": [""] * n, "text": texts},
+            schema=pa.schema([(c, pa.string()) for c in ("id", "url", "title", "text")]),
+        ),
+        path,
+    )
 
 
 def test_stage_train_skip_force_and_show(tmp_path, corpus, capsys):
@@ -377,15 +414,18 @@ def test_stage_train_skip_force_and_show(tmp_path, corpus, capsys):
     assert m["tokenizer"]["sha256"] == tok.sha256 == sha256_file(model)
     val_tokens = sum(map(len, tok.encode(corpus[300:330])))
     assert c["val_tokens"] == val_tokens
-    assert c["val_bytes_per_token"] == pytest.approx(sum(len(s.encode()) for s in corpus[300:330]) / val_tokens,
-                                                     abs=1e-3)
+    assert c["val_bytes_per_token"] == pytest.approx(
+        sum(len(s.encode()) for s in corpus[300:330]) / val_tokens, abs=1e-3
+    )
     assert train_tokenizer.run(cfg)["created_unix"] == m["created_unix"]  # up to date: skipped
     assert "up to date" in capsys.readouterr().out
     model.write_bytes(model.read_bytes() + b"x")  # a damaged model file is retrained
     again = train_tokenizer.run(cfg)
     assert again["created_unix"] > m["created_unix"] and again["tokenizer"]["sha256"] == sha256_file(model)
     assert train_tokenizer.run(_cfg(tmp_path, "tokenizer.vocab_size=450"))["counts"]["vocab_size"] == 450
-    assert train_tokenizer.run(_cfg(tmp_path, "tokenizer.vocab_size=450"), force=True)["created_unix"] > m["created_unix"]
+    assert (
+        train_tokenizer.run(_cfg(tmp_path, "tokenizer.vocab_size=450"), force=True)["created_unix"] > m["created_unix"]
+    )
 
     out = train_tokenizer.show(cfg, "Kalo 😀\nthe")
     assert out["roundtrip"] and out["tokens"] == len(out["ids"])
@@ -422,8 +462,12 @@ def test_anything_but_an_xlab_model_is_a_value_error(tok, damage):
     import numpy as np
 
     good = tok.to_bytes()
-    data = {"empty": b"", "random": np.random.default_rng(0).bytes(3000), "truncated": good[: len(good) // 2],
-            "proto": b"\n\x03abc"}[damage]
+    data = {
+        "empty": b"",
+        "random": np.random.default_rng(0).bytes(3000),
+        "truncated": good[: len(good) // 2],
+        "proto": b"\n\x03abc",
+    }[damage]
     with pytest.raises(ValueError, match="not a SentencePiece model|not an XLab tokenizer"):
         Tokenizer.from_bytes(data)
 
@@ -436,8 +480,14 @@ def test_cli_bad_model_is_one_line(tmp_path, cli, content):
     _write_split(tmp_path / "data" / "splits" / "wiki" / "train.parquet", ["a b"])
     for s in ("val", "test", "predict"):
         _write_split(tmp_path / "data" / "splits" / "wiki" / f"{s}.parquet", ["a b"])
-    o = ["-o", f"paths.data_dir={tmp_path}/data", "-o", f"paths.tokenizer_dir={tmp_path}/tokenizers",
-         "-o", f"paths.shards_dir={tmp_path}/shards"]
+    o = [
+        "-o",
+        f"paths.data_dir={tmp_path}/data",
+        "-o",
+        f"paths.tokenizer_dir={tmp_path}/tokenizers",
+        "-o",
+        f"paths.shards_dir={tmp_path}/shards",
+    ]
     for args in (["tokenizer", "show", "Hello"], ["data", "encode"]):
         r = cli([*args, *o], cwd=tmp_path, check=False)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -206,7 +206,8 @@ def test_checkpoint_contents_and_best_kept(store, tmp_path):
     assert v["perplexity"] == pytest.approx(math.exp(v["loss"]))
     info = __import__("xlab.store", fromlist=["ShardStore"]).ShardStore(store).split_info("val")
     assert s["val_bits_per_byte"] == pytest.approx(
-        v["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2)))
+        v["loss"] * info["target_tokens"] / (info["text_bytes"] * math.log(2))
+    )
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
@@ -255,12 +256,42 @@ def test_cli_ctrl_c_saves_and_exits_130(store, tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "xlab", "train", "--shards", str(store), "--max-steps", "100000",
-           "-o", f"paths.runs_dir={tmp_path}", "-o", "model.d_model=32", "-o", "model.n_layers=2",
-           "-o", "model.n_heads=2", "-o", "model.d_ff=64", "-o", "train.batch_size=4", "-o", "train.log_every=1",
-           "-o", "train.eval_every=100000", "-o", "train.device=cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "xlab",
+        "train",
+        "--shards",
+        str(store),
+        "--max-steps",
+        "100000",
+        "-o",
+        f"paths.runs_dir={tmp_path}",
+        "-o",
+        "model.d_model=32",
+        "-o",
+        "model.n_layers=2",
+        "-o",
+        "model.n_heads=2",
+        "-o",
+        "model.d_ff=64",
+        "-o",
+        "train.batch_size=4",
+        "-o",
+        "train.log_every=1",
+        "-o",
+        "train.eval_every=100000",
+        "-o",
+        "train.device=cpu",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         for line in proc.stdout:
             if line.startswith("step"):

@@ -29,19 +29,36 @@ def make_store(root: Path, *, seq_len: int = 16, n_train: int = 120, n_val: int 
     texts = {"train": make_texts(n_train, 1), "val": make_texts(n_val, 2)}
     tok = Tokenizer.train(texts["train"], vocab, root / "tok.model", seed=1, num_threads=1)
     store = root / "store"
-    write_store(store, {s: tok.encode(arts) for s, arts in texts.items()}, seq_len=seq_len,
-                tokenizer=TokenizerEntry.of(tok, root / "tok.model"), tokenizer_bytes=(root / "tok.model").read_bytes(),
-                texts=texts)
+    write_store(
+        store,
+        {s: tok.encode(arts) for s, arts in texts.items()},
+        seq_len=seq_len,
+        tokenizer=TokenizerEntry.of(tok, root / "tok.model"),
+        tokenizer_bytes=(root / "tok.model").read_bytes(),
+        texts=texts,
+    )
     return store
 
 
 def make_cfg(runs_dir: Path, *overrides: str):
     """A tiny-model configuration (d_model 32, 2 layers) writing runs under ``runs_dir``."""
     base = [
-        f"paths.runs_dir={runs_dir}", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-        "model.d_ff=64", "train.run_name=t", "train.batch_size=4", "train.max_steps=6", "train.lr=3e-3",
-        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",
-        "train.checkpoint_every=100", "train.device=cpu", "train.deterministic=true",
+        f"paths.runs_dir={runs_dir}",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        "train.run_name=t",
+        "train.batch_size=4",
+        "train.max_steps=6",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "train.checkpoint_every=100",
+        "train.device=cpu",
+        "train.deterministic=true",
     ]
     return load_config([], base + list(overrides), use_defaults_file=False)
 

@@ -75,8 +75,9 @@ def set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -110,8 +111,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").exists():
-        raise XLabError(f"{path} is an export, not a training checkpoint: evaluate, generate and predict "
-                        f"take it as it is; export and --resume need a .pt checkpoint")
+        raise XLabError(
+            f"{path} is an export, not a training checkpoint: evaluate, generate and predict "
+            f"take it as it is; export and --resume need a .pt checkpoint"
+        )
     if not path.is_file():
         raise XLabError(f"checkpoint not found: {path}")
 
@@ -126,8 +129,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         if m or "GLOBAL" in text:
             # The file names a Python object to build: refused, never unpickled (that could run code).
             what = f" ({m.group(1)})" if m else ""
-            raise XLabError(f"refusing to load {path}: it holds Python objects{what}, not only tensors and "
-                            "plain data; XLab loads only its own checkpoints") from None
+            raise XLabError(
+                f"refusing to load {path}: it holds Python objects{what}, not only tensors and "
+                "plain data; XLab loads only its own checkpoints"
+            ) from None
         m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         detail = m.group(1).strip().splitlines()[0][:200] if m else "not a torch checkpoint"
         raise XLabError(f"cannot read checkpoint {path}: {detail}") from None
@@ -136,10 +141,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise XLabError(f"cannot read checkpoint {path}: not an XLab training checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise XLabError(f"{path} has checkpoint format version {ckpt.get('format_version')}, "
-                        f"this XLab reads {FORMAT_VERSION}")
+        raise XLabError(
+            f"{path} has checkpoint format version {ckpt.get('format_version')}, this XLab reads {FORMAT_VERSION}"
+        )
     if not isinstance(ckpt.get("model"), dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()
+    ):
         raise XLabError(f"cannot read checkpoint {path}: 'model' is missing or not a dict of tensors")
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt["config"].get("model"), dict):
         raise XLabError(f"cannot read checkpoint {path}: 'config' is missing or not an XLab configuration")
@@ -268,8 +275,10 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
             raise XLabError(f"cannot read {tok_path}: {first_line(e)}") from None
         meta_file = _read_export_json(path / "meta.json") if (path / "meta.json").is_file() else {}
         step, shards = meta_file.get("step"), meta_file.get("shards")
-        meta = {"step": step if isinstance(step, int) and not isinstance(step, bool) else None,
-                "shards": shards if isinstance(shards, str) else None}
+        meta = {
+            "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+            "shards": shards if isinstance(shards, str) else None,
+        }
     else:
         ckpt = load_checkpoint(path)
         cfg, model = _config_and_model(ckpt["config"], path)
@@ -329,18 +338,22 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
         (tmp / "tokenizer.model").write_bytes(tok_bytes)
-        atomic_write_json(tmp / "meta.json", {
-            "format": "xlab-export",
-            "xlab_version": xlab.__version__,
-            "step": step,
-            "shards": ckpt.get("shards"),
-            "tokenizer_sha256": sha256_bytes(tok_bytes),
-            "source_checkpoint": str(ckpt_path),
-            "num_parameters": model.num_parameters(),
-        })
+        atomic_write_json(
+            tmp / "meta.json",
+            {
+                "format": "xlab-export",
+                "xlab_version": xlab.__version__,
+                "step": step,
+                "shards": ckpt.get("shards"),
+                "tokenizer_sha256": sha256_bytes(tok_bytes),
+                "source_checkpoint": str(ckpt_path),
+                "num_parameters": model.num_parameters(),
+            },
+        )
     from rich.console import Console
 
     size_ck, size_ex = ckpt_path.stat().st_size, sum(f.stat().st_size for f in out.iterdir())
     Console(highlight=False).print(
-        f"[bold]export[/bold]: {out} ({size_ex / 1e6:.1f} MB; the checkpoint is {size_ck / 1e6:.1f} MB), step {step}")
+        f"[bold]export[/bold]: {out} ({size_ex / 1e6:.1f} MB; the checkpoint is {size_ck / 1e6:.1f} MB), step {step}"
+    )
     return out

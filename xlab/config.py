@@ -215,8 +215,12 @@ def validate_config(cfg: Any) -> None:
         (cfg.model.attention in ("sdpa", "flash_attn", "math"), "model.attention must be sdpa, flash_attn or math"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
     ]
-    for key, value in (("data.max_articles", cfg.data.max_articles), ("data.num_proc", cfg.data.num_proc),
-                       ("shards.num_proc", cfg.shards.num_proc), ("tokenizer.num_threads", cfg.tokenizer.num_threads)):
+    for key, value in (
+        ("data.max_articles", cfg.data.max_articles),
+        ("data.num_proc", cfg.data.num_proc),
+        ("shards.num_proc", cfg.shards.num_proc),
+        ("tokenizer.num_threads", cfg.tokenizer.num_threads),
+    ):
         checks.append((value is None or value >= 1, f"{key} must be at least 1 (or null for the default), got {value}"))
     fr = [cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.predict_fraction]
     checks.append((all(f >= 0 for f in fr) and abs(sum(fr) - 1.0) < 1e-6, "data.*_fraction must be >= 0 and sum to 1"))

@@ -19,9 +19,17 @@ from xlab.device import autocast_factory, resolve_device
 from xlab.errors import XLabError
 
 
-def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                  max_batches: Optional[int] = None, device: Any = "cpu",
-                  vocab_size: Optional[int] = None) -> Iterator[tuple[Any, Any]]:
+def split_batches(
+    store: Any,
+    split: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: Optional[int] = None,
+    device: Any = "cpu",
+    vocab_size: Optional[int] = None,
+) -> Iterator[tuple[Any, Any]]:
     """Every row of ``split`` in store order, as ``(inputs, targets)`` int64 tensors ``(b, seq_len)``.
 
     Unlike the training loader the last, incomplete batch is kept, so a whole-split evaluation sees
@@ -46,8 +54,7 @@ def split_batches(store: Any, split: str, batch_size: int, *, rank: int = 0, wor
         yield inputs.to(device), targets.to(device)
 
 
-def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: int = 8192,
-             autocast: Any = None) -> dict:
+def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: int = 8192, autocast: Any = None) -> dict:
     """Summed loss statistics of ``model`` over ``batches``, in evaluation mode and without gradients.
 
     Args:
@@ -74,7 +81,7 @@ def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: in
     try:
         with torch.no_grad():
             for inputs, targets in batches:
-                with (autocast() if autocast else nullcontext()):
+                with autocast() if autocast else nullcontext():
                     ls, c, n = model_loss(model, inputs, targets, chunk_tokens)
                 loss_sum += float(ls.double())
                 correct += int(c)
@@ -112,9 +119,13 @@ def metrics(loss_sum: float, correct: int, count: int, split_info: Optional[dict
     }
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "val",
-                        shards_dir: Optional[str | os.PathLike] = None, device: str = "auto",
-                        max_batches: Optional[int] = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    split: str = "val",
+    shards_dir: Optional[str | os.PathLike] = None,
+    device: str = "auto",
+    max_batches: Optional[int] = None,
+) -> dict:
     """Metrics of a checkpoint or export over a whole split of a shard store (or its first batches).
 
     Args:
@@ -144,30 +155,48 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "val",
         shards_dir = meta.get("shards") or stage_paths(cfg).shards
     store = ShardStore(shards_dir)
     if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
-        raise XLabError(f"shard store {store.path} was encoded with another tokenizer than the model's; "
-                        "pass the --shards the model was trained on")
+        raise XLabError(
+            f"shard store {store.path} was encoded with another tokenizer than the model's; "
+            "pass the --shards the model was trained on"
+        )
     info = store.split_info(split)  # an unknown split: XLabError listing the store's splits
     # The checks the trainer runs (shard files present with the manifest's shape and dtype, the tokenizer
     # matching), so that a damaged store is refused here as it is there.
     store.check(tok)
     if int(model.cfg.vocab_size) < store.vocab_size:
-        raise XLabError(f"shard store {store.path} has a vocabulary of {store.vocab_size}, the model only "
-                        f"{model.cfg.vocab_size}; pass the --shards the model was trained on")
+        raise XLabError(
+            f"shard store {store.path} has a vocabulary of {store.vocab_size}, the model only "
+            f"{model.cfg.vocab_size}; pass the --shards the model was trained on"
+        )
     n_rows = store.rows(split)
     if n_rows == 0:
-        raise XLabError(f"split {split} of {store.path} has no rows, nothing to evaluate; choose another "
-                        f"--split (the store has {', '.join(s for s in store.splits if store.rows(s) > 0)}) "
-                        "or encode more data")
+        raise XLabError(
+            f"split {split} of {store.path} has no rows, nothing to evaluate; choose another "
+            f"--split (the store has {', '.join(s for s in store.splits if store.rows(s) > 0)}) "
+            "or encode more data"
+        )
     batch_size = int(cfg.train.batch_size)
     total_batches = math.ceil(n_rows / batch_size)  # the last batch may be partial: every row counts
     n_batches = total_batches if max_batches is None else min(total_batches, max_batches)
-    sums = evaluate(model, split_batches(store, split, batch_size, max_batches=max_batches, device=dev,
-                                         vocab_size=int(model.cfg.vocab_size)),
-                    chunk_tokens=int(cfg.train.loss_chunk_tokens),
-                    autocast=autocast_factory(cfg.train.precision, dev))
+    sums = evaluate(
+        model,
+        split_batches(
+            store, split, batch_size, max_batches=max_batches, device=dev, vocab_size=int(model.cfg.vocab_size)
+        ),
+        chunk_tokens=int(cfg.train.loss_chunk_tokens),
+        autocast=autocast_factory(cfg.train.precision, dev),
+    )
     if sums["count"] == 0:
         raise XLabError(f"split {split} of {store.path} has no target tokens (only padding); nothing to evaluate")
     m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
-    m.update({"split": split, "checkpoint": str(checkpoint), "step": meta.get("step"), "batches": n_batches,
-              "complete": n_batches == total_batches, "shards": str(store.path)})
+    m.update(
+        {
+            "split": split,
+            "checkpoint": str(checkpoint),
+            "step": meta.get("step"),
+            "batches": n_batches,
+            "complete": n_batches == total_batches,
+            "shards": str(store.path),
+        }
+    )
     return m

@@ -193,8 +193,9 @@ def full_cross_entropy(
     return loss, ((lg.argmax(-1) == t) & valid).sum(), valid.sum()
 
 
-def model_loss(model, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192,
-               ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def model_loss(
+    model, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_sum, correct, count)`` of a Transformer on ``inputs``/``targets`` (int64 ``(B, T)``).
 
     Runs ``model.hidden(inputs)`` (``(B, T, D)``), then the fused :func:`linear_cross_entropy` when the

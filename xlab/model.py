@@ -70,8 +70,17 @@ class KVCache:
     advances ``length`` after each call.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 *, device: Any = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -105,9 +114,7 @@ class KVCache:
         if batch_size != self.batch_size:
             raise ValueError(f"batch of {batch_size} rows does not match the cache's {self.batch_size}")
         if self.length + n_new > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {self.length} cached + {n_new} new tokens > max_len {self.max_len}"
-            )
+            raise ValueError(f"KV cache overflow: {self.length} cached + {n_new} new tokens > max_len {self.max_len}")
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (B, K, T, D) of ``layer`` at ``length`` and return all of them
@@ -133,8 +140,9 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
-              dropout_p: float = 0.0) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa", dropout_p: float = 0.0
+) -> torch.Tensor:
     """Causal multi-head attention, softmax(q k^T / sqrt(D)) v, for the last T of S positions.
 
     Args:
@@ -165,8 +173,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
             raise XLabError("model.attention=flash_attn runs only on CUDA in bf16/fp16; use model.attention=sdpa")
         # flash-attn wants (B, T, H, D); transposing back is a view (last dim stays contiguous). Its
         # causal mask is aligned bottom-right when T < S (flash-attn >= 2.1), and it handles K < H.
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                               dropout_p=dropout_p, causal=True)
+        return flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
+        )
 
     mask = None  # bool (T, S), True = may attend; None with is_causal when T == S, or T == 1
     if T != S and T > 1:
@@ -174,8 +183,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     is_causal = T == S and T > 1
 
     if backend == "sdpa":
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                           is_causal=is_causal, enable_gqa=K != H)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=K != H
+        )  # (B, H, T, D)
         return y.transpose(1, 2)
     if backend == "math":
         if K != H:
@@ -250,8 +260,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # writes into the residual stream
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-                cache: Optional[KVCache], layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache: Optional[KVCache], layer: int
+    ) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
@@ -324,17 +335,23 @@ def _check(cfg: ModelConfig) -> None:
     n_kv = cfg.n_kv_heads or cfg.n_heads
     checks = [
         (cfg.d_model % cfg.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
-        (1 <= n_kv <= cfg.n_heads and cfg.n_heads % n_kv == 0,
-         "model.n_kv_heads must divide model.n_heads (1 = multi-query)"),
-        (cfg.position != "rope" or (cfg.d_model // cfg.n_heads) % 2 == 0,
-         "model.position=rope needs an even head size (d_model / n_heads)"),
+        (
+            1 <= n_kv <= cfg.n_heads and cfg.n_heads % n_kv == 0,
+            "model.n_kv_heads must divide model.n_heads (1 = multi-query)",
+        ),
+        (
+            cfg.position != "rope" or (cfg.d_model // cfg.n_heads) % 2 == 0,
+            "model.position=rope needs an even head size (d_model / n_heads)",
+        ),
         (cfg.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm"),
         (cfg.activation in ("gelu", "swiglu", "relu"), "model.activation must be gelu, swiglu or relu"),
         (cfg.position in ("sinusoidal", "learned", "rope"), "model.position must be sinusoidal, learned or rope"),
         (cfg.attention in ("sdpa", "flash_attn", "math"), "model.attention must be sdpa, flash_attn or math"),
         (0.0 <= cfg.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (min(cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.d_ff) >= 1,
-         "model sizes (vocab_size, max_len, d_model, n_layers, d_ff) must be positive"),
+        (
+            min(cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.d_ff) >= 1,
+            "model sizes (vocab_size, max_len, d_model, n_layers, d_ff) must be positive",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -416,8 +433,15 @@ class Transformer(nn.Module):
         if dtype is None:
             autocast = torch.is_autocast_enabled(device.type)
             dtype = torch.get_autocast_dtype(device.type) if autocast else p.dtype
-        return KVCache(c.n_layers, batch_size, c.n_kv_heads or c.n_heads, c.max_len, c.d_model // c.n_heads,
-                       device=device, dtype=dtype)
+        return KVCache(
+            c.n_layers,
+            batch_size,
+            c.n_kv_heads or c.n_heads,
+            c.max_len,
+            c.d_model // c.n_heads,
+            device=device,
+            dtype=dtype,
+        )
 
     def hidden(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Final-normed hidden states.
@@ -446,11 +470,11 @@ class Transformer(nn.Module):
             x = x * self.emb_scale
         rope = None
         if self.cfg.position == "sinusoidal":
-            x = x + self.pe[start:start + T]  # (T, C) broadcast over B
+            x = x + self.pe[start : start + T]  # (T, C) broadcast over B
         elif self.cfg.position == "learned":
-            x = x + self.pos_emb.weight[start:start + T]
+            x = x + self.pos_emb.weight[start : start + T]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])  # (T, D/2) each
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D/2) each
         for i, block in enumerate(self.blocks):
             x = block(x, rope, cache, i)
         if cache is not None:

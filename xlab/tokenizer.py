@@ -143,8 +143,10 @@ def training_sentences(texts: Iterable[str], max_sentence_length: int, stats: di
         if META in s:  # rare: cut at U+2581 too; only a paragraph's first segment gets the space
             lines = [
                 " " + seg if k == 0 else seg
-                for para in s.split("\n") if para
-                for k, seg in enumerate(para.split(META)) if k == 0 or seg
+                for para in s.split("\n")
+                if para
+                for k, seg in enumerate(para.split(META))
+                if k == 0 or seg
             ]
         else:  # the common case, done by C string methods: every paragraph gets its leading space
             lines = (" " + s.replace("\n", "\n ")).split("\n")

@@ -48,7 +48,9 @@ def _cfg(config: Optional[list[Path]], overrides: Optional[list[str]], extra: di
 @data_app.command("download")
 def data_download(
     source: Annotated[Optional[str], typer.Option(help="sample (built-in Wikipedia sample) | hf | dump")] = None,
-    dump: Annotated[Optional[Path], typer.Option("--dump", help="MediaWiki XML dump (.xml or .xml.bz2) for --source dump.")] = None,
+    dump: Annotated[
+        Optional[Path], typer.Option("--dump", help="MediaWiki XML dump (.xml or .xml.bz2) for --source dump.")
+    ] = None,
     max_articles: Annotated[Optional[int], typer.Option(help="Keep only the first N articles.")] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
@@ -132,7 +134,9 @@ def tokenizer_train(
 @tok_app.command("show")
 def tokenizer_show(
     text: Annotated[str, typer.Argument(help="Text to tokenize.")],
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer .model (default: tokenizers/<name>.model).")] = None,
+    tokenizer: Annotated[
+        Optional[Path], typer.Option(help="Tokenizer .model (default: tokenizers/<name>.model).")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
@@ -147,7 +151,9 @@ def tokenizer_show(
 @app.command("stats")
 def stats(
     shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Draw the article-length histogram per split to this PNG.")] = None,
+    plot: Annotated[
+        Optional[Path], typer.Option(help="Draw the article-length histogram per split to this PNG.")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
@@ -180,15 +186,21 @@ def train(
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
     split: Annotated[str, typer.Option(help="A split of the store: val | test | train | predict.")] = "val",
-    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: the one the model was trained on).")] = None,
+    shards: Annotated[
+        Optional[Path], typer.Option(help="Shard store folder (default: the one the model was trained on).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     max_batches: Annotated[Optional[int], typer.Option(help="Evaluate at most this many batches.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")] = None,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the metrics to this JSON file.")
+    ] = None,
 ):
     """Loss, accuracy, perplexity and bits per byte over a whole split."""
     from xlab.commands import evaluate as evaluate_cmd
 
-    evaluate_cmd.run(checkpoint, split=split, shards_dir=shards, device=device, max_batches=max_batches, json_out=json_out)
+    evaluate_cmd.run(
+        checkpoint, split=split, shards_dir=shards, device=device, max_batches=max_batches, json_out=json_out
+    )
 
 
 @app.command("export")
@@ -207,7 +219,10 @@ def export(
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
     prompt: Annotated[str, typer.Argument(help="Prompt text.")] = "",
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (no cap: the time grows linearly with it, one model step per token).")] = 100,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(help="Tokens to generate (no cap: the time grows linearly with it, one model step per token)."),
+    ] = 100,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most probable tokens (0: off).")] = None,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
@@ -224,9 +239,20 @@ def generate(
     from xlab.commands.generate import cli_generate
 
     cli_generate(
-        checkpoint, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, greedy=greedy, beam_width=beam_width, length_penalty=length_penalty,
-        num_samples=num_samples, seed=seed, add_sos=not continue_, device=device, stream=stream,
+        checkpoint,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+        beam_width=beam_width,
+        length_penalty=length_penalty,
+        num_samples=num_samples,
+        seed=seed,
+        add_sos=not continue_,
+        device=device,
+        stream=stream,
     )
 
 
@@ -246,8 +272,15 @@ def predict(
     from xlab.commands.predict import cli_predict
 
     cli_predict(
-        checkpoint, out=out, num_articles=num_articles, prompt_tokens=prompt_tokens,
-        max_new_tokens=max_new_tokens, shards_dir=shards, greedy=greedy, seed=seed, device=device,
+        checkpoint,
+        out=out,
+        num_articles=num_articles,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        shards_dir=shards,
+        greedy=greedy,
+        seed=seed,
+        device=device,
     )
 
 

@@ -15,9 +15,14 @@ from xlab.evaluate import evaluate_checkpoint
 from xlab.fsio import atomic_write_json
 
 
-def run(checkpoint: str | os.PathLike, split: str = "val", shards_dir: Optional[str | os.PathLike] = None,
-        device: str = "auto", max_batches: Optional[int] = None,
-        json_out: Optional[str | os.PathLike] = None) -> dict:
+def run(
+    checkpoint: str | os.PathLike,
+    split: str = "val",
+    shards_dir: Optional[str | os.PathLike] = None,
+    device: str = "auto",
+    max_batches: Optional[int] = None,
+    json_out: Optional[str | os.PathLike] = None,
+) -> dict:
     """``xlab evaluate``: print the metrics of :func:`~xlab.evaluate.evaluate_checkpoint` as a table
     and, with ``json_out``, write them to that JSON file atomically.
 

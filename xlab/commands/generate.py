@@ -26,13 +26,22 @@ def load_for_cli(checkpoint: Path, device: torch.device):
 
 def check_seed(seed: int, num_samples: int = 1) -> None:
     """Sample ``i`` seeds a torch generator with ``seed + i``, which must fit in 0 .. 2**63 - 1."""
-    if seed < 0 or seed + max(num_samples, 1) - 1 >= 2 ** 63:
-        raise XLabError(f"--seed must be between 0 and {2 ** 63 - num_samples} (each of {num_samples} sample(s) uses seed + i), "
-                        f"got {seed}")
+    if seed < 0 or seed + max(num_samples, 1) - 1 >= 2**63:
+        raise XLabError(
+            f"--seed must be between 0 and {2**63 - num_samples} (each of {num_samples} sample(s) uses seed + i), "
+            f"got {seed}"
+        )
 
 
-def check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: float,
-                      beam_width: int = 1, num_samples: int = 1, greedy: bool = False) -> None:
+def check_cli_options(
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: float,
+    beam_width: int = 1,
+    num_samples: int = 1,
+    greedy: bool = False,
+) -> None:
     """Check the options of ``xlab generate`` / ``xlab predict`` once, before any work.
 
     Raises:
@@ -44,8 +53,9 @@ def check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[i
     try:
         check_sampling(temperature, top_k, top_p)
     except ValueError as e:
-        raise XLabError(str(e).replace("temperature", "--temperature").replace("top_k", "--top-k")
-                        .replace("top_p", "--top-p")) from None
+        raise XLabError(
+            str(e).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p")
+        ) from None
     if beam_width < 1:
         raise XLabError(f"--beam-width must be >= 1, got {beam_width}")
     if num_samples < 1:
@@ -56,9 +66,23 @@ def check_cli_options(max_new_tokens: int, temperature: float, top_k: Optional[i
         raise XLabError("--num-samples > 1 needs sampling: drop --beam-width/--greedy or use --temperature > 0")
 
 
-def cli_generate(checkpoint: Path, prompt: str, *, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                 top_p: float, greedy: bool, beam_width: int, length_penalty: float, num_samples: int, seed: int,
-                 add_sos: bool, device: str, stream: bool) -> list[str]:
+def cli_generate(
+    checkpoint: Path,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: float,
+    greedy: bool,
+    beam_width: int,
+    length_penalty: float,
+    num_samples: int,
+    seed: int,
+    add_sos: bool,
+    device: str,
+    stream: bool,
+) -> list[str]:
     """``xlab generate``: print ``num_samples`` texts (prompt + continuation) on stdout.
 
     Samples are printed one after the other, separated by a ``--- sample i/N ---`` line when there is
@@ -82,8 +106,16 @@ def cli_generate(checkpoint: Path, prompt: str, *, max_new_tokens: int, temperat
     if not prompt_ids:
         raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
     text_ids = prompt_ids[1:] if add_sos else prompt_ids
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p,
-                greedy=greedy, beam_width=beam_width, length_penalty=length_penalty, eos_id=tok.eos_id)
+    opts = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p,
+        greedy=greedy,
+        beam_width=beam_width,
+        length_penalty=length_penalty,
+        eos_id=tok.eos_id,
+    )
 
     def header(i: int) -> None:
         if num_samples > 1:

@@ -48,8 +48,16 @@ def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of")
     summary = timed("train", _train, cfg, force)
     paths = stage_paths(cfg)
     last = paths.run / "checkpoints" / "last.pt"
-    metrics = timed("evaluate", evaluate_cmd.run, last, split="val", shards_dir=paths.shards, device=cfg.train.device,
-                    max_batches=None, json_out=None)
+    metrics = timed(
+        "evaluate",
+        evaluate_cmd.run,
+        last,
+        split="val",
+        shards_dir=paths.shards,
+        device=cfg.train.device,
+        max_batches=None,
+        json_out=None,
+    )
     store = ShardStore(paths.shards)
     unigram = stats.unigram_baseline(store, fit_split="train", eval_split="val")
 
@@ -58,8 +66,16 @@ def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of")
 
         model, _, tok = load_model(last, device="cpu")
         g = cfg.generate
-        return generate(model, tok, prompt, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                            top_k=g.top_k, top_p=g.top_p, seed=g.seed)
+        return generate(
+            model,
+            tok,
+            prompt,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            seed=g.seed,
+        )
 
     text = timed("generate", _generate)
 
@@ -93,12 +109,16 @@ def _train(cfg: DictConfig, force: bool):
         shutil.rmtree(run_dir)
         status = "none"
     if status == "finished":
-        console.print(f"[bold]train[/bold]: up to date ({run_dir}); --force redoes every stage, or train "
-                      f"another run with -o train.run_name=NAME")
+        console.print(
+            f"[bold]train[/bold]: up to date ({run_dir}); --force redoes every stage, or train "
+            f"another run with -o train.run_name=NAME"
+        )
         return None
     if status == "different":
-        raise XLabError(f"{run_dir} holds a run with another configuration; choose another run with "
-                        f"-o train.run_name=NAME, or delete {run_dir} to retrain it")
+        raise XLabError(
+            f"{run_dir} holds a run with another configuration; choose another run with "
+            f"-o train.run_name=NAME, or delete {run_dir} to retrain it"
+        )
     return train(cfg, shards_dir=None, resume=(status == "partial"))
 
 
@@ -116,8 +136,18 @@ def _run_status(run_dir: Path, cfg: DictConfig) -> str:
 
 
 # Settings that change neither the data a run sees nor the weights it computes.
-_NOT_IDENTITY = {"num_proc", "num_threads", "device", "log_every", "eval_every", "eval_batches",
-                 "checkpoint_every", "keep_best", "compile", "hf_timeout_s"}
+_NOT_IDENTITY = {
+    "num_proc",
+    "num_threads",
+    "device",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_best",
+    "compile",
+    "hf_timeout_s",
+}
 
 
 def _training_identity(cfg: dict) -> dict:
@@ -125,6 +155,9 @@ def _training_identity(cfg: dict) -> dict:
     and model.max_len from the store, so those are left out too)."""
     out = {}
     for section in ("data", "tokenizer", "shards", "model", "train"):
-        out[section] = {k: v for k, v in cfg.get(section, {}).items()
-                        if k not in _NOT_IDENTITY and not (section == "model" and k in ("vocab_size", "max_len"))}
+        out[section] = {
+            k: v
+            for k, v in cfg.get(section, {}).items()
+            if k not in _NOT_IDENTITY and not (section == "model" and k in ("vocab_size", "max_len"))
+        }
     return out

@@ -33,8 +33,18 @@ def _store_path(cfg: Any, meta: dict, shards_dir: Optional[Path]) -> Path:
         raise XLabError("cannot tell which shard store the model was trained on; pass --shards") from None
 
 
-def cli_predict(checkpoint: Path, *, out: Path, num_articles: int, prompt_tokens: int, max_new_tokens: int,
-                shards_dir: Optional[Path], greedy: bool, seed: int, device: str) -> dict:
+def cli_predict(
+    checkpoint: Path,
+    *,
+    out: Path,
+    num_articles: int,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    shards_dir: Optional[Path],
+    greedy: bool,
+    seed: int,
+    device: str,
+) -> dict:
     """``xlab predict``: write one JSON line per article (see :func:`predict`) to ``out`` atomically
     and print a summary; sampling uses the checkpoint configuration's ``generate`` settings.
 
@@ -60,20 +70,38 @@ def cli_predict(checkpoint: Path, *, out: Path, num_articles: int, prompt_tokens
     check_cli_options(max_new_tokens, temperature, top_k, top_p)
     store = ShardStore(_store_path(cfg, meta, shards_dir))
     if store.tokenizer_sha256 != tok.sha256:
-        raise XLabError(f"the shard store {store.path} was encoded with another tokenizer than the model's; "
-                        "pass the model's store with --shards")
+        raise XLabError(
+            f"the shard store {store.path} was encoded with another tokenizer than the model's; "
+            "pass the model's store with --shards"
+        )
     if "predict" not in store.splits:
         raise XLabError(f"the shard store {store.path} has no predict split; run `xlab data encode`")
-    records, skipped = predict(model, tok, store, num_articles=num_articles, prompt_tokens=prompt_tokens,
-                               max_new_tokens=max_new_tokens, greedy=greedy, seed=seed, temperature=temperature,
-                               top_k=top_k, top_p=top_p)
+    records, skipped = predict(
+        model,
+        tok,
+        store,
+        num_articles=num_articles,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        seed=seed,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
     if not records:
         raise XLabError(f"no predict-split article has more than {prompt_tokens} tokens; lower --prompt-tokens")
     n_tokens = sum(r["reference_tokens"] for r in records)
     mean_loss = sum(r["reference_loss"] * r["reference_tokens"] for r in records) / n_tokens
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    summary = {"articles": len(records), "skipped": skipped, "reference_tokens": n_tokens,
-               "reference_loss": mean_loss, "reference_perplexity": math.exp(mean_loss), "out": str(out)}
+    summary = {
+        "articles": len(records),
+        "skipped": skipped,
+        "reference_tokens": n_tokens,
+        "reference_loss": mean_loss,
+        "reference_perplexity": math.exp(mean_loss),
+        "out": str(out),
+    }
     _print_summary(summary, greedy)
     return summary
 
@@ -91,7 +119,9 @@ def _print_summary(summary: dict, greedy: bool) -> None:
     table.add_row("articles", f"{summary['articles']} ({summary['skipped']} shorter ones skipped)")
     table.add_row("decoding", "greedy" if greedy else "sampling")
     table.add_row("reference tokens", str(summary["reference_tokens"]))
-    table.add_row("reference loss", f"{summary['reference_loss']:.4f} nats/token "
-                                    f"(perplexity {summary['reference_perplexity']:.2f})")
+    table.add_row(
+        "reference loss",
+        f"{summary['reference_loss']:.4f} nats/token (perplexity {summary['reference_perplexity']:.2f})",
+    )
     table.add_row("written", summary["out"])
     Console(highlight=False).print(table)

@@ -7,17 +7,29 @@ text out. Importing this package imports torch.
 """
 
 from xlab.generate.search import (
-                                  Hypothesis,
-                                  Model,
-                                  beam_search,
-                                  check_sampling,
-                                  continuations,
-                                  filter_logits,
-                                  greedy_search,
-                                  reference_nll,
-                                  sample,
+    Hypothesis,
+    Model,
+    beam_search,
+    check_sampling,
+    continuations,
+    filter_logits,
+    greedy_search,
+    reference_nll,
+    sample,
 )
 from xlab.generate.text import Streamer, encode_prompt, generate
 
-__all__ = ["Hypothesis", "Model", "Streamer", "beam_search", "check_sampling", "continuations", "encode_prompt",
-           "filter_logits", "generate", "greedy_search", "reference_nll", "sample"]
+__all__ = [
+    "Hypothesis",
+    "Model",
+    "Streamer",
+    "beam_search",
+    "check_sampling",
+    "continuations",
+    "encode_prompt",
+    "filter_logits",
+    "generate",
+    "greedy_search",
+    "reference_nll",
+    "sample",
+]

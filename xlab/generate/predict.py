@@ -16,8 +16,9 @@ from xlab.generate.search import Model, continuations, reference_nll
 from xlab.store import ShardStore
 
 
-def predict_articles(store: ShardStore, num_articles: int, min_tokens: int, *, split: str = "predict",
-                     chunk_rows: int = 1024) -> tuple[list[dict], int]:
+def predict_articles(
+    store: ShardStore, num_articles: int, min_tokens: int, *, split: str = "predict", chunk_rows: int = 1024
+) -> tuple[list[dict], int]:
     """The first ``num_articles`` articles of ``split`` with at least ``min_tokens`` text tokens.
 
     Reads rows in store order, ``chunk_rows`` at a time, and stops as soon as it has enough. An
@@ -69,9 +70,21 @@ def predict_articles(store: ShardStore, num_articles: int, min_tokens: int, *, s
     return found[:num_articles], skipped
 
 
-def predict(model: Model, tokenizer: Any, store: ShardStore, *, num_articles: int, prompt_tokens: int,
-            max_new_tokens: int, greedy: bool = False, seed: int = 42, temperature: float = 1.0,
-            top_k: Optional[int] = None, top_p: float = 1.0, split: str = "predict") -> tuple[list[dict], int]:
+def predict(
+    model: Model,
+    tokenizer: Any,
+    store: ShardStore,
+    *,
+    num_articles: int,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    greedy: bool = False,
+    seed: int = 42,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    split: str = "predict",
+) -> tuple[list[dict], int]:
     """Continue the first ``prompt_tokens`` tokens of the first ``num_articles`` articles of ``split``.
 
     Each prompt is ``<sos>`` + the article's first K text tokens. The reference is the article's next
@@ -94,16 +107,33 @@ def predict(model: Model, tokenizer: Any, store: ShardStore, *, num_articles: in
         ref = rest[:max_new_tokens]
         ref_targets = ref + ([eos] if len(rest) < max_new_tokens else [])
         prompt_ids = [tokenizer.sos_id] + text_prompt
-        new = continuations(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, greedy=greedy, seed=seed + i, eos_id=eos)[0]
+        new = continuations(
+            model,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            seed=seed + i,
+            eos_id=eos,
+        )[0]
         nll = reference_nll(model, prompt_ids, ref_targets)  # never empty: the article has > K tokens
         prompt_text, ref_text = _split_decode(tokenizer, text_prompt, ref)
         _, gen_text = _split_decode(tokenizer, text_prompt, new)
-        records.append({
-            "index": art["index"], "row": art["row"], "prompt": prompt_text, "reference": ref_text,
-            "generated": gen_text, "prompt_tokens": len(text_prompt), "reference_tokens": len(ref_targets),
-            "generated_tokens": len(new), "reference_loss": sum(nll) / len(nll),
-        })
+        records.append(
+            {
+                "index": art["index"],
+                "row": art["row"],
+                "prompt": prompt_text,
+                "reference": ref_text,
+                "generated": gen_text,
+                "prompt_tokens": len(text_prompt),
+                "reference_tokens": len(ref_targets),
+                "generated_tokens": len(new),
+                "reference_loss": sum(nll) / len(nll),
+            }
+        )
     return records, skipped
 
 

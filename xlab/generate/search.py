@@ -163,7 +163,7 @@ class _Context:
         return self.model(ids, **kw)[:, -1].float()
 
     def _encode_visible(self) -> torch.Tensor:
-        visible = self.seq[:, self.start:]
+        visible = self.seq[:, self.start :]
         if self.cached:
             self.cache = self.model.new_cache(visible.shape[0], device=visible.device)
             return self._last_logits(visible, self.cache)
@@ -185,7 +185,7 @@ class _Context:
             return self._encode_visible()
         if self.cached:
             return self._last_logits(self.seq[:, -1:], self.cache)
-        return self._last_logits(self.seq[:, self.start:])
+        return self._last_logits(self.seq[:, self.start :])
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows ``index`` ``(B_new,)`` int64 of the batch, in that order (repeats allowed)."""
@@ -199,9 +199,16 @@ class _Context:
 Picker = Callable[[torch.Tensor, list], torch.Tensor]
 
 
-def _decode(model: Model, prompts: torch.Tensor, max_new_tokens: int, pick: Picker, *,
-            eos_id: Optional[int], max_len: Optional[int],
-            on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+def _decode(
+    model: Model,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    pick: Picker,
+    *,
+    eos_id: Optional[int],
+    max_len: Optional[int],
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> list[list[int]]:
     """Extend each row of ``prompts`` ``(B, T)`` token by token; ``pick(logits (b, V), rows)`` chooses
     the next ids ``(b,)`` of the still-running rows ``rows`` (indices into the batch).
 
@@ -257,9 +264,15 @@ def _as_batch(prompt_ids: Sequence[int] | torch.Tensor, n: int, device: torch.de
 
 
 @torch.inference_mode()
-def greedy_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
-                  eos_id: Optional[int] = None, max_len: Optional[int] = None,
-                  on_token: Optional[Callable[[int], None]] = None) -> list[int]:
+def greedy_search(
+    model: Model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    eos_id: Optional[int] = None,
+    max_len: Optional[int] = None,
+    on_token: Optional[Callable[[int], None]] = None,
+) -> list[int]:
     """Extend ``prompt_ids`` with the most probable token at every step.
 
     Args:
@@ -279,15 +292,32 @@ def greedy_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, 
     """
     _check_common(prompt_ids, max_new_tokens)
     cb = None if on_token is None else (lambda row, t: on_token(t))
-    return _decode(model, _as_batch(prompt_ids, 1, _model_device(model)), max_new_tokens, _greedy_pick,
-                   eos_id=eos_id, max_len=max_len, on_token=cb)[0]
+    return _decode(
+        model,
+        _as_batch(prompt_ids, 1, _model_device(model)),
+        max_new_tokens,
+        _greedy_pick,
+        eos_id=eos_id,
+        max_len=max_len,
+        on_token=cb,
+    )[0]
 
 
 @torch.inference_mode()
-def sample(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
-           top_k: Optional[int] = None, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
-           eos_id: Optional[int] = None, max_len: Optional[int] = None,
-           on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+def sample(
+    model: Model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    eos_id: Optional[int] = None,
+    max_len: Optional[int] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> list[list[int]]:
     """Draw ``num_samples`` continuations of ``prompt_ids``, batched in one forward pass per step.
 
     Args:
@@ -310,8 +340,15 @@ def sample(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *, temp
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     pick = _sample_picker(temperature, top_k, top_p, [seed + i for i in range(num_samples)])
-    return _decode(model, _as_batch(prompt_ids, num_samples, _model_device(model)), max_new_tokens, pick,
-                   eos_id=eos_id, max_len=max_len, on_token=on_token)
+    return _decode(
+        model,
+        _as_batch(prompt_ids, num_samples, _model_device(model)),
+        max_new_tokens,
+        pick,
+        eos_id=eos_id,
+        max_len=max_len,
+        on_token=on_token,
+    )
 
 
 # ---------------------------------------------------------------------------------- beam search
@@ -332,9 +369,16 @@ class Hypothesis:
 
 
 @torch.inference_mode()
-def beam_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *, beam_width: int = 4,
-                length_penalty: float = 1.0, eos_id: Optional[int] = None,
-                max_len: Optional[int] = None) -> list[Hypothesis]:
+def beam_search(
+    model: Model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    *,
+    beam_width: int = 4,
+    length_penalty: float = 1.0,
+    eos_id: Optional[int] = None,
+    max_len: Optional[int] = None,
+) -> list[Hypothesis]:
     """Beam search: keep the ``beam_width`` most probable partial continuations.
 
     Each step runs ONE forward pass over all live beams (the KV cache is reordered to follow the
@@ -395,18 +439,18 @@ def beam_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
                 break
             b, t = divmod(flat, vocab)
             if eos_id is not None and t == eos_id:
-                finished.append(Hypothesis(list(beams[b]), lp, lp / n ** length_penalty, True))
+                finished.append(Hypothesis(list(beams[b]), lp, lp / n**length_penalty, True))
             else:
                 src.append(b), toks.append(t), lps.append(lp)
         beams = [beams[b] + [t] for b, t in zip(src, toks)]
         if n == max_new_tokens:
-            finished += [Hypothesis(h, lp, lp / n ** length_penalty, False) for h, lp in zip(beams, lps)]
+            finished += [Hypothesis(h, lp, lp / n**length_penalty, False) for h, lp in zip(beams, lps)]
             break
         if not beams:
             break
         if finished:
             m = max_new_tokens if length_penalty > 0 else n + 1
-            bound = max(lps) / m ** length_penalty
+            bound = max(lps) / m**length_penalty
             if max(h.score for h in finished) >= bound:
                 break
         index = torch.tensor(src, dtype=torch.long, device=device)
@@ -417,10 +461,22 @@ def beam_search(model: Model, prompt_ids: Sequence[int], max_new_tokens: int, *,
 
 
 # ---------------------------------------------------------------------------- all three searches
-def continuations(model: Model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: Optional[int] = None, top_p: float = 1.0, greedy: bool = False, beam_width: int = 1,
-                  length_penalty: float = 1.0, num_samples: int = 1, seed: int = 0, eos_id: Optional[int] = None,
-                  on_token: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
+def continuations(
+    model: Model,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    beam_width: int = 1,
+    length_penalty: float = 1.0,
+    num_samples: int = 1,
+    seed: int = 0,
+    eos_id: Optional[int] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> list[list[int]]:
     """New ids for each of ``num_samples`` continuations of ``prompt_ids``, by beam search
     (``beam_width > 1``; every sample is the one best hypothesis), greedy search (``greedy`` or
     temperature 0) or sampling; the arguments are those of :func:`sample` and :func:`beam_search`.
@@ -431,19 +487,31 @@ def continuations(model: Model, prompt_ids: list[int], *, max_new_tokens: int, t
     """
     check_sampling(temperature, top_k, top_p)
     if beam_width > 1:
-        best = beam_search(model, prompt_ids, max_new_tokens, beam_width=beam_width,
-                           length_penalty=length_penalty, eos_id=eos_id)[0].tokens
+        best = beam_search(
+            model, prompt_ids, max_new_tokens, beam_width=beam_width, length_penalty=length_penalty, eos_id=eos_id
+        )[0].tokens
         return [best] * num_samples
     if greedy:
         temperature = 0.0
-    return sample(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                  num_samples=num_samples, seed=seed, eos_id=eos_id, on_token=on_token)
+    return sample(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        seed=seed,
+        eos_id=eos_id,
+        on_token=on_token,
+    )
 
 
 # -------------------------------------------------------------------------------------- scoring
 @torch.inference_mode()
-def reference_nll(model: Model, prefix_ids: Sequence[int], target_ids: Sequence[int], *,
-                  max_len: Optional[int] = None) -> list[float]:
+def reference_nll(
+    model: Model, prefix_ids: Sequence[int], target_ids: Sequence[int], *, max_len: Optional[int] = None
+) -> list[float]:
     """Teacher-forced negative log-likelihood (nats) of each of ``target_ids`` after ``prefix_ids``.
 
     The context follows the same window rule as generation (module docstring): when everything fits
@@ -461,7 +529,7 @@ def reference_nll(model: Model, prefix_ids: Sequence[int], target_ids: Sequence[
     prefix = torch.as_tensor(list(prefix_ids), dtype=torch.long)
     if max_len is None or len(prefix) + len(targets) - 1 <= max_len:
         ids = torch.cat([prefix, targets[:-1]]).view(1, -1).to(device)
-        logits = model(ids)[0, len(prefix) - 1:].float()  # (n_targets, V)
+        logits = model(ids)[0, len(prefix) - 1 :].float()  # (n_targets, V)
     else:
         ctx = _Context(model, max_len)
         rows = [ctx.prefill(prefix.view(1, -1).to(device))]

@@ -10,10 +10,22 @@ from xlab.errors import XLabError
 from xlab.generate.search import Model, continuations
 
 
-def generate(model: Model, tokenizer: Any, prompt: str, *, max_new_tokens: int = 100, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: float = 1.0, greedy: bool = False, beam_width: int = 1,
-             length_penalty: float = 1.0, seed: int = 42, add_sos: bool = True,
-             on_text: Optional[Callable[[str], None]] = None) -> str:
+def generate(
+    model: Model,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    beam_width: int = 1,
+    length_penalty: float = 1.0,
+    seed: int = 42,
+    add_sos: bool = True,
+    on_text: Optional[Callable[[str], None]] = None,
+) -> str:
     """Continue ``prompt`` and return the decoded text of the whole sequence (prompt + continuation).
 
     Decoding the whole sequence at once means no space is inserted or lost where the prompt ends.
@@ -43,10 +55,21 @@ def generate(model: Model, tokenizer: Any, prompt: str, *, max_new_tokens: int =
         raise ValueError("the prompt is empty and add_sos is off: nothing to continue")
     text_ids = prompt_ids[1:] if add_sos else prompt_ids
     streamer = Streamer(tokenizer, text_ids, on_text) if on_text is not None and beam_width <= 1 else None
-    new = continuations(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, greedy=greedy, beam_width=beam_width, length_penalty=length_penalty,
-                         num_samples=1, seed=seed, eos_id=tokenizer.eos_id,
-                         on_token=None if streamer is None else streamer.push)[0]
+    new = continuations(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        greedy=greedy,
+        beam_width=beam_width,
+        length_penalty=length_penalty,
+        num_samples=1,
+        seed=seed,
+        eos_id=tokenizer.eos_id,
+        on_token=None if streamer is None else streamer.push,
+    )[0]
     text = tokenizer.decode(text_ids + new)
     if streamer is not None:
         streamer.flush()

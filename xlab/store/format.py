@@ -64,8 +64,9 @@ def to_targets(targets: np.ndarray, pad_id: int) -> np.ndarray:
     return np.where(t == pad_id, IGNORE_INDEX, t)
 
 
-def pack_articles(ids: Sequence[Sequence[int]], seq_len: int, *, sos_id: int, eos_id: int, pad_id: int,
-                  vocab_size: int) -> np.ndarray:
+def pack_articles(
+    ids: Sequence[Sequence[int]], seq_len: int, *, sos_id: int, eos_id: int, pad_id: int, vocab_size: int
+) -> np.ndarray:
     """Pack tokenized articles into fixed-length rows.
 
     Args:
@@ -149,8 +150,9 @@ def read_npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype,
     shape, dtype = tuple(shape), np.dtype(dtype)
     need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if size != need:
-        raise ValueError(f"{'truncated' if size < need else 'trailing bytes'}: the file has {size:,} bytes, "
-                         f"its header says {need:,}")
+        raise ValueError(
+            f"{'truncated' if size < need else 'trailing bytes'}: the file has {size:,} bytes, its header says {need:,}"
+        )
     return shape, dtype, bool(fortran), offset
 
 
@@ -182,8 +184,9 @@ class SplitEntry:
     rejected: list = field(default_factory=list)
     shards: list[ShardEntry] = field(default_factory=list)
 
-    def add_shard(self, shard: ShardEntry, *, articles: int, target_tokens: int, text_bytes: int = 0,
-                  text_chars: int = 0) -> None:
+    def add_shard(
+        self, shard: ShardEntry, *, articles: int, target_tokens: int, text_bytes: int = 0, text_chars: int = 0
+    ) -> None:
         """Append ``shard`` and add its counts to the split's totals."""
         self.shards.append(shard)
         self.rows += shard.rows
@@ -210,8 +213,15 @@ class TokenizerEntry:
     @classmethod
     def of(cls, tok: Any, file: str | os.PathLike = "") -> TokenizerEntry:
         """The entry of an XLab :class:`~xlab.tokenizer.Tokenizer` (its ids and sha256)."""
-        return cls(vocab_size=int(tok.vocab_size), pad_id=int(tok.pad_id), sos_id=int(tok.sos_id),
-                   eos_id=int(tok.eos_id), unk_id=int(tok.unk_id), sha256=str(tok.sha256), file=str(file))
+        return cls(
+            vocab_size=int(tok.vocab_size),
+            pad_id=int(tok.pad_id),
+            sos_id=int(tok.sos_id),
+            eos_id=int(tok.eos_id),
+            unk_id=int(tok.unk_id),
+            sha256=str(tok.sha256),
+            file=str(file),
+        )
 
 
 @dataclass
@@ -255,20 +265,35 @@ class StoreManifest:
         if not isinstance(d, dict):
             raise ValueError(f"a JSON {type(d).__name__}, not an object")
         if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"not an XLab shard store of format version {FORMAT_VERSION} "
-                             f"(found {d.get('format')!r} v{d.get('format_version')})")
+            raise ValueError(
+                f"not an XLab shard store of format version {FORMAT_VERSION} "
+                f"(found {d.get('format')!r} v{d.get('format_version')})"
+            )
         try:
             tok = d["tokenizer"]
             tokenizer = TokenizerEntry(
-                vocab_size=int(tok["vocab_size"]), pad_id=int(tok["pad_id"]), sos_id=int(tok["sos_id"]),
-                eos_id=int(tok["eos_id"]), unk_id=int(tok["unk_id"]), sha256=str(tok.get("sha256", "")),
-                file=str(tok.get("file", "")), copy=tok.get("copy"))
+                vocab_size=int(tok["vocab_size"]),
+                pad_id=int(tok["pad_id"]),
+                sos_id=int(tok["sos_id"]),
+                eos_id=int(tok["eos_id"]),
+                unk_id=int(tok["unk_id"]),
+                sha256=str(tok.get("sha256", "")),
+                file=str(tok.get("file", "")),
+                copy=tok.get("copy"),
+            )
             if not isinstance(d["splits"], dict):
                 raise TypeError("splits is not an object")
             splits = {str(name): _split_from_json(s) for name, s in d["splits"].items()}
-            m = cls(seq_len=int(d["seq_len"]), dtype=str(np.dtype(d["dtype"])), tokenizer=tokenizer, splits=splits,
-                    params=dict(d.get("params") or {}), inputs=dict(d.get("inputs") or {}),
-                    stage=str(d.get("stage", "encode")), xlab_version=str(d.get("xlab_version", "")))
+            m = cls(
+                seq_len=int(d["seq_len"]),
+                dtype=str(np.dtype(d["dtype"])),
+                tokenizer=tokenizer,
+                splits=splits,
+                params=dict(d.get("params") or {}),
+                inputs=dict(d.get("inputs") or {}),
+                stage=str(d.get("stage", "encode")),
+                xlab_version=str(d.get("xlab_version", "")),
+            )
             if int(d.get("row_len", m.row_len)) != m.row_len:
                 raise ValueError(f"row_len {d['row_len']} != seq_len + 1")
         except (KeyError, TypeError, AttributeError) as e:
@@ -291,8 +316,25 @@ def _split_from_json(s: Any) -> SplitEntry:
     for sh in s["shards"]:
         if not isinstance(sh.get("file"), str):
             raise TypeError("a shard has no file name")
-        shards.append(ShardEntry(file=sh["file"], rows=int(sh["rows"]), real_tokens=int(sh.get("real_tokens", 0)),
-                                 sha256=str(sh.get("sha256", ""))))
-    counts = {k: int(s.get(k, 0)) for k in ("rows", "articles", "real_tokens", "target_tokens", "text_bytes",
-                                             "text_chars", "empty_articles", "rejected_articles")}
+        shards.append(
+            ShardEntry(
+                file=sh["file"],
+                rows=int(sh["rows"]),
+                real_tokens=int(sh.get("real_tokens", 0)),
+                sha256=str(sh.get("sha256", "")),
+            )
+        )
+    counts = {
+        k: int(s.get(k, 0))
+        for k in (
+            "rows",
+            "articles",
+            "real_tokens",
+            "target_tokens",
+            "text_bytes",
+            "text_chars",
+            "empty_articles",
+            "rejected_articles",
+        )
+    }
     return SplitEntry(**counts, rejected=list(s.get("rejected", [])), shards=shards)

@@ -31,9 +31,11 @@ def make_batch(store: ShardStore, split: str, indices: np.ndarray, vocab_size: O
     limit = store.vocab_size if vocab_size is None else int(vocab_size)
     if rows.size and (int(rows.max()) >= limit or int(rows.min()) < 0):
         idx = np.asarray(indices).reshape(-1)
-        raise XLabError(f"split {split} of shard store {store.path} holds token ids outside 0..{limit - 1} "
-                        f"(rows {int(idx.min())}..{int(idx.max())}); the store is damaged: run `xlab data validate`, "
-                        "then `xlab data encode --force`")
+        raise XLabError(
+            f"split {split} of shard store {store.path} holds token ids outside 0..{limit - 1} "
+            f"(rows {int(idx.min())}..{int(idx.max())}); the store is damaged: run `xlab data validate`, "
+            "then `xlab data encode --force`"
+        )
     return torch.from_numpy(rows[:, :-1]), torch.from_numpy(to_targets(rows[:, 1:], store.pad_id))
 
 
@@ -68,9 +70,20 @@ class ShardLoader:
         XLabError: unknown split, or a split too small for one batch per rank.
     """
 
-    def __init__(self, store: ShardStore, split: str, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, device: Any = "cpu", prefetch: int = 4,
-                 background: bool | None = None):
+    def __init__(
+        self,
+        store: ShardStore,
+        split: str,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        device: Any = "cpu",
+        prefetch: int = 4,
+        background: bool | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if batch_size < 1:
@@ -88,8 +101,10 @@ class ShardLoader:
         self.num_rows = store.rows(split)
         self._len = self.num_rows // (self.batch_size * self.world_size)
         if self._len == 0:
-            raise XLabError(f"split {split!r} of {store.path} has {self.num_rows} rows, fewer than one batch of "
-                            f"{self.batch_size} x {self.world_size} ranks; lower the batch size or encode more data")
+            raise XLabError(
+                f"split {split!r} of {store.path} has {self.num_rows} rows, fewer than one batch of "
+                f"{self.batch_size} x {self.world_size} ranks; lower the batch size or encode more data"
+            )
         self.epoch = 0
         self.position = 0
         self._order_epoch: int | None = None
@@ -119,7 +134,7 @@ class ShardLoader:
                 perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
             else:
                 perm = np.arange(self.num_rows, dtype=np.int64)
-            order = perm[:used][self.rank::self.world_size]
+            order = perm[:used][self.rank :: self.world_size]
             # int32 halves the resident order for stores under 2**31 rows (all practical ones)
             self._order = order.astype(np.int32 if self.num_rows < 2**31 else np.int64)
             self._order_epoch = epoch
@@ -128,7 +143,7 @@ class ShardLoader:
     def batch_indices(self, epoch: int, position: int) -> np.ndarray:
         """Row indices of batch ``position`` of ``epoch`` for this rank: ``(batch_size,)`` integers."""
         order = self.rank_order(epoch)
-        return order[position * self.batch_size:(position + 1) * self.batch_size]
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
 
     def make_batch(self, indices: np.ndarray):
         """``(inputs, targets)`` int64 CPU tensors ``(len(indices), seq_len)`` for these rows; see

@@ -33,9 +33,11 @@ class ShardStore:
         if not mpath.is_file():
             if (self.path / ".work" / "job.json").is_file():
                 # Encoding began but did not finish: a killed run, or scale-out parts not yet merged.
-                raise XLabError(f"the shard store at {self.path} is not complete yet (no {MANIFEST}); rerun "
-                                f"`{ENCODE_HINT}` to finish it, or after --num-shards parts, run the missing "
-                                f"parts and then `xlab data merge`")
+                raise XLabError(
+                    f"the shard store at {self.path} is not complete yet (no {MANIFEST}); rerun "
+                    f"`{ENCODE_HINT}` to finish it, or after --num-shards parts, run the missing "
+                    f"parts and then `xlab data merge`"
+                )
             raise XLabError(f"no shard store at {self.path} (missing {MANIFEST}); run `{ENCODE_HINT}` first")
         try:
             with open(mpath, encoding="utf-8") as f:
@@ -44,11 +46,15 @@ class ShardStore:
             raise XLabError(f"unreadable shard manifest {mpath}: {e}; run `{ENCODE_HINT} --force`") from None
         m = self.manifest
         if not isinstance(m, dict):
-            raise XLabError(f"{mpath} is not a shard store manifest (a JSON {type(m).__name__}, not an object); "
-                            f"run `{ENCODE_HINT} --force`")
+            raise XLabError(
+                f"{mpath} is not a shard store manifest (a JSON {type(m).__name__}, not an object); "
+                f"run `{ENCODE_HINT} --force`"
+            )
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
-            raise XLabError(f"{mpath} is not an XLab shard store of format version {FORMAT_VERSION} "
-                            f"(found {m.get('format')!r} v{m.get('format_version')}); run `{ENCODE_HINT} --force`")
+            raise XLabError(
+                f"{mpath} is not an XLab shard store of format version {FORMAT_VERSION} "
+                f"(found {m.get('format')!r} v{m.get('format_version')}); run `{ENCODE_HINT} --force`"
+            )
         try:
             self.info: StoreManifest = StoreManifest.from_json(m)
             self.row_len: int = int(m["row_len"])
@@ -58,12 +64,18 @@ class ShardStore:
         self.seq_len: int = info.seq_len
         self.dtype: np.dtype = np.dtype(info.dtype)
         self.vocab_size, self.pad_id, self.sos_id, self.eos_id, self.unk_id = (
-            tok.vocab_size, tok.pad_id, tok.sos_id, tok.eos_id, tok.unk_id)
+            tok.vocab_size,
+            tok.pad_id,
+            tok.sos_id,
+            tok.eos_id,
+            tok.unk_id,
+        )
         self.tokenizer_sha256: str = tok.sha256
         self._splits: dict = m["splits"]  # the JSON entries, for split_info()
         self._offsets = {  # split -> cumulative row offsets, len(shards) + 1
             s: np.concatenate([[0], np.cumsum([sh.rows for sh in e.shards], dtype=np.int64)]).astype(np.int64)
-            for s, e in info.splits.items()}
+            for s, e in info.splits.items()
+        }
         self._fds: dict[tuple[str, int], tuple[int, int]] = {}  # (split, shard) -> (fd, data offset)
         self._lock = threading.Lock()
 
@@ -117,10 +129,14 @@ class ShardStore:
             raise XLabError(f"{self.path}: dtype {self.dtype} does not fit vocabulary {self.vocab_size}; {fix}")
         if tokenizer is not None:
             if tokenizer.sha256 != self.tokenizer_sha256:
-                raise XLabError(f"tokenizer sha256 {tokenizer.sha256[:12]} does not match the shard store's "
-                                f"{self.tokenizer_sha256[:12]} ({self.path}); re-encode with `{ENCODE_HINT} --force`")
+                raise XLabError(
+                    f"tokenizer sha256 {tokenizer.sha256[:12]} does not match the shard store's "
+                    f"{self.tokenizer_sha256[:12]} ({self.path}); re-encode with `{ENCODE_HINT} --force`"
+                )
             if int(tokenizer.vocab_size) != self.vocab_size:
-                raise XLabError(f"tokenizer vocabulary {tokenizer.vocab_size} != shard store's {self.vocab_size}; {fix}")
+                raise XLabError(
+                    f"tokenizer vocabulary {tokenizer.vocab_size} != shard store's {self.vocab_size}; {fix}"
+                )
         for split in self.splits:
             for sh in self.split_info(split)["shards"]:
                 p = self.path / sh["file"]
@@ -129,11 +145,15 @@ class ShardStore:
                 try:
                     shape, dtype, fortran, _ = read_npy_header(p)
                 except (OSError, ValueError) as e:
-                    raise XLabError(f"unreadable shard {p} ({e}); run `xlab data validate` to list every "
-                                    f"problem, `{ENCODE_HINT} --force` to rebuild the store") from None
+                    raise XLabError(
+                        f"unreadable shard {p} ({e}); run `xlab data validate` to list every "
+                        f"problem, `{ENCODE_HINT} --force` to rebuild the store"
+                    ) from None
                 if dtype != self.dtype or shape != (int(sh["rows"]), self.row_len) or fortran:
-                    raise XLabError(f"shard {p} is {dtype}{list(shape)}, manifest says "
-                                    f"{self.dtype}[{sh['rows']}, {self.row_len}]; {fix}")
+                    raise XLabError(
+                        f"shard {p} is {dtype}{list(shape)}, manifest says "
+                        f"{self.dtype}[{sh['rows']}, {self.row_len}]; {fix}"
+                    )
 
     # ------------------------------------------------------------------------------ reading
     def _fd(self, split: str, shard: int) -> tuple[int, int]:
@@ -194,7 +214,7 @@ class ShardStore:
             ends = np.concatenate([breaks, [len(local)]])
             for a, b in zip(starts.tolist(), ends.tolist()):
                 nbytes = (b - a) * row_bytes
-                got = os.preadv(fd, [view[pos:pos + nbytes]], data_offset + int(local[a]) * row_bytes)
+                got = os.preadv(fd, [view[pos : pos + nbytes]], data_offset + int(local[a]) * row_bytes)
                 if got != nbytes:
                     raise XLabError(f"short read in shard {s} of split {split!r}; run `xlab data validate`")
                 pos += nbytes

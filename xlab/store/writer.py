@@ -34,9 +34,16 @@ def write_shard(path: str | os.PathLike, rows: np.ndarray) -> str:
     return digest
 
 
-def write_store(path: str | os.PathLike, splits: dict[str, Sequence[Sequence[int]]], *, seq_len: int,
-                tokenizer: TokenizerEntry, tokenizer_bytes: Optional[bytes] = None,
-                texts: Optional[dict[str, Sequence[str]]] = None, articles_per_shard: int = 1024) -> StoreManifest:
+def write_store(
+    path: str | os.PathLike,
+    splits: dict[str, Sequence[Sequence[int]]],
+    *,
+    seq_len: int,
+    tokenizer: TokenizerEntry,
+    tokenizer_bytes: Optional[bytes] = None,
+    texts: Optional[dict[str, Sequence[str]]] = None,
+    articles_per_shard: int = 1024,
+) -> StoreManifest:
     """Write a complete store from already-tokenized articles.
 
     Args:
@@ -68,21 +75,36 @@ def write_store(path: str | os.PathLike, splits: dict[str, Sequence[Sequence[int
         keep = [i for i, a in enumerate(articles) if len(a)]
         entry = SplitEntry(empty_articles=len(articles) - len(keep))
         for k, a in enumerate(range(0, max(len(keep), 1), articles_per_shard)):
-            idx = keep[a:a + articles_per_shard]
+            idx = keep[a : a + articles_per_shard]
             chunk = [articles[i] for i in idx]
-            rows = (pack_articles(chunk, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                  vocab_size=tok.vocab_size) if chunk else np.empty((0, seq_len + 1), dtype=dtype))
+            rows = (
+                pack_articles(
+                    chunk, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size
+                )
+                if chunk
+                else np.empty((0, seq_len + 1), dtype=dtype)
+            )
             rel = f"{split}/{k:06d}.npy"
             shard = ShardEntry(rel, int(rows.shape[0]), real_tokens(rows, tok.pad_id), write_shard(path / rel, rows))
             chunk_texts = [split_texts[i] for i in idx] if split_texts is not None else []
-            entry.add_shard(shard, articles=len(chunk), target_tokens=target_tokens(chunk),
-                            text_bytes=sum(len(t.encode("utf-8", "surrogatepass")) for t in chunk_texts),
-                            text_chars=sum(len(t) for t in chunk_texts))
+            entry.add_shard(
+                shard,
+                articles=len(chunk),
+                target_tokens=target_tokens(chunk),
+                text_bytes=sum(len(t.encode("utf-8", "surrogatepass")) for t in chunk_texts),
+                text_chars=sum(len(t) for t in chunk_texts),
+            )
         out[split] = entry
     import xlab
 
-    manifest = StoreManifest(seq_len=int(seq_len), dtype=dtype.name, tokenizer=tok, splits=out,
-                             params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard)},
-                             stage="write_store", xlab_version=xlab.__version__)
+    manifest = StoreManifest(
+        seq_len=int(seq_len),
+        dtype=dtype.name,
+        tokenizer=tok,
+        splits=out,
+        params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard)},
+        stage="write_store",
+        xlab_version=xlab.__version__,
+    )
     manifest.write(path)
     return manifest

@@ -40,8 +40,10 @@ class CheckpointKeeper:
         if k <= 0 or not math.isfinite(val_loss):
             return None, []
         name = f"best-step{step:07d}.pt"
-        ranked = sorted([b for b in self.best if b["file"] != name] +
-                        [{"loss": float(val_loss), "step": step, "file": name}], key=lambda b: b["loss"])
+        ranked = sorted(
+            [b for b in self.best if b["file"] != name] + [{"loss": float(val_loss), "step": step, "file": name}],
+            key=lambda b: b["loss"],
+        )
         self.best = ranked[:k]
         entered = name if any(b["file"] == name for b in self.best) else None
         return entered, [b["file"] for b in ranked[k:] if b["file"] != name]

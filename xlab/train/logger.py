@@ -42,13 +42,21 @@ class RunLogger:
     Use as a context manager; records are dicts with ``step`` and ``split`` plus numeric metrics.
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, *, main: bool, total_steps: int,
-                 resumed_at: Optional[int] = None):
+    def __init__(
+        self, run_dir: Path, cfg: DictConfig, *, main: bool, total_steps: int, resumed_at: Optional[int] = None
+    ):
         self.run_dir, self.main = Path(run_dir), main
         self.console = Console(highlight=False)
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,
-                                 disable=not main, transient=True)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not main,
+            transient=True,
+        )
         self.total_steps = total_steps
         self._jsonl = self._writer = None
         self._task = None
@@ -111,13 +119,22 @@ class RunLogger:
         """Record and print a train log line: ``r`` has step, loss, accuracy, lr, grad_norm,
         tokens_per_s, mfu (a fraction or None) and time (seconds since the run's start)."""
         self.record({"split": "train", **r})
-        self.print(f"step {r['step']:>6} | loss {r['loss']:.4f} | acc {r['accuracy']:.3f} | lr {r['lr']:.2e} | "
-                   f"gnorm {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | "
-                   f"mfu {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}%")
+        self.print(
+            f"step {r['step']:>6} | loss {r['loss']:.4f} | acc {r['accuracy']:.3f} | lr {r['lr']:.2e} | "
+            f"gnorm {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | "
+            f"mfu {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}%"
+        )
 
     def val_line(self, step: int, m: dict) -> None:
         """Record and print the validation metrics ``m`` of :func:`xlab.evaluate.metrics` at ``step``."""
-        self.record({"step": step, "split": "val",
-                     **{k: m[k] for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens")}})
-        self.print(f"step {step:>6} | val loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | "
-                   f"ppl {m['perplexity']:.1f} | bpb {fmt(m['bits_per_byte'], '.3f')}")
+        self.record(
+            {
+                "step": step,
+                "split": "val",
+                **{k: m[k] for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens")},
+            }
+        )
+        self.print(
+            f"step {step:>6} | val loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | "
+            f"ppl {m['perplexity']:.1f} | bpb {fmt(m['bits_per_byte'], '.3f')}"
+        )

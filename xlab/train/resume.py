@@ -33,13 +33,16 @@ def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_
             raise XLabError(f"{last} was trained on a store with another tokenizer than {store_path}")
         return ckpt
     if ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
-        raise XLabError(f"run folder {run_dir} already has checkpoints; pass --resume to continue it "
-                        "or --run-name to start a new run")
+        raise XLabError(
+            f"run folder {run_dir} already has checkpoints; pass --resume to continue it "
+            "or --run-name to start a new run"
+        )
     return None
 
 
-def reconcile(cfg: DictConfig, ckpt: Optional[dict], run_dir: Path, *, vocab_size: int,
-              max_len: int) -> tuple[DictConfig, list[str]]:
+def reconcile(
+    cfg: DictConfig, ckpt: Optional[dict], run_dir: Path, *, vocab_size: int, max_len: int
+) -> tuple[DictConfig, list[str]]:
     """The configuration in force and the train settings that changed since the checkpoint.
 
     The model's ``vocab_size`` and ``max_len`` are the store's. On resume the model section must
@@ -58,8 +61,10 @@ def reconcile(cfg: DictConfig, ckpt: Optional[dict], run_dir: Path, *, vocab_siz
     differ = sorted(k for k in set(saved) | set(asked) if k not in FROM_STORE and saved.get(k) != asked.get(k))
     if differ:
         what = ", ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {asked.get(k)!r} (asked)" for k in differ)
-        raise XLabError(f"model settings cannot change on --resume: {what}; resume with the run's "
-                        f"settings ({run_dir / 'config.yaml'}) or start a new run with --run-name")
+        raise XLabError(
+            f"model settings cannot change on --resume: {what}; resume with the run's "
+            f"settings ({run_dir / 'config.yaml'}) or start a new run with --run-name"
+        )
     d["model"] = saved
     cfg = from_dict(d)
     old = ckpt["config"].get("train", {})

@@ -5,8 +5,15 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 
     Linear warmup from ``lr / warmup_steps`` to ``lr`` over the first ``warmup_steps`` steps, then

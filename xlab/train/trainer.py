@@ -99,8 +99,13 @@ class Interrupt:
         return False
 
 
-def train(cfg: DictConfig, shards_dir: Optional[str | os.PathLike] = None, resume: bool = False, *,
-          stop_after: Optional[int] = None) -> dict:
+def train(
+    cfg: DictConfig,
+    shards_dir: Optional[str | os.PathLike] = None,
+    resume: bool = False,
+    *,
+    stop_after: Optional[int] = None,
+) -> dict:
     """Train ``cfg.model`` on the shard store; the function behind ``xlab train``.
 
     Args:
@@ -149,26 +154,36 @@ class Trainer:
         XLabError: as :func:`train`, at construction.
     """
 
-    def __init__(self, cfg: DictConfig, shards_dir: Optional[str | os.PathLike], resume: bool, info: DistInfo,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        shards_dir: Optional[str | os.PathLike],
+        resume: bool,
+        info: DistInfo,
+        device: torch.device,
+    ) -> None:
         self.info, self.device = info, device
         paths = stage_paths(cfg)
         self.store = ShardStore(shards_dir if shards_dir is not None else paths.shards)
         self.store.check()
         tok_path = self.store.tokenizer_path
         if tok_path is None:
-            raise XLabError(f"the tokenizer of shard store {self.store.path} is missing; run `xlab data encode --force`")
+            raise XLabError(
+                f"the tokenizer of shard store {self.store.path} is missing; run `xlab data encode --force`"
+            )
         self.tok_bytes = tok_path.read_bytes()
         self.tok_sha = sha256_bytes(self.tok_bytes)
         if self.tok_sha != self.store.tokenizer_sha256:
-            raise XLabError(f"tokenizer {tok_path} does not match shard store {self.store.path}; "
-                            "run `xlab data encode --force`")
+            raise XLabError(
+                f"tokenizer {tok_path} does not match shard store {self.store.path}; run `xlab data encode --force`"
+            )
 
         self.run_dir = paths.run
         self.keeper = CheckpointKeeper(self.run_dir / "checkpoints", cfg.train.keep_best, info, device)
         self.ckpt = start_checkpoint(self.keeper.dir, resume, self.tok_sha, self.store.path)
-        self.cfg, self.changed = reconcile(cfg, self.ckpt, self.run_dir, vocab_size=self.store.vocab_size,
-                                           max_len=self.store.seq_len)
+        self.cfg, self.changed = reconcile(
+            cfg, self.ckpt, self.run_dir, vocab_size=self.store.vocab_size, max_len=self.store.seq_len
+        )
         t = self.cfg.train
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -177,13 +192,23 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(self.cfg).to(device)
         self.optimizer = build_optimizer(self.model, t, device)
-        self.loader = ShardLoader(self.store, "train", t.batch_size, seed=t.seed, shuffle=True,
-                                  rank=info.rank, world_size=info.world_size, device=device)
+        self.loader = ShardLoader(
+            self.store,
+            "train",
+            t.batch_size,
+            seed=t.seed,
+            shuffle=True,
+            rank=info.rank,
+            world_size=info.world_size,
+            device=device,
+        )
         steps_per_epoch = len(self.loader) // t.grad_accum
         self.total_steps = int(t.max_steps) if t.max_steps is not None else int(t.epochs) * steps_per_epoch
         if self.total_steps <= 0:
-            raise XLabError(f"no optimizer step to take: {len(self.loader)} batches per epoch for grad_accum "
-                            f"{t.grad_accum}; lower train.batch_size or train.grad_accum, or encode more data")
+            raise XLabError(
+                f"no optimizer step to take: {len(self.loader)} batches per epoch for grad_accum "
+                f"{t.grad_accum}; lower train.batch_size or train.grad_accum, or encode more data"
+            )
         self.step = 0
         # Sums over the steps since the last train log line; saved in checkpoints so that a resumed
         # run logs the same train loss and accuracy as an uninterrupted one.
@@ -211,10 +236,17 @@ class Trainer:
     def state(self, rank_rng: Optional[list] = None) -> dict:
         """The training checkpoint's contents (the keys :mod:`xlab.checkpoint` documents)."""
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-            "total_steps": self.total_steps, "loader": self.loader.state_dict(), "rng": rng_state(),
-            "config": to_dict(self.cfg), "tokenizer": tokenizer_bytes_tensor(self.tok_bytes),
-            "tokenizer_sha256": self.tok_sha, "shards": str(self.store.path), "best": list(self.keeper.best),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+            "config": to_dict(self.cfg),
+            "tokenizer": tokenizer_bytes_tensor(self.tok_bytes),
+            "tokenizer_sha256": self.tok_sha,
+            "shards": str(self.store.path),
+            "best": list(self.keeper.best),
             "rank_rng": rank_rng or [],
             "log_window": {k: (int(v) if k == "steps" else float(v)) for k, v in self.win.items()},
         }
@@ -231,8 +263,10 @@ class Trainer:
                 self.win = {k: (int(v) if k == "steps" else float(v)) for k, v in saved_win.items()}
             self.keeper.restore_rng(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            raise XLabError(f"cannot resume from {self.keeper.dir / 'last.pt'}: its training state is incomplete "
-                            f"or damaged ({type(e).__name__}: {first_line(e, 200)})") from None
+            raise XLabError(
+                f"cannot resume from {self.keeper.dir / 'last.pt'}: its training state is incomplete "
+                f"or damaged ({type(e).__name__}: {first_line(e, 200)})"
+            ) from None
 
     # -------------------------------------------------------------------------- one step
     def micro_batches(self):
@@ -260,7 +294,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         for i, (x, y) in enumerate(micro):
             sync = self.ddp is None or i == len(micro) - 1
-            with (nullcontext() if sync else self.ddp.no_sync()), (self.autocast() if self.autocast else nullcontext()):
+            with nullcontext() if sync else self.ddp.no_sync(), self.autocast() if self.autocast else nullcontext():
                 ls, c, _ = self.loss_module(x, y)
             (ls * scale).backward()
             loss_sum += ls.detach().double()
@@ -275,17 +309,31 @@ class Trainer:
         if not (math.isfinite(loss_sum_v) and math.isfinite(gn)):
             self.optimizer.zero_grad(set_to_none=True)
             what = "loss" if not math.isfinite(loss_sum_v) else "gradient norm"
-            raise XLabError(f"non-finite {what} at step {self.step + 1}; stopped, the last checkpoint in "
-                            f"{self.keeper.dir} is untouched (lower train.lr or check the data)")
-        lr = lr_at(self.step, lr=t.lr, total_steps=self.total_steps, warmup_steps=t.warmup_steps,
-                   schedule=t.lr_schedule, min_lr_ratio=t.min_lr_ratio)
+            raise XLabError(
+                f"non-finite {what} at step {self.step + 1}; stopped, the last checkpoint in "
+                f"{self.keeper.dir} is untouched (lower train.lr or check the data)"
+            )
+        lr = lr_at(
+            self.step,
+            lr=t.lr,
+            total_steps=self.total_steps,
+            warmup_steps=t.warmup_steps,
+            schedule=t.lr_schedule,
+            min_lr_ratio=t.min_lr_ratio,
+        )
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss_sum": loss_sum_v, "correct": correct_v, "count": global_count, "grad_norm": gn,
-                "lr": lr, "stop": stop > 0}
+        return {
+            "loss_sum": loss_sum_v,
+            "correct": correct_v,
+            "count": global_count,
+            "grad_norm": gn,
+            "lr": lr,
+            "stop": stop > 0,
+        }
 
     def evaluate_val(self) -> Optional[dict]:
         """Validation metrics (:func:`xlab.evaluate.metrics`) over the first ``eval_batches`` batches of
@@ -293,9 +341,16 @@ class Trainer:
         if not self.has_val:
             return None
         t = self.cfg.train
-        batches = split_batches(self.store, "val", t.batch_size, rank=self.info.rank,
-                                world_size=self.info.world_size, max_batches=t.eval_batches, device=self.device,
-                                vocab_size=int(self.cfg.model.vocab_size))
+        batches = split_batches(
+            self.store,
+            "val",
+            t.batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            max_batches=t.eval_batches,
+            device=self.device,
+            vocab_size=int(self.cfg.model.vocab_size),
+        )
         s = evaluate(self.model, batches, chunk_tokens=int(t.loss_chunk_tokens), autocast=self.autocast)
         v = torch.tensor([s["loss_sum"], s["correct"], s["count"]], dtype=torch.float64, device=self.device)
         all_reduce_sum(v)
@@ -306,8 +361,13 @@ class Trainer:
     def run(self, stop_after: Optional[int] = None) -> dict:
         """Train to ``total_steps`` (or ``stop_after``, or Ctrl-C); return the summary of :func:`train`."""
         t, info = self.cfg.train, self.info
-        log = RunLogger(self.run_dir, self.cfg, main=info.is_main, total_steps=self.total_steps,
-                        resumed_at=self.step if self.ckpt is not None else None)
+        log = RunLogger(
+            self.run_dir,
+            self.cfg,
+            main=info.is_main,
+            total_steps=self.total_steps,
+            resumed_at=self.step if self.ckpt is not None else None,
+        )
         self._print_header(log)
         peak = peak_flops(self.device)
         tokens_per_step = t.batch_size * t.grad_accum * info.world_size * self.store.seq_len
@@ -333,10 +393,18 @@ class Trainer:
                     tps = w["steps"] * tokens_per_step / max(w["seconds"], 1e-9)
                     last_mfu = mfu(self.flops_per_token, tps, peak)
                     last_train_loss = w["loss_sum"] / max(w["count"], 1.0)
-                    log.train_line({"step": self.step, "loss": last_train_loss,
-                                    "accuracy": w["correct"] / max(w["count"], 1.0), "lr": r["lr"],
-                                    "grad_norm": r["grad_norm"], "tokens_per_s": tps, "mfu": last_mfu,
-                                    "time": round(time.perf_counter() - t_start, 3)})
+                    log.train_line(
+                        {
+                            "step": self.step,
+                            "loss": last_train_loss,
+                            "accuracy": w["correct"] / max(w["count"], 1.0),
+                            "lr": r["lr"],
+                            "grad_norm": r["grad_norm"],
+                            "tokens_per_s": tps,
+                            "mfu": last_mfu,
+                            "time": round(time.perf_counter() - t_start, 3),
+                        }
+                    )
                     self.win = empty_window()
                 stop = r["stop"] or (stop_after is not None and self.step >= stop_after)
                 best_name, dropped = None, []
@@ -357,22 +425,34 @@ class Trainer:
         seconds = time.perf_counter() - t_start
         done = self.step - start_step
         summary = {
-            "steps": self.step, "total_steps": self.total_steps, "train_loss": last_train_loss,
-            "val_loss": last_val and last_val["loss"], "val_accuracy": last_val and last_val["accuracy"],
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "train_loss": last_train_loss,
+            "val_loss": last_val and last_val["loss"],
+            "val_accuracy": last_val and last_val["accuracy"],
             "val_perplexity": last_val and last_val["perplexity"],
             "val_bits_per_byte": last_val and last_val["bits_per_byte"],
-            "tokens": done * tokens_per_step, "seconds": seconds,
+            "tokens": done * tokens_per_step,
+            "seconds": seconds,
             "tokens_per_s": done * tokens_per_step / train_seconds if train_seconds > 0 else None,
-            "mfu": last_mfu, "interrupted": interrupted, "run_dir": str(self.run_dir),
+            "mfu": last_mfu,
+            "interrupted": interrupted,
+            "run_dir": str(self.run_dir),
             "last_checkpoint": str(last_ckpt) if last_ckpt else None,
         }
         log.print(
             f"[bold]train[/bold]: {'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps}"
             f" in {seconds:.1f}s"
-            + (f"; train loss {last_train_loss:.4f}" if math.isfinite(last_train_loss)
-               else "; no step to run (the run was already complete)" if self.step == start_step else "")
+            + (
+                f"; train loss {last_train_loss:.4f}"
+                if math.isfinite(last_train_loss)
+                else "; no step to run (the run was already complete)"
+                if self.step == start_step
+                else ""
+            )
             + (f", val loss {last_val['loss']:.4f}, bpb {fmt(last_val['bits_per_byte'], '.3f')}" if last_val else "")
-            + (f"; checkpoint {last_ckpt}" if last_ckpt else ""))
+            + (f"; checkpoint {last_ckpt}" if last_ckpt else "")
+        )
         if sigint:
             raise KeyboardInterrupt
         return summary
@@ -385,9 +465,11 @@ class Trainer:
 
     def _print_header(self, log: RunLogger) -> None:
         t, info = self.cfg.train, self.info
-        log.print(f"[bold]train[/bold] {self.run_dir}: {self.model.num_parameters() / 1e6:.2f}M parameters, "
-                  f"{info.world_size} process(es) on {self.device}, "
-                  f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {self.store.seq_len} tokens per step, "
-                  f"steps {self.step}->{self.total_steps}" + (" (resumed)" if self.ckpt else ""))
+        log.print(
+            f"[bold]train[/bold] {self.run_dir}: {self.model.num_parameters() / 1e6:.2f}M parameters, "
+            f"{info.world_size} process(es) on {self.device}, "
+            f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {self.store.seq_len} tokens per step, "
+            f"steps {self.step}->{self.total_steps}" + (" (resumed)" if self.ckpt else "")
+        )
         if self.changed:
             log.print(f"resumed with changed train settings: {', '.join(self.changed)}")
