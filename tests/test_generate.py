@@ -18,15 +18,6 @@ from xlab.generate import search
 EOS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids losing time to thread wake-ups on busy cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------------- stand-ins
 class Bigram:
     """A model whose next-token logits depend only on the last token: logits[b, t] = table[ids[b, t]].

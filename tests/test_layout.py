@@ -113,3 +113,12 @@ def test_the_manifest_has_one_owner():
     files.append((ROOT / "tests" / "train_helpers.py", "tests.train_helpers"))
     owners = [m for p, m in files if '"xlab-shards"' in p.read_text(encoding="utf-8") and m != "xlab.store.format"]
     assert owners == []
+
+
+def test_a_store_written_by_the_test_helper_validates(tmp_path, cli):
+    """The helper's store goes through `xlab data validate` like one from `xlab data encode`."""
+    from train_helpers import make_store
+
+    store = make_store(tmp_path)
+    r = cli(["data", "validate", "--shards", store], cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -23,16 +23,6 @@ SMALL = ModelConfig(vocab_size=97, max_len=24, d_model=32, n_layers=2, n_heads=4
 POSITIONS = ("sinusoidal", "learned", "rope")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds synchronization, and on a busy machine a
-    lot of it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(replace(SMALL, **overrides)).eval()

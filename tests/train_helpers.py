@@ -66,13 +66,3 @@ def make_cfg(runs_dir: Path, *overrides: str):
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
-
-
-def one_thread():
-    """Generator for an autouse fixture: one torch thread (tiny models; no spinning on busy cores)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

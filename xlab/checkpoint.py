@@ -104,7 +104,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             tensors and plain containers (refused rather than unpickled: that could run code).
     """
     import pickle
-    import re
     import warnings
 
     import torch
@@ -123,19 +122,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             # torch warns (UserWarning) about raw-pickle files before failing on them; XLab says it in one line.
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if m or "GLOBAL" in text:
-            # The file names a Python object to build: refused, never unpickled (that could run code).
-            what = f" ({m.group(1)})" if m else ""
+    except pickle.UnpicklingError:
+        # weights_only refused the file: either it names Python objects to build (never unpickled:
+        # that could run code) or it is not a pickle at all. torch lists the former without loading.
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a torch checkpoint at all
+            names = []
+        if names:
             raise XLabError(
-                f"refusing to load {path}: it holds Python objects{what}, not only tensors and "
-                "plain data; XLab loads only its own checkpoints"
+                f"refusing to load {path}: it holds Python objects ({', '.join(names[:3])}), not only tensors "
+                "and plain data; XLab loads only its own checkpoints"
             ) from None
-        m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        detail = m.group(1).strip().splitlines()[0][:200] if m else "not a torch checkpoint"
-        raise XLabError(f"cannot read checkpoint {path}: {detail}") from None
+        raise XLabError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse the file is a bad checkpoint, not a bug
         raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

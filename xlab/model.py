@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from xlab.config import ModelConfig
+from xlab.config import Attention, ModelConfig
 from xlab.errors import XLabError
 
 __all__ = ["ModelConfig", "Transformer", "KVCache", "attention"]
@@ -98,7 +98,9 @@ class KVCache:
         ``beam_width`` rows after the prefill.
         """
         index = index.to(self.k.device)
-        if self.k.requires_grad or self.v.requires_grad:  # out= below is not differentiable
+        if self.k.requires_grad or self.v.requires_grad:
+            # A cache filled with autograd on (outside inference_mode) holds graph tensors, which the
+            # out= copy below cannot take.
             self.k, self.v = self.k.index_select(1, index), self.v.index_select(1, index)
             return
         # Copy only the cached positions: the rest of the capacity is written before it is read, and
@@ -141,7 +143,12 @@ def _flash_attn_func():
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa", dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    backend: Attention | str = Attention.sdpa,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Causal multi-head attention, softmax(q k^T / sqrt(D)) v, for the last T of S positions.
 
@@ -252,7 +259,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.backend = cfg.attention
         self.dropout = cfg.dropout
@@ -325,37 +332,10 @@ class Block(nn.Module):
 # The model
 
 
-def _as_model_config(cfg: Any) -> ModelConfig:
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    return ModelConfig(**dict(cfg))  # a plain dict or an OmegaConf DictConfig (cfg.model)
-
-
-def _check(cfg: ModelConfig) -> None:
-    n_kv = cfg.n_kv_heads or cfg.n_heads
-    checks = [
-        (cfg.d_model % cfg.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
-        (
-            1 <= n_kv <= cfg.n_heads and cfg.n_heads % n_kv == 0,
-            "model.n_kv_heads must divide model.n_heads (1 = multi-query)",
-        ),
-        (
-            cfg.position != "rope" or (cfg.d_model // cfg.n_heads) % 2 == 0,
-            "model.position=rope needs an even head size (d_model / n_heads)",
-        ),
-        (cfg.norm in ("layernorm", "rmsnorm"), "model.norm must be layernorm or rmsnorm"),
-        (cfg.activation in ("gelu", "swiglu", "relu"), "model.activation must be gelu, swiglu or relu"),
-        (cfg.position in ("sinusoidal", "learned", "rope"), "model.position must be sinusoidal, learned or rope"),
-        (cfg.attention in ("sdpa", "flash_attn", "math"), "model.attention must be sdpa, flash_attn or math"),
-        (0.0 <= cfg.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (
-            min(cfg.vocab_size, cfg.max_len, cfg.d_model, cfg.n_layers, cfg.d_ff) >= 1,
-            "model sizes (vocab_size, max_len, d_model, n_layers, d_ff) must be positive",
-        ),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise XLabError(msg)
+def _as_model_config(cfg: ModelConfig | dict) -> ModelConfig:
+    """A checked :class:`ModelConfig` from a ModelConfig, a plain dict or an OmegaConf ``cfg.model``."""
+    c = cfg if isinstance(cfg, ModelConfig) else ModelConfig(**dict(cfg))
+    return c.check()
 
 
 class Transformer(nn.Module):
@@ -375,7 +355,6 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig | Any) -> None:
         super().__init__()
         cfg = _as_model_config(cfg)
-        _check(cfg)
         if cfg.attention == "flash_attn":
             _flash_attn_func()  # fail at construction, not at the first batch
         self.cfg = cfg
@@ -436,7 +415,7 @@ class Transformer(nn.Module):
         return KVCache(
             c.n_layers,
             batch_size,
-            c.n_kv_heads or c.n_heads,
+            c.kv_heads,
             c.max_len,
             c.d_model // c.n_heads,
             device=device,
