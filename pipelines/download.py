@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit
 
 from pipelines import wikitext
@@ -37,6 +37,9 @@ from pipelines.stage import console, die_with_parent, is_up_to_date, skipped, wr
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_dir, sha256_file
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 COLUMNS = ("id", "url", "title", "text")
 STAGE = "download"
@@ -93,7 +96,7 @@ def locate_sample_file(spec: SampleFile) -> Path:
 
 
 # ---------------------------------------------------------------------------------- the stage
-def run(cfg: Any, force: bool = False) -> dict:
+def run(cfg: DictConfig, force: bool = False) -> dict:
     """Write ``data/raw/<name>/articles.parquet`` and its ``manifest.json`` from ``cfg.data.source``.
 
     Args:

@@ -30,7 +30,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xlab
 from pipelines.stage import (
@@ -45,6 +45,9 @@ from pipelines.stage import (
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 WORK = ".work"
 SUB_BATCH = 256  # articles tokenized at a time inside a unit (bounds the Python token lists)
@@ -146,7 +149,7 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _split_files(cfg) -> dict[str, Path]:
+def _split_files(cfg: DictConfig) -> dict[str, Path]:
     d = stage_paths(cfg).splits
     files = {s: d / f"{s}.parquet" for s in SPLITS}
     missing = [str(p) for p in files.values() if not p.is_file()]
@@ -155,7 +158,7 @@ def _split_files(cfg) -> dict[str, Path]:
     return files
 
 
-def _job(cfg, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
+def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
     """Everything that determines the store's bytes: parameters, input hashes, unit counts."""
     from xlab.store import FORMAT_VERSION, token_dtype
 
@@ -461,7 +464,7 @@ def _print_summary(out: Path, m: dict) -> None:
     console.print(t)
 
 
-def merge(cfg) -> dict:
+def merge(cfg: DictConfig) -> dict:
     """Write the manifest of a store encoded in parts (``--num-shards/--shard-index``).
 
     Every part's shards and ``.work/`` records must be in ``shards/<name>/``.

@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipelines.stage import (
     console,
@@ -38,6 +38,9 @@ from pipelines.stage import (
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_dir, read_json, sha256_file
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 STAGE = "split"
 
@@ -95,7 +98,7 @@ def assign_splits(ids: Sequence[str], seed: int, fractions: Sequence[float]):
     return out
 
 
-def run(cfg: Any, force: bool = False) -> dict:
+def run(cfg: DictConfig, force: bool = False) -> dict:
     """Split the raw articles into ``data/splits/<name>/{train,val,test,predict}.parquet``.
 
     Args:

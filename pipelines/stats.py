@@ -15,10 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.stage import console
 from xlab.config import stage_paths
 from xlab.errors import XLabError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 SAMPLE_ROWS = 4096  # rows drawn (seeded) for the byte-fallback measurement
 SAMPLE_SEED = 0
@@ -147,7 +151,7 @@ def vocab_stats(tok, store, split: str = "train") -> dict:
     }
 
 
-def run(cfg, shards_dir=None, plot=None) -> dict:
+def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
     """Print the store's statistics; with ``plot``, write the article-length histograms (PNG).
 
     Returns:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.stage import (
     console,
@@ -25,6 +25,9 @@ from pipelines.stage import (
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import sha256_file
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 STAGE = "tokenizer"
 SPLIT_FIX = "xlab data split --force"
@@ -73,7 +76,7 @@ def bytes_per_token(tok: Any, parquet_path: Path, batch_rows: int = _BATCH_ROWS)
     }
 
 
-def run(cfg: Any, force: bool = False) -> dict:
+def run(cfg: DictConfig, force: bool = False) -> dict:
     """Train the tokenizer on the train split (see the module docstring).
 
     Returns the stage manifest (a dict). Raises XLabError when the train split is missing or
@@ -181,7 +184,7 @@ def _summary(path: Path, tok: Any, counts: dict, seconds: float) -> None:
     console.print(t)
 
 
-def show(cfg: Any, text: str, tokenizer_path: Path | None = None) -> dict:
+def show(cfg: DictConfig, text: str, tokenizer_path: Path | None = None) -> dict:
     """Print the pieces and ids of ``text`` as a table; byte-fallback pieces are marked.
 
     Returns {"ids", "pieces", "bytes", "tokens", "roundtrip"}. Raises XLabError when the tokenizer

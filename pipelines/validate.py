@@ -18,9 +18,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.stage import console
 from xlab.config import stage_paths
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CHUNK_ROWS = 65536  # rows checked at a time (bounded memory)
 MAX_ROWS_LISTED = 100  # per problem kind and file; the rest are counted
@@ -131,7 +135,7 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
     return out
 
 
-def run(cfg, shards_dir=None) -> int:
+def run(cfg: DictConfig, shards_dir=None) -> int:
     """Validate the store at ``shards_dir`` (default ``shards/<name>``); print every problem.
 
     Returns:

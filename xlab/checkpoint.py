@@ -30,11 +30,14 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import xlab
 from xlab.errors import XLabError, first_line
 from xlab.fsio import atomic_dir, atomic_path, atomic_write_json, publish_mode, sha256_bytes
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 FORMAT = "xlab-checkpoint"
 FORMAT_VERSION = 1
@@ -180,7 +183,7 @@ def _tokenizer_from_bytes(data: bytes):
         raise XLabError(f"the tokenizer stored with the model is unreadable: {e}") from None
 
 
-def build_model(cfg: Any):
+def build_model(cfg: DictConfig):
     """A fresh :class:`xlab.model.Transformer` of ``cfg.model`` (weights as initialised)."""
     from xlab.model import Transformer
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -19,8 +19,11 @@ from xlab.fsio import atomic_write_text
 from xlab.generate.predict import predict
 from xlab.store import ShardStore
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-def _store_path(cfg: Any, meta: dict, shards_dir: Optional[Path]) -> Path:
+
+def _store_path(cfg: DictConfig, meta: dict, shards_dir: Optional[Path]) -> Path:
     """The shard store of ``xlab predict``: ``--shards``, else the store the checkpoint recorded,
     else ``shards/<data.name>`` of the checkpoint's configuration."""
     if shards_dir is not None:
