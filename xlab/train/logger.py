@@ -34,6 +34,43 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
+class LogWindow:
+    """Sums of the train steps since the last log line: loss (nats), correct predictions, targets,
+    steps and seconds. It is saved in checkpoints, so a resumed run logs the same train loss and
+    accuracy as an uninterrupted one."""
+
+    KEYS = ("loss_sum", "correct", "count", "steps", "seconds")
+
+    def __init__(self) -> None:
+        self.loss_sum = self.correct = self.count = self.seconds = 0.0
+        self.steps = 0
+
+    def add(self, r: dict, seconds: float) -> None:
+        """Add one step's ``{"loss_sum", "correct", "count"}`` and its duration."""
+        self.loss_sum += r["loss_sum"]
+        self.correct += r["correct"]
+        self.count += r["count"]
+        self.steps += 1
+        self.seconds += seconds
+
+    def mean_loss(self) -> float:
+        """Mean loss per target over the window (nats); 0 for a window without targets."""
+        return self.loss_sum / max(self.count, 1.0)
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        """Training throughput over the window (token slots per second, padding included)."""
+        return self.steps * tokens_per_step / max(self.seconds, 1e-9)
+
+    def state_dict(self) -> dict:
+        return {k: (int(getattr(self, k)) if k == "steps" else float(getattr(self, k))) for k in self.KEYS}
+
+    def load_state_dict(self, d: object) -> None:
+        """Restore :meth:`state_dict` output; anything else (an older checkpoint) keeps the window empty."""
+        if isinstance(d, dict) and set(d) == set(self.KEYS):
+            for k in self.KEYS:
+                setattr(self, k, int(d[k]) if k == "steps" else float(d[k]))
+
+
 class RunLogger:
     """The logs of one run folder. ``resumed_at`` is the step a resumed run continues from (records
     after it are dropped from ``metrics.jsonl`` and TensorBoard); None for a fresh run, whose stale
@@ -118,11 +155,41 @@ class RunLogger:
     def train_line(self, r: dict) -> None:
         """Record and print a train log line: ``r`` has step, loss, accuracy, lr, grad_norm,
         tokens_per_s, mfu (a fraction or None) and time (seconds since the run's start)."""
-        self.record({"split": "train", **r})
+        self.record({"step": r["step"], "split": "train", **r})
         self.print(
             f"step {r['step']:>6} | loss {r['loss']:.4f} | acc {r['accuracy']:.3f} | lr {r['lr']:.2e} | "
             f"gnorm {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | "
             f"mfu {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}%"
+        )
+
+    def header(self, trainer) -> None:
+        """The run's first line: parameters, processes, device, rows per step, steps to go."""
+        t, info = trainer.cfg.train, trainer.info
+        self.print(
+            f"[bold]train[/bold] {self.run_dir}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, "
+            f"{info.world_size} process(es) on {trainer.device}, "
+            f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {trainer.store.seq_len} tokens per step, "
+            f"steps {trainer.step}->{self.total_steps}" + (" (resumed)" if trainer.ckpt else "")
+        )
+        if trainer.changed:
+            self.print(f"resumed with changed train settings: {', '.join(trainer.changed)}")
+
+    def closing(self, s: dict, start_step: int) -> None:
+        """The run's last line, from the summary ``s`` of :func:`xlab.train.train`."""
+        loss = s["train_loss"]
+        if math.isfinite(loss):
+            trained = f"; train loss {loss:.4f}"
+        else:
+            trained = "; no step to run (the run was already complete)" if s["steps"] == start_step else ""
+        val = (
+            f", val loss {s['val_loss']:.4f}, bpb {fmt(s['val_bits_per_byte'], '.3f')}"
+            if s["val_loss"] is not None
+            else ""
+        )
+        self.print(
+            f"[bold]train[/bold]: {'stopped' if s['interrupted'] else 'done'} at step {s['steps']}/{s['total_steps']}"
+            f" in {s['seconds']:.1f}s{trained}{val}"
+            + (f"; checkpoint {s['last_checkpoint']}" if s["last_checkpoint"] else "")
         )
 
     def val_line(self, step: int, m: dict) -> None:

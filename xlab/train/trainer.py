@@ -51,7 +51,7 @@ from xlab.evaluate import evaluate, metrics, split_batches
 from xlab.fsio import sha256_bytes
 from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
 from xlab.train.keeper import CheckpointKeeper
-from xlab.train.logger import RunLogger, fmt
+from xlab.train.logger import LogWindow, RunLogger
 from xlab.train.mfu import mfu, peak_flops
 from xlab.train.optim import build_optimizer
 from xlab.train.resume import reconcile, start_checkpoint
@@ -69,11 +69,6 @@ class LossModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         return xloss.model_loss(self.model, inputs, targets, self.chunk_tokens)
-
-
-def empty_window() -> dict:
-    """Sums of the train steps since the last log line (loss in nats, targets, seconds)."""
-    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "steps": 0, "seconds": 0.0}
 
 
 class Interrupt:
@@ -210,9 +205,7 @@ class Trainer:
                 f"{t.grad_accum}; lower train.batch_size or train.grad_accum, or encode more data"
             )
         self.step = 0
-        # Sums over the steps since the last train log line; saved in checkpoints so that a resumed
-        # run logs the same train loss and accuracy as an uninterrupted one.
-        self.win = empty_window()
+        self.window = LogWindow()
         # Dropout differs per rank (different data, different masks), from a seed that resume restores.
         torch.manual_seed(t.seed + 1000003 * info.rank)
         random.seed(t.seed + info.rank)
@@ -248,7 +241,7 @@ class Trainer:
             "shards": str(self.store.path),
             "best": list(self.keeper.best),
             "rank_rng": rank_rng or [],
-            "log_window": {k: (int(v) if k == "steps" else float(v)) for k, v in self.win.items()},
+            "log_window": self.window.state_dict(),
         }
 
     def _restore(self, ckpt: dict) -> None:
@@ -258,9 +251,7 @@ class Trainer:
             self.step = int(ckpt["step"])
             self.loader.load_state_dict(ckpt["loader"])
             self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
-            saved_win = ckpt.get("log_window")
-            if isinstance(saved_win, dict) and set(saved_win) == set(self.win):
-                self.win = {k: (int(v) if k == "steps" else float(v)) for k, v in saved_win.items()}
+            self.window.load_state_dict(ckpt.get("log_window"))
             self.keeper.restore_rng(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise XLabError(
@@ -359,20 +350,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- run
     def run(self, stop_after: Optional[int] = None) -> dict:
-        """Train to ``total_steps`` (or ``stop_after``, or Ctrl-C); return the summary of :func:`train`."""
+        """Train to ``total_steps`` (or ``stop_after``, or Ctrl-C); return the summary of :func:`train`.
+
+        Raises:
+            XLabError: a non-finite loss (see :meth:`train_step`).
+            KeyboardInterrupt: after Ctrl-C, once ``last.pt`` is saved.
+        """
         t, info = self.cfg.train, self.info
-        log = RunLogger(
-            self.run_dir,
-            self.cfg,
-            main=info.is_main,
-            total_steps=self.total_steps,
-            resumed_at=self.step if self.ckpt is not None else None,
-        )
-        self._print_header(log)
+        resumed_at = self.step if self.ckpt is not None else None
+        log = RunLogger(self.run_dir, self.cfg, main=info.is_main, total_steps=self.total_steps, resumed_at=resumed_at)
+        log.header(self)
         peak = peak_flops(self.device)
         tokens_per_step = t.batch_size * t.grad_accum * info.world_size * self.store.seq_len
-        last_val: Optional[dict] = None
-        last_train_loss, last_mfu, last_ckpt = float("nan"), None, None
+        last_val, last_train_loss, last_mfu, last_ckpt = None, float("nan"), None, None
         interrupted = sigint = False
         t_start, start_step = time.perf_counter(), self.step
         train_seconds = 0.0  # time in training steps only (not evaluation or saving)
@@ -385,27 +375,16 @@ class Trainer:
                 r = self.train_step([next(micro_iter) for _ in range(t.grad_accum)], stop_flag=intr.requested)
                 dt = time.perf_counter() - t_step
                 train_seconds += dt
-                self._add_to_window(r, dt)
+                self.window.add(r, dt)
                 log.advance(r["loss_sum"] / max(r["count"], 1))
                 at_end = self.step == self.total_steps
                 if self.step % t.log_every == 0 or at_end:
-                    w = self.win
-                    tps = w["steps"] * tokens_per_step / max(w["seconds"], 1e-9)
-                    last_mfu = mfu(self.flops_per_token, tps, peak)
-                    last_train_loss = w["loss_sum"] / max(w["count"], 1.0)
-                    log.train_line(
-                        {
-                            "step": self.step,
-                            "loss": last_train_loss,
-                            "accuracy": w["correct"] / max(w["count"], 1.0),
-                            "lr": r["lr"],
-                            "grad_norm": r["grad_norm"],
-                            "tokens_per_s": tps,
-                            "mfu": last_mfu,
-                            "time": round(time.perf_counter() - t_start, 3),
-                        }
-                    )
-                    self.win = empty_window()
+                    w, tps = self.window, self.window.tokens_per_s(tokens_per_step)
+                    last_mfu, last_train_loss = mfu(self.flops_per_token, tps, peak), w.mean_loss()
+                    log.train_line({"step": self.step, "loss": last_train_loss, "accuracy": w.correct / max(w.count, 1),
+                                    "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps, "mfu": last_mfu,
+                                    "time": round(time.perf_counter() - t_start, 3)})  # fmt: skip
+                    self.window = LogWindow()
                 stop = r["stop"] or (stop_after is not None and self.step >= stop_after)
                 best_name, dropped = None, []
                 if (self.step % t.eval_every == 0 or at_end) and not stop:
@@ -421,55 +400,18 @@ class Trainer:
                 if stop:
                     interrupted, sigint = True, r["stop"]
                     break
-
-        seconds = time.perf_counter() - t_start
-        done = self.step - start_step
+        done_tokens = (self.step - start_step) * tokens_per_step
+        v = last_val or {}
         summary = {
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "train_loss": last_train_loss,
-            "val_loss": last_val and last_val["loss"],
-            "val_accuracy": last_val and last_val["accuracy"],
-            "val_perplexity": last_val and last_val["perplexity"],
-            "val_bits_per_byte": last_val and last_val["bits_per_byte"],
-            "tokens": done * tokens_per_step,
-            "seconds": seconds,
-            "tokens_per_s": done * tokens_per_step / train_seconds if train_seconds > 0 else None,
-            "mfu": last_mfu,
-            "interrupted": interrupted,
-            "run_dir": str(self.run_dir),
+            "steps": self.step, "total_steps": self.total_steps, "train_loss": last_train_loss,
+            "val_loss": v.get("loss"), "val_accuracy": v.get("accuracy"), "val_perplexity": v.get("perplexity"),
+            "val_bits_per_byte": v.get("bits_per_byte"), "tokens": done_tokens,
+            "seconds": time.perf_counter() - t_start, "mfu": last_mfu,
+            "tokens_per_s": done_tokens / train_seconds if train_seconds > 0 else None,
+            "interrupted": interrupted, "run_dir": str(self.run_dir),
             "last_checkpoint": str(last_ckpt) if last_ckpt else None,
-        }
-        log.print(
-            f"[bold]train[/bold]: {'stopped' if interrupted else 'done'} at step {self.step}/{self.total_steps}"
-            f" in {seconds:.1f}s"
-            + (
-                f"; train loss {last_train_loss:.4f}"
-                if math.isfinite(last_train_loss)
-                else "; no step to run (the run was already complete)"
-                if self.step == start_step
-                else ""
-            )
-            + (f", val loss {last_val['loss']:.4f}, bpb {fmt(last_val['bits_per_byte'], '.3f')}" if last_val else "")
-            + (f"; checkpoint {last_ckpt}" if last_ckpt else "")
-        )
+        }  # fmt: skip
+        log.closing(summary, start_step)
         if sigint:
             raise KeyboardInterrupt
         return summary
-
-    def _add_to_window(self, r: dict, seconds: float) -> None:
-        for k in ("loss_sum", "correct", "count"):
-            self.win[k] += r[k]
-        self.win["steps"] += 1
-        self.win["seconds"] += seconds
-
-    def _print_header(self, log: RunLogger) -> None:
-        t, info = self.cfg.train, self.info
-        log.print(
-            f"[bold]train[/bold] {self.run_dir}: {self.model.num_parameters() / 1e6:.2f}M parameters, "
-            f"{info.world_size} process(es) on {self.device}, "
-            f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {self.store.seq_len} tokens per step, "
-            f"steps {self.step}->{self.total_steps}" + (" (resumed)" if self.ckpt else "")
-        )
-        if self.changed:
-            log.print(f"resumed with changed train settings: {', '.join(self.changed)}")
