@@ -127,3 +127,65 @@ def test_cli_unusable_path_is_one_line_exit_2(tmp_path, cli):
     err = p.stderr.strip()
     assert err.startswith("error: Not a directory") and "data" in err and len(err.splitlines()) == 1
     assert (tmp_path / "data").read_text() == "a file where the data folder should be"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.n_heads=0", "model.n_heads"),
+        ("model.n_heads=-2", "model.n_heads"),
+        ("model.n_kv_heads=0", "model.n_kv_heads"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.eval_every=0", "train.eval_every"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("train.loss_chunk_tokens=0", "train.loss_chunk_tokens"),
+        ("train.beta1=1.5", "train.beta1"),
+        ("train.warmup_steps=-10", "train.warmup_steps"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+        ("train.eval_batches=0", "train.eval_batches"),
+        ("train.lr=nan", "train.lr"),
+        ("generate.top_p=0", "generate.top_p"),
+        ("train.run_name=${nope}", "train.run_name"),
+        ("train.run_name=${oc.env:XLAB_SURELY_UNSET}", "train.run_name"),
+    ],
+)
+def test_out_of_range_values_are_refused_at_load_naming_the_key(override, key):
+    with pytest.raises(XLabError, match=key.replace(".", r"\.")):
+        load_config([], [override], use_defaults_file=False)
+
+
+def test_every_numeric_setting_declares_its_range():
+    """A new int or float setting cannot forget its range: it must be declared with setting()."""
+    import dataclasses
+
+    from xlab.config import XLabConfig
+
+    missing = []
+    for section in dataclasses.fields(XLabConfig):
+        for f in dataclasses.fields(section.default_factory):
+            if any(t in str(f.type) for t in ("int", "float")) and "range" not in f.metadata:
+                missing.append(f"{section.name}.{f.name}")
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", ["/tmp/victim", ".", "..", "../../shards", "a/b", "a b", "'a\\b'", "x~"])
+@pytest.mark.parametrize("key", ["data.name", "train.run_name"])
+def test_a_name_is_one_path_component(key, name):
+    with pytest.raises(XLabError, match=f"{key.replace('.', r'.')} must be one folder name"):
+        load_config([], [f"{key}={name}"], use_defaults_file=False)
+    assert load_config([], [f"{key}=wiki-2023.en_v1"], use_defaults_file=False)
+    for empty in ("", "~", "''"):  # YAML's empty, null and empty string: refused too
+        with pytest.raises(XLabError):
+            load_config([], [f"{key}={empty}"], use_defaults_file=False)
+
+
+def test_a_name_pointing_elsewhere_leaves_that_folder_alone(tmp_path, cli):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "precious.txt").write_text("precious")
+    r = cli(["data", "download", "-o", f"data.name={victim}", "-o", "data.max_articles=20"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: data.name must be one folder name"), r.stderr
+    assert (victim / "precious.txt").read_text() == "precious" and (victim / "sub").is_dir()
+    assert not (tmp_path / "data").exists()  # refused before any work

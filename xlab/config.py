@@ -9,8 +9,10 @@ This module imports neither torch nor numpy, so that ``xlab --help`` stays fast.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -21,6 +23,55 @@ if TYPE_CHECKING:  # omegaconf is imported where a configuration is built, keepi
     from omegaconf import DictConfig
 
 SPLITS = ("train", "val", "test", "predict")
+
+
+# ------------------------------------------------------------------------------------ settings
+def setting(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric setting with its range, the one place that range is written: ``validate_config``
+    checks every setting declared this way at load (None, where the type allows it, always passes)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"range": bounds})
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
+        "lt": ("<", lambda v, b: v < b)}  # fmt: skip
+NAME = re.compile(r"[A-Za-z0-9._-]+")  # a name that becomes one path component
+
+
+def range_problem(key: str, value: float | None, bounds: dict) -> str | None:
+    """The one-line complaint about ``value`` of setting ``key`` outside ``bounds``, or None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} must be a finite number, got {value}"
+    for op, bound in bounds.items():
+        sign, ok = _OPS[op]
+        if not ok(value, bound):
+            return f"{key} must be {sign} {bound:g}, got {value}"
+    return None
+
+
+def check_ranges(schema: type, values, prefix: str) -> None:
+    """Check every :func:`setting` of dataclass ``schema`` in ``values`` (a DictConfig or the dataclass).
+
+    Raises:
+        XLabError: the first value out of its range, named ``prefix.key``.
+    """
+    for f in fields(schema):
+        if "range" in f.metadata:
+            problem = range_problem(f"{prefix}.{f.name}", getattr(values, f.name), f.metadata["range"])
+            if problem:
+                raise XLabError(problem)
+
+
+def name_problem(key: str, value: str) -> str | None:
+    """The complaint about a name that would not be exactly one folder or file name, or None.
+
+    Names (``data.name``, ``train.run_name``) are joined into paths and a stage replaces the folder
+    a name points at, so a name is letters, digits and ``._-``, and not ``.`` or ``..``."""
+    if NAME.fullmatch(value) and value not in (".", ".."):
+        return None
+    return f"{key} must be one folder name (letters, digits, '.', '_', '-'; not '.' or '..'), got {value!r}"
 
 
 # ------------------------------------------------------------------------------------ options
@@ -104,30 +155,32 @@ class DataConfig:
     dump_path: Optional[str] = None  # MediaWiki XML dump (.xml or .xml.bz2) for source=dump
     hf_path: str = "wikimedia/wikipedia"
     hf_config: str = "20231101.en"
-    hf_timeout_s: float = 30.0
-    max_articles: Optional[int] = None  # keep only the first N articles (quick runs and tests)
-    split_seed: int = 42
-    train_fraction: float = 0.9
-    val_fraction: float = 0.05
-    test_fraction: float = 0.025
-    predict_fraction: float = 0.025
-    num_proc: Optional[int] = None  # worker processes; None: all cores
+    hf_timeout_s: float = setting(30.0, gt=0)
+    max_articles: Optional[int] = setting(None, ge=1)  # keep only the first N articles (quick runs and tests)
+    split_seed: int = setting(42, ge=0)
+    train_fraction: float = setting(0.9, ge=0, le=1)
+    val_fraction: float = setting(0.05, ge=0, le=1)
+    test_fraction: float = setting(0.025, ge=0, le=1)
+    predict_fraction: float = setting(0.025, ge=0, le=1)
+    num_proc: Optional[int] = setting(None, ge=1)  # worker processes; None: all cores
 
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 8192
-    max_sentences: int = 2_000_000  # training lines drawn (seeded) from the train split
-    max_sentence_length: int = 4096  # bytes; longer paragraphs are split, never dropped
-    seed: int = 42
-    num_threads: Optional[int] = None  # SentencePiece trainer threads; None: 1 (BPE training gains nothing from more)
+    vocab_size: int = setting(8192, ge=64)
+    max_sentences: int = setting(2_000_000, ge=1)  # training lines drawn (seeded) from the train split
+    max_sentence_length: int = setting(4096, ge=16)  # bytes; longer paragraphs are split, never dropped
+    seed: int = setting(42, ge=0)
+    num_threads: Optional[int] = setting(
+        None, ge=1
+    )  # SentencePiece trainer threads; None: 1 (BPE training gains nothing from more)
 
 
 @dataclass
 class ShardsConfig:
-    seq_len: int = 128  # tokens per training sequence; each row stores seq_len + 1 tokens
-    articles_per_shard: int = 2048  # articles per shard file (the unit of parallel, resumable encoding)
-    num_proc: Optional[int] = None  # None: all cores
+    seq_len: int = setting(128, ge=2)  # tokens per training sequence; each row stores seq_len + 1 tokens
+    articles_per_shard: int = setting(2048, ge=1)  # articles per shard file (the unit of parallel, resumable encoding)
+    num_proc: Optional[int] = setting(None, ge=1)  # None: all cores
 
 
 @dataclass
@@ -137,14 +190,14 @@ class ModelConfig:
     ``vocab_size`` and ``max_len`` are taken from the tokenizer and the shard store at train time.
     """
 
-    vocab_size: int = 8192
-    max_len: int = 128
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: n_heads; fewer gives GQA, 1 gives MQA
-    d_ff: int = 1024  # feed-forward hidden width; swiglu keeps it (1.5x the parameters of gelu)
-    dropout: float = 0.0  # on attention probabilities and feed-forward hidden activations only
+    vocab_size: int = setting(8192, ge=1)
+    max_len: int = setting(128, ge=1)
+    d_model: int = setting(256, ge=1)
+    n_layers: int = setting(4, ge=1)
+    n_heads: int = setting(4, ge=1)
+    n_kv_heads: Optional[int] = setting(None, ge=1)  # None: n_heads; fewer gives GQA, 1 gives MQA
+    d_ff: int = setting(1024, ge=1)  # feed-forward hidden width; swiglu keeps it (1.5x the parameters of gelu)
+    dropout: float = setting(0.0, ge=0, lt=1)  # on attention probabilities and feed-forward hidden activations only
     norm: Norm = Norm.layernorm
     activation: Activation = Activation.gelu  # swiglu keeps d_ff (1.5x the parameters of gelu)
     position: Position = Position.sinusoidal
@@ -161,28 +214,24 @@ class ModelConfig:
         """Turn option strings into their :class:`Choice` members and check the sizes; return self.
 
         Raises:
-            XLabError: an unknown option value, ``d_model`` not divisible by ``n_heads``,
-                ``n_kv_heads`` not dividing ``n_heads``, an odd head size with rope, a dropout
-                outside [0, 1), or a size below 1; each message names the key.
+            XLabError: an unknown option value, a setting out of its range, ``d_model`` not
+                divisible by ``n_heads``, ``n_kv_heads`` not dividing ``n_heads``, an odd head size
+                with rope; each message names the key.
         """
         for key, kind in (("norm", Norm), ("activation", Activation), ("position", Position), ("attention", Attention)):
             setattr(self, key, kind.parse(getattr(self, key), f"model.{key}"))
+        check_ranges(ModelConfig, self, "model")
         kv = self.kv_heads
         checks = [
-            (
-                min(self.vocab_size, self.max_len, self.d_model, self.n_layers, self.n_heads, self.d_ff) >= 1,
-                "model sizes (vocab_size, max_len, d_model, n_layers, n_heads, d_ff) must be positive",
-            ),
             (self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads"),
             (
-                1 <= kv <= self.n_heads and self.n_heads % kv == 0,
+                kv <= self.n_heads and self.n_heads % kv == 0,
                 "model.n_kv_heads must divide model.n_heads (1 = multi-query)",
             ),
             (
                 self.position != Position.rope or (self.d_model // self.n_heads) % 2 == 0,
                 "model.position=rope needs an even head size (d_model / n_heads)",
             ),
-            (0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -195,38 +244,38 @@ class TrainConfig:
     run_name: str = "demo"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
-    batch_size: int = 32  # sequences per optimizer step per process (before accumulation)
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: Optional[int] = None  # optimizer steps; None: run the epochs
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # the cosine schedule's floor, as a fraction of lr
+    batch_size: int = setting(32, ge=1)  # sequences per optimizer step per process (before accumulation)
+    grad_accum: int = setting(1, ge=1)
+    epochs: int = setting(1, ge=1)
+    max_steps: Optional[int] = setting(None, ge=1)  # optimizer steps; None: run the epochs
+    lr: float = setting(3e-4, gt=0)
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # the cosine schedule's floor, as a fraction of lr
     lr_schedule: LRSchedule = LRSchedule.cosine
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 42
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: Optional[int] = 50  # batches of val per evaluation during training; None: all
-    checkpoint_every: int = 200
-    keep_best: int = 2
+    warmup_steps: int = setting(100, ge=0)
+    weight_decay: float = setting(0.1, ge=0)
+    beta1: float = setting(0.9, ge=0, lt=1)
+    beta2: float = setting(0.95, ge=0, lt=1)
+    grad_clip: float = setting(1.0, ge=0)
+    seed: int = setting(42, ge=0)
+    log_every: int = setting(10, ge=1)
+    eval_every: int = setting(200, ge=1)
+    eval_batches: Optional[int] = setting(50, ge=1)  # batches of val per evaluation during training; None: all
+    checkpoint_every: int = setting(200, ge=1)
+    keep_best: int = setting(2, ge=0)
     compile: bool = False
     deterministic: bool = False
-    loss_chunk_tokens: int = 8192  # logits are computed this many positions at a time
+    loss_chunk_tokens: int = setting(8192, ge=1)  # logits are computed this many positions at a time
 
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 100
-    temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: float = 1.0
-    seed: int = 42
-    beam_width: int = 1
-    length_penalty: float = 1.0
+    max_new_tokens: int = setting(100, ge=0)
+    temperature: float = setting(1.0, ge=0)
+    top_k: Optional[int] = setting(None, ge=0)
+    top_p: float = setting(1.0, gt=0, le=1)
+    seed: int = setting(42, ge=0)
+    beam_width: int = setting(1, ge=1)
+    length_penalty: float = setting(1.0, ge=-1e9, le=1e9)
 
 
 @dataclass
@@ -290,6 +339,7 @@ def load_config(
         for key, value in (values or {}).items():
             if value is not None:
                 OmegaConf.update(cfg, key, str(value) if isinstance(value, Path) else value, merge=False)
+        OmegaConf.resolve(cfg)  # an interpolation that cannot resolve fails here, as one line
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         key = getattr(e, "full_key", None)
@@ -304,29 +354,22 @@ def load_config(
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Check value ranges that types alone cannot; raise :class:`XLabError` naming the key. The model
-    section's own rules are :meth:`ModelConfig.check`, run here so that a bad model is refused at
-    load, before any stage runs."""
-    checks = [
-        (cfg.tokenizer.vocab_size >= 64, "tokenizer.vocab_size must be at least 64"),
-        (cfg.shards.seq_len >= 2, "shards.seq_len must be at least 2"),
-        (cfg.shards.articles_per_shard >= 1, "shards.articles_per_shard must be at least 1"),
-        (cfg.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum must be at least 1"),
-        (cfg.train.lr > 0, "train.lr must be positive"),
-    ]
-    for key, value in (
-        ("data.max_articles", cfg.data.max_articles),
-        ("data.num_proc", cfg.data.num_proc),
-        ("shards.num_proc", cfg.shards.num_proc),
-        ("tokenizer.num_threads", cfg.tokenizer.num_threads),
-    ):
-        checks.append((value is None or value >= 1, f"{key} must be at least 1 (or null for the default), got {value}"))
+    """Check what types alone cannot: every :func:`setting`'s range, the names that become paths,
+    the split fractions, and the model's own rules (:meth:`ModelConfig.check`), so a bad value is
+    refused at load, before any stage runs.
+
+    Raises:
+        XLabError: the first problem, naming the key.
+    """
+    for section in fields(XLabConfig):
+        check_ranges(section.default_factory, cfg[section.name], section.name)
+    for key, value in (("data.name", cfg.data.name), ("train.run_name", cfg.train.run_name)):
+        problem = name_problem(key, value)
+        if problem:
+            raise XLabError(problem)
     fr = [cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.predict_fraction]
-    checks.append((all(f >= 0 for f in fr) and abs(sum(fr) - 1.0) < 1e-6, "data.*_fraction must be >= 0 and sum to 1"))
-    for ok, msg in checks:
-        if not ok:
-            raise XLabError(msg)
+    if abs(sum(fr) - 1.0) >= 1e-6:
+        raise XLabError(f"data.*_fraction must sum to 1, got {sum(fr):g}")
     ModelConfig(**cfg.model).check()
 
 
