@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlsplit
 
 from pipelines import wikitext
-from pipelines.stage import console, die_with_parent, is_up_to_date, skipped, write_manifest
+from pipelines.stage import console, die_with_parent, is_up_to_date, output_lock, skipped, write_manifest
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_dir, sha256_file
@@ -113,6 +113,12 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
         XLabError: missing or altered sample files, a missing or unreadable dump, an unreachable Hub,
         ``max_articles`` below 1, a source without a single article (nothing is written then).
     """
+    out = stage_paths(cfg).raw
+    with output_lock(out, "download"):
+        return _run(cfg, force)
+
+
+def _run(cfg: DictConfig, force: bool) -> dict:
     d = cfg.data
     if d.max_articles is not None and d.max_articles < 1:
         raise XLabError("data.max_articles must be at least 1 (or null for all articles)")

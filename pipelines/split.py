@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from pipelines.stage import (
     console,
     is_up_to_date,
+    output_lock,
     parquet_file,
     reading_parquet,
     require_manifest,
@@ -113,6 +114,12 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
         XLabError: the raw articles are missing (run ``xlab data download``), empty, or have
             duplicate ids.
     """
+    out = stage_paths(cfg).splits
+    with output_lock(out, "split"):
+        return _run(cfg, force)
+
+
+def _run(cfg: DictConfig, force: bool) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 

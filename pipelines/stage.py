@@ -22,9 +22,15 @@ from rich.console import Console
 
 import xlab
 from xlab.errors import XLabError, first_line
-from xlab.fsio import atomic_write_json, read_json
+from xlab.fsio import atomic_write_json, exclusive_lock, lock_path, read_json
 
 console = Console(stderr=False, highlight=False)
+
+
+def output_lock(output: Path, stage: str, part: str = "", *, shared: bool = False):
+    """``with output_lock(path, stage):`` hold the one-writer lock of ``output`` (see
+    :func:`xlab.fsio.exclusive_lock`); a second writer gets a one-line XLabError naming the holder."""
+    return exclusive_lock(lock_path(output, part), f"{output} ({stage}{' ' + part if part else ''})", shared=shared)
 
 
 def read_manifest(path: Path) -> dict | None:

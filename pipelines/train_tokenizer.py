@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.stage import (
     console,
     is_up_to_date,
+    output_lock,
     parquet_file,
     read_manifest,
     reading_parquet,
@@ -82,6 +83,12 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     Returns the stage manifest (a dict). Raises XLabError when the train split is missing or
     SentencePiece refuses the settings.
     """
+    out = stage_paths(cfg).tokenizer
+    with output_lock(out, "tokenizer train"):
+        return _run(cfg, force)
+
+
+def _run(cfg: DictConfig, force: bool) -> dict:
     from xlab.tokenizer import Tokenizer
 
     paths = stage_paths(cfg)

@@ -112,3 +112,48 @@ def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def lock_path(output: str | os.PathLike, part: str = "") -> Path:
+    """The lock file of an output (a stage's folder or file, a run folder), e.g. ``shards/wiki`` ->
+    ``.locks/shards-wiki.lock``: in a ``.locks`` folder beside the output's kind folder, never inside
+    the output (a stage swaps its whole output folder; a lock must stay on one file) and never in the
+    kind folder itself (a refused stage leaves ``data/splits`` uncreated)."""
+    output = Path(output)
+    return output.parent.parent / ".locks" / f"{output.parent.name}-{output.name}{'.' + part if part else ''}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str, *, shared: bool = False) -> Iterator[Path]:
+    """Hold an advisory lock on ``path`` (created if needed) while the block runs: one writer per
+    run, store or stage output. ``shared`` takes a shared lock instead, which any number of holders
+    may hold at once but never together with an exclusive one (parts of one store).
+
+    The lock is ``fcntl.flock`` on an open file, so the kernel releases it when the holder exits,
+    even by SIGKILL: a dead holder never leaves it stuck. The file records the holder's pid and
+    host for the message a second writer gets; it is left in place (removing a lock file races
+    with the next holder).
+
+    Raises:
+        XLabError: another process holds the lock (naming ``what``, its pid and host).
+    """
+    import fcntl
+    import socket
+
+    from xlab.errors import XLabError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            raise XLabError(f"{what} is in use by {holder}; wait for it to finish or stop it first") from None
+        if not shared:  # shared holders leave the last exclusive holder's line alone
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
