@@ -37,6 +37,7 @@ from pipelines.stage import (
     console,
     die_with_parent,
     is_up_to_date,
+    output_lock,
     parquet_file,
     read_manifest,
     reading_parquet,
@@ -251,6 +252,17 @@ def run(
         raise XLabError(
             f"--shard-index must be in [0, --num-shards) and --num-shards >= 1 (got {shard_index} of {num_shards})"
         )
+    out = stage_paths(cfg).shards
+    if num_shards == 1:
+        with output_lock(out, "encode"):
+            return _run(cfg, force, 1, 0, tokenizer_loader)
+    # Parts of one store may run at once (one lock each); the whole-store lock is shared among them
+    # and keeps a whole-store encode or a merge out while any part runs.
+    with output_lock(out, "encode", shared=True), output_lock(out, "encode", f"part-{shard_index}-of-{num_shards}"):
+        return _run(cfg, force, num_shards, shard_index, tokenizer_loader)
+
+
+def _run(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokenizer_loader: Callable) -> dict:
     paths = stage_paths(cfg)
     split_files = _split_files(cfg)
     tok_path = paths.tokenizer
@@ -279,9 +291,50 @@ def run(
             )
         return read_json(mpath)
 
+    if num_shards == 1:
+        build = out.parent / f".{out.name}.rebuild"
+        if not mpath.exists() and _up_to_date(build, job):  # a rebuild killed between its two renames
+            _swap(build, out)
+            return read_json(mpath)
+        if mpath.exists():
+            # Never damage a complete store, even an outdated one: build the new one beside it and
+            # swap the folders when it is complete (a failure or Ctrl-C leaves the old one in place).
+            _encode(build, job, cfg, split_files, tok_path, tokenizer_loader, False, 1, 0)  # resumes a killed rebuild
+            manifest = _finalize(build, job, shown=out)
+            _swap(build, out)
+            return manifest
+    n_mine = _encode(out, job, cfg, split_files, tok_path, tokenizer_loader, force, num_shards, shard_index)
+
+    if num_shards == 1:
+        return _finalize(out, job)
+    left = [
+        i
+        for i in range(num_shards)
+        if not all(_done(out, s, u) for s in SPLITS for u in range(i, job["units"][s], num_shards))
+    ]
+    console.print(
+        f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete "
+        f"({n_mine} units in {out}); parts not yet here: {left or 'none'}. "
+        f"Copy every part's folder into one, then run `xlab data merge`."
+    )
+    return {"part": shard_index, "num_shards": num_shards, "units": n_mine, "parts_missing": left}
+
+
+def _encode(
+    out: Path,
+    job: dict,
+    cfg: DictConfig,
+    split_files: dict[str, Path],
+    tok_path: Path,
+    tokenizer_loader: Callable,
+    force: bool,
+    num_shards: int,
+    shard_index: int,
+) -> int:
+    """Encode this part's units that are not done yet into ``out`` (resuming a killed run); return
+    the number of units of this part."""
     # From here the store is being changed: first make sure no manifest claims it is complete.
-    if mpath.exists():
-        mpath.unlink()
+    (out / "manifest.json").unlink(missing_ok=True)
     work = out / WORK
     old = read_manifest(work / "job.json")
     if old != job:
@@ -311,20 +364,18 @@ def run(
     units = (u for s in SPLITS if todo[s] for u in _iter_units(split_files[s], s, todo[s], a))
     label = f"encode ({n_mine - n_todo}/{n_mine} units done before)" if n_todo < n_mine else "encode"
     _execute(units, n_todo, num_proc, tokenizer_loader, str(tok_path), settings, label)
+    return n_mine
 
-    if num_shards == 1:
-        return _finalize(out, job)
-    left = [
-        i
-        for i in range(num_shards)
-        if not all(_done(out, s, u) for s in SPLITS for u in range(i, job["units"][s], num_shards))
-    ]
-    console.print(
-        f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete "
-        f"({n_mine} units in {out}); parts not yet here: {left or 'none'}. "
-        f"Copy every part's folder into one, then run `xlab data merge`."
-    )
-    return {"part": shard_index, "num_shards": num_shards, "units": n_mine, "parts_missing": left}
+
+def _swap(build: Path, out: Path) -> None:
+    """Put the complete store ``build`` where ``out`` is, then delete the old one. A kill between the
+    two renames leaves ``build`` complete and no ``out``: the next run finishes the swap."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(build, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _execute(
@@ -391,8 +442,9 @@ def _up_to_date(out: Path, job: dict) -> bool:
     return is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files)
 
 
-def _finalize(out: Path, job: dict) -> dict:
-    """Write the store manifest from the done-records (every unit must be done); print a summary."""
+def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:
+    """Write the store manifest from the done-records (every unit must be done); print a summary
+    naming ``shown`` (default ``out``): where the store will be once swapped into place."""
     from xlab.store import MANIFEST, TOKENIZER_COPY, ShardEntry, SplitEntry, StoreManifest, TokenizerEntry
 
     work = out / WORK
@@ -440,7 +492,7 @@ def _finalize(out: Path, job: dict) -> dict:
     ).to_json()
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)
-    _print_summary(out, manifest)
+    _print_summary(shown or out, manifest)
     return manifest
 
 
@@ -473,6 +525,11 @@ def merge(cfg: DictConfig) -> dict:
         XLabError: nothing to merge, or units still missing (names how many and examples).
     """
     out = stage_paths(cfg).shards
+    with output_lock(out, "merge"):
+        return _merge(out)
+
+
+def _merge(out: Path) -> dict:
     job = read_manifest(out / WORK / "job.json")
     if job is None:
         if (out / "manifest.json").is_file():

@@ -406,3 +406,52 @@ def test_cli_num_proc_zero_is_refused(tmp_path, cli):
         r.returncode == 2
         and r.stderr.strip() == "error: shards.num_proc must be at least 1 (or null for the default), got 0"
     )
+
+
+def test_a_failed_force_reencode_leaves_the_old_store_intact(tmp_path, monkeypatch):
+    """--force (and a re-encode after changed inputs) builds beside the store and swaps at the end,
+    so a failure half way (a full disk, Ctrl-C) leaves the earlier store usable and unchanged."""
+    from pipelines import encode as enc
+
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    encode(cfg)
+    before = store_bytes(tmp_path / "shards" / "wiki")
+    real = enc._execute
+
+    def full_disk(*a, **k):
+        real(*a, **k)  # every unit written ...
+        raise OSError(28, "No space left on device")  # ... and then the disk is full
+
+    monkeypatch.setattr(enc, "_execute", full_disk)
+    for kw in ({"force": True}, {"cfg": config(tmp_path, seq_len=9)}):
+        with pytest.raises(OSError):
+            encode(kw.pop("cfg", cfg), **kw)
+        assert store_bytes(tmp_path / "shards" / "wiki") == before
+        ShardStore(tmp_path / "shards" / "wiki").check()
+    monkeypatch.setattr(enc, "_execute", real)
+    encode(cfg, force=True)  # finishes the rebuild and swaps it in
+    assert store_bytes(tmp_path / "shards" / "wiki") == before
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["wiki"]  # no rebuild or old copy left
+
+
+def test_a_second_encode_of_a_store_is_refused_but_parts_run_together(tmp_path):
+    from xlab.fsio import exclusive_lock, lock_path
+
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    store = tmp_path / "shards" / "wiki"
+    with exclusive_lock(lock_path(store), "test"):  # another whole-store encode
+        with pytest.raises(XLabError, match=rf"in use by pid {os.getpid()}"):
+            encode(cfg)
+    assert not store.exists()
+    with exclusive_lock(lock_path(store), "part 0", shared=True), exclusive_lock(lock_path(store, "part-0-of-2"), "p0"):
+        encode(cfg, num_shards=2, shard_index=1)  # part 1 runs beside a running part 0
+        with pytest.raises(XLabError, match="part-0-of-2"):
+            encode(cfg, num_shards=2, shard_index=0)  # a second writer of part 0
+        with pytest.raises(XLabError, match="in use"):
+            encode(cfg)  # a whole-store encode waits for the parts
+        with pytest.raises(XLabError, match="in use"):
+            from pipelines import encode as enc
+
+            enc.merge(cfg)
