@@ -15,3 +15,9 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     exceptions (SentencePiece, pyarrow and torch append log text or tracebacks to theirs)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0][:limit] if lines else type(e).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit or preemption, or ``kill``), handled like Ctrl-C: training
+    saves ``last.pt`` first. The CLI exits with code 143 (128 + SIGTERM) instead of Ctrl-C's 130.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xlab.errors import XLabError
+from xlab.errors import Terminated, XLabError
 
 app = typer.Typer(
     help="XLab: train transformer language models on Wikipedia, from raw text to generated text.",
@@ -300,13 +300,31 @@ def pipeline(
     pipeline_cmd.run(cfg, force=force, prompt=prompt)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main() -> None:
-    """Entry point of the installed ``xlab`` command."""
+    """Entry point of the installed ``xlab`` command: every error is one line on stderr.
+
+    Exit codes: 0 done, 1 ``xlab data validate`` found problems, 2 bad input (an XLabError, a bad
+    command or option, an unusable path), 130 Ctrl-C, 143 SIGTERM.
+    """
+    import signal
+
+    # SIGTERM stops a stage the way Ctrl-C does (cleanly, so a rerun resumes); training saves first.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(prog_name="xlab")
+        code = app(prog_name="xlab", standalone_mode=False)
+    except Terminated:
+        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        sys.exit(143)
     except XLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:
         # A path the user pointed at (or a folder a stage writes to) that cannot be used: a file where a
         # folder should be, a read-only folder, a full disk. Every stage writes atomically, so what an
@@ -314,9 +332,20 @@ def main() -> None:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except Exception as e:
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise  # a bug: its traceback is what the report needs
+        # A command-line usage error (Typer's Click): an unknown command or option, a missing
+        # argument, a value of the wrong type; or no arguments at all, which shows the help.
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ != "NoArgsIsHelpError":  # (Typer has printed the help for that one)
+            hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+            print(f"error: {e.format_message().splitlines()[0].rstrip('.')}{hint}", file=sys.stderr)
+        sys.exit(2)
+    code = code if isinstance(code, int) else 0
+    if code == 130:  # Typer turns Ctrl-C into exit code 130 before it reaches the handler above
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

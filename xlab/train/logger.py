@@ -154,12 +154,13 @@ class RunLogger:
 
     def train_line(self, r: dict) -> None:
         """Record and print a train log line: ``r`` has step, loss, accuracy, lr, grad_norm,
-        tokens_per_s, mfu (a fraction or None) and time (seconds since the run's start)."""
+        tokens_per_s, gflops (achieved model FLOP/s / 1e9), mfu (a fraction of a published peak, or
+        None: on CPU) and time (seconds since the run's start)."""
         self.record({"step": r["step"], "split": "train", **r})
         self.print(
             f"step {r['step']:>6} | loss {r['loss']:.4f} | acc {r['accuracy']:.3f} | lr {r['lr']:.2e} | "
             f"gnorm {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | "
-            f"mfu {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}%"
+            + (f"mfu {100 * r['mfu']:.1f}%" if r["mfu"] is not None else f"{r['gflops']:,.1f} GFLOP/s")
         )
 
     def header(self, trainer) -> None:

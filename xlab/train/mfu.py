@@ -3,8 +3,9 @@
 MFU = ``flops_per_token * tokens_per_second / peak_flops`` (Chowdhery et al., "PaLM", 2022, appendix B),
 with ``flops_per_token`` the model's training FLOPs per token (forward + backward, no recomputation).
 On a GPU the peak is the dense bf16 tensor-core rate from the vendor's data sheet for the device
-name; on a CPU it is measured at start-up as the rate of a large fp32 matrix product, so CPU MFU says
-how close training runs to what this machine's BLAS achieves, not to a theoretical peak.
+name. A CPU has no stated, stable peak (a rate measured at start-up moves with the machine's load,
+which once gave "MFU" of 115-119 %), so on CPU training reports achieved GFLOP/s and no MFU;
+:func:`measure_cpu_matmul_flops` remains for benchmarks that name it as what it is.
 """
 
 from __future__ import annotations
@@ -69,19 +70,18 @@ def measure_cpu_matmul_flops(n: int = 768, seconds: float = 0.15) -> float:
 
 
 def peak_flops(device) -> Optional[float]:
-    """The peak FLOP/s to measure MFU against on ``device`` (a torch.device or string); None if unknown."""
+    """The published peak FLOP/s to measure MFU against on ``device`` (a torch.device or string): a
+    known GPU's dense bf16 rate; None for a CPU or an unknown GPU (no MFU is reported then)."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device))
-    if device.type == "cpu":
-        return measure_cpu_matmul_flops()
     return None
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak: Optional[float]) -> Optional[float]:
-    """Model FLOPs utilisation in [0, 1] (can exceed 1 on CPU if the start-up measurement was low)."""
+    """Model FLOPs utilisation, a fraction of ``peak`` (FLOP/s); None without a peak."""
     if not peak:
         return None
     return flops_per_token * tokens_per_second / peak

@@ -46,9 +46,9 @@ from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
 from xlab.config import stage_paths, to_dict
 from xlab.device import autocast_factory, resolve_device
 from xlab.distributed import DistInfo, all_reduce_sum
-from xlab.errors import XLabError, first_line
+from xlab.errors import Terminated, XLabError, first_line
 from xlab.evaluate import evaluate, metrics, split_batches
-from xlab.fsio import sha256_bytes
+from xlab.fsio import exclusive_lock, lock_path, sha256_bytes
 from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
 from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
@@ -72,25 +72,35 @@ class LossModule(nn.Module):
 
 
 class Interrupt:
-    """First Ctrl-C: finish the step, save, stop. Second Ctrl-C: the default KeyboardInterrupt."""
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the step, save, stop. A second one: the default
+    behaviour at once (KeyboardInterrupt, or termination). ``signum`` is the signal that asked."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.signum: Optional[int] = None
+        self._old: dict = {}
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.requested, self.signum = True, signum
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+
+    def raise_stop(self) -> None:
+        """After the save: KeyboardInterrupt for SIGINT, :class:`~xlab.errors.Terminated` for SIGTERM."""
+        raise Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt
 
     def __exit__(self, *exc) -> bool:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
@@ -122,6 +132,7 @@ def train(
             (pass ``--resume`` or another ``--run-name``); ``--resume`` without ``last.pt``; a NaN or
             infinite loss (the last good checkpoint stays as it was).
         KeyboardInterrupt: after Ctrl-C, once ``last.pt`` is saved (the CLI exits with code 130).
+        Terminated: after SIGTERM, once ``last.pt`` is saved (the CLI exits with code 143).
     """
     info = xdist.dist_info()
     device = resolve_device(cfg.train.device, info.local_rank)
@@ -129,8 +140,12 @@ def train(
         torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     xdist.init(info, device)
+    run_dir = stage_paths(cfg).run
+    # One writer per run folder: rank 0 holds the lock (the other ranks write nothing).
+    lock = exclusive_lock(lock_path(run_dir), f"run {run_dir}") if info.is_main else nullcontext()
     try:
-        summary = Trainer(cfg, shards_dir, resume, info, device).run(stop_after)
+        with lock:
+            summary = Trainer(cfg, shards_dir, resume, info, device).run(stop_after)
         # Rank 0 finishes last (it saves); a rank that tears its gloo group down while a peer is
         # still busy can abort at exit, so all leave together.
         xdist.barrier()
@@ -363,7 +378,7 @@ class Trainer:
         peak = peak_flops(self.device)
         tokens_per_step = t.batch_size * t.grad_accum * info.world_size * self.store.seq_len
         last_val, last_train_loss, last_mfu, last_ckpt = None, float("nan"), None, None
-        interrupted = sigint = False
+        interrupted = signalled = False
         t_start, start_step = time.perf_counter(), self.step
         train_seconds = 0.0  # time in training steps only (not evaluation or saving)
         micro_iter = self.micro_batches()
@@ -382,7 +397,8 @@ class Trainer:
                     w, tps = self.window, self.window.tokens_per_s(tokens_per_step)
                     last_mfu, last_train_loss = mfu(self.flops_per_token, tps, peak), w.mean_loss()
                     log.train_line({"step": self.step, "loss": last_train_loss, "accuracy": w.correct / max(w.count, 1),
-                                    "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps, "mfu": last_mfu,
+                                    "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps,
+                                    "gflops": self.flops_per_token * tps / 1e9, "mfu": last_mfu,
                                     "time": round(time.perf_counter() - t_start, 3)})  # fmt: skip
                     self.window = LogWindow()
                 stop = r["stop"] or (stop_after is not None and self.step >= stop_after)
@@ -398,7 +414,7 @@ class Trainer:
                     if info.is_main:
                         last_ckpt = self.keeper.save(self.state(rank_rng), best_name, dropped)
                 if stop:
-                    interrupted, sigint = True, r["stop"]
+                    interrupted, signalled = True, r["stop"]
                     break
         done_tokens = (self.step - start_step) * tokens_per_step
         v = last_val or {}
@@ -412,6 +428,6 @@ class Trainer:
             "last_checkpoint": str(last_ckpt) if last_ckpt else None,
         }  # fmt: skip
         log.closing(summary, start_step)
-        if sigint:
-            raise KeyboardInterrupt
+        if signalled:
+            intr.raise_stop()
         return summary
