@@ -321,3 +321,16 @@ def test_checkpoint_with_a_setting_this_xlab_no_longer_has_still_loads(tmp_path,
     cfg["model"] = {**cfg["model"], "new_kind_of_layer": True}  # unknown model settings are refused
     with pytest.raises(XLabError, match="unusable configuration"):
         load_model(_ck_variant(tmp_path, last, "future.pt", config=cfg))
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, trained, cli):
+    """A diverged run's weights gave `IndexError` in beam search; now loading refuses them."""
+    _, last, _ = trained
+    ck = torch.load(last, weights_only=True)
+    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
+    nan = tmp_path / "nan.pt"
+    torch.save(ck, nan)
+    with pytest.raises(XLabError, match="non-finite weights"):
+        load_model(nan)
+    r = cli(["generate", nan, "hi", "--beam-width", "2"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "non-finite weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -189,3 +189,18 @@ def test_a_name_pointing_elsewhere_leaves_that_folder_alone(tmp_path, cli):
     assert r.returncode == 2 and r.stderr.startswith("error: data.name must be one folder name"), r.stderr
     assert (victim / "precious.txt").read_text() == "precious" and (victim / "sub").is_dir()
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["nope"], "No such command 'nope'"),
+        (["train", "--nope"], "No such option: --nope"),
+        (["generate"], "Missing argument"),
+        (["generate", "x.pt", "--top-k", "abc"], "--top-k"),
+    ],
+)
+def test_bad_commands_and_options_are_one_line_exit_2(tmp_path, cli, args, words):
+    p = cli(args, cwd=tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and words in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "--help" in p.stderr

@@ -750,3 +750,11 @@ def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpo
             device="cpu",
         )
     assert cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2**63 - n, "num_samples": n})
+
+
+def test_beam_search_over_nan_logits_says_so():
+    def nan_model(ids):
+        return torch.full((ids.shape[0], ids.shape[1], 6), float("nan"))
+
+    with pytest.raises(ValueError, match="NaN"):
+        gen.beam_search(nan_model, [1], 3, beam_width=2)

@@ -293,6 +293,13 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         meta = {"step": ckpt.get("step"), "shards": shards if isinstance(shards, str) else None}
     meta["tokenizer_sha256"] = sha256_bytes(tok_bytes)
     tokenizer = _tokenizer_from_bytes(tok_bytes)
+    import torch
+
+    bad = next(
+        (n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None
+    )
+    if bad is not None:  # a diverged run's weights: every search would return garbage or nothing
+        raise XLabError(f"{path} holds non-finite weights ({bad}); use an earlier checkpoint (e.g. a best-*.pt)")
     model.to(device)
     model.eval()
     return model, cfg, tokenizer, meta

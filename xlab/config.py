@@ -33,21 +33,22 @@ def setting(default, *, ge=None, gt=None, le=None, lt=None):
     return field(default=default, metadata={"range": bounds})
 
 
-_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
-        "lt": ("<", lambda v, b: v < b)}  # fmt: skip
+_OPS = {"ge": ("at least", lambda v, b: v >= b), "gt": ("greater than", lambda v, b: v > b),
+        "le": ("at most", lambda v, b: v <= b), "lt": ("less than", lambda v, b: v < b)}  # fmt: skip
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # a name that becomes one path component
 
 
-def range_problem(key: str, value: float | None, bounds: dict) -> str | None:
-    """The one-line complaint about ``value`` of setting ``key`` outside ``bounds``, or None."""
+def range_problem(key: str, value: float | None, bounds: dict, optional: bool = False) -> str | None:
+    """The one-line complaint about ``value`` of setting ``key`` outside ``bounds``, or None;
+    ``optional`` settings also take null (their default)."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return f"{key} must be a finite number, got {value}"
     for op, bound in bounds.items():
-        sign, ok = _OPS[op]
+        words, ok = _OPS[op]
         if not ok(value, bound):
-            return f"{key} must be {sign} {bound:g}, got {value}"
+            return f"{key} must be {words} {bound:g}{' (or null for the default)' if optional else ''}, got {value}"
     return None
 
 
@@ -59,7 +60,8 @@ def check_ranges(schema: type, values, prefix: str) -> None:
     """
     for f in fields(schema):
         if "range" in f.metadata:
-            problem = range_problem(f"{prefix}.{f.name}", getattr(values, f.name), f.metadata["range"])
+            optional = "Optional" in str(f.type)
+            problem = range_problem(f"{prefix}.{f.name}", getattr(values, f.name), f.metadata["range"], optional)
             if problem:
                 raise XLabError(problem)
 

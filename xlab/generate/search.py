@@ -408,7 +408,7 @@ def beam_search(
 
     Raises:
         ValueError: ``beam_width < 1``, a non-finite ``length_penalty``, empty prompt, negative
-        ``max_new_tokens``.
+        ``max_new_tokens``, or log-probabilities that are all NaN (damaged weights).
     """
     _check_common(prompt_ids, max_new_tokens)
     if beam_width < 1:
@@ -433,6 +433,8 @@ def beam_search(
         idx = torch.nonzero(cand >= kth).view(-1)
         vals, order = torch.sort(cand[idx], descending=True, stable=True)
         idx, vals = idx[order[:k]].tolist(), vals[:k].tolist()
+        if not idx:
+            raise ValueError("beam search found no finite candidate: the model's log-probabilities are NaN")
         src, toks, lps = [], [], []
         for flat, lp in zip(idx, vals):
             if lp == float("-inf"):
