@@ -502,3 +502,27 @@ def test_stage_names_a_damaged_train_split(tmp_path):
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(XLabError, match=r"train\.parquet.*xlab data split --force"):
         train_tokenizer.run(_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("first", [0x4E00, 0x0E01])  # CJK ideographs, Thai: text with few or no spaces
+def test_space_free_training_text_still_round_trips_spaces_and_newlines(tmp_path, first):
+    """The space symbol is under character_coverage in such text; it is required in the vocabulary."""
+    rng = random.Random(0)
+    chars = [chr(c) for c in range(first, first + 30)]
+    texts = ["".join(rng.choice(chars) for _ in range(4000)) for _ in range(3)]
+    tok = Tokenizer.train(texts, 300, tmp_path / "t.model", seed=1, num_threads=1)
+    for s in ["a b  c", texts[0][:50] + " " + texts[1][:50], "x\n\n y ", " "]:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_a_refused_training_result_leaves_the_earlier_model_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "t.model"
+    path.write_bytes(b"the earlier, good model")
+
+    def refuse(self, data):
+        raise ValueError("not an XLab tokenizer model: it rewrites text")
+
+    monkeypatch.setattr(Tokenizer, "__init__", refuse)
+    with pytest.raises(ValueError, match="rewrites text"):
+        Tokenizer.train(["some text here, and more of it. " * 50], 280, path, seed=1, num_threads=1)
+    assert path.read_bytes() == b"the earlier, good model"

@@ -323,6 +323,7 @@ class Tokenizer:
                 add_dummy_prefix=False,
                 split_digits=split_digits,
                 user_defined_symbols=[NEWLINE],
+                required_chars=META,  # the space symbol, however rare spaces are (CJK, Thai)
                 unk_id=0,
                 bos_id=1,
                 eos_id=2,
@@ -340,9 +341,9 @@ class Tokenizer:
         except RuntimeError as e:
             raise ValueError(f"SentencePiece could not train: {str(e).strip().splitlines()[-1]}") from None
         data = model.getvalue()
+        tok = cls(data)  # checked (it must round-trip text) before it replaces anything at `path`
         if path is not None:
             atomic_write_bytes(path, data)
-        tok = cls(data)
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         tok.train_report = stats
         return tok
