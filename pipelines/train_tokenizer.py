@@ -36,11 +36,12 @@ _BATCH_ROWS = 1024
 
 
 def iter_texts(parquet_path: Path, batch_rows: int = _BATCH_ROWS) -> Iterator[str]:
-    """The ``text`` column of a split, streamed in record batches (bounded memory)."""
+    """The ``text`` column of a split, streamed in record batches (bounded memory); a null text is
+    an empty one, as encode counts it."""
     f = parquet_file(parquet_path, SPLIT_FIX, columns=("text",))
     with reading_parquet(parquet_path, SPLIT_FIX):
         for batch in f.iter_batches(batch_size=batch_rows, columns=["text"]):
-            yield from batch.column(0).to_pylist()
+            yield from ("" if t is None else t for t in batch.column(0).to_pylist())
 
 
 def _num_rows(parquet_path: Path) -> int:

@@ -526,3 +526,11 @@ def test_a_refused_training_result_leaves_the_earlier_model_in_place(tmp_path, m
     with pytest.raises(ValueError, match="rewrites text"):
         Tokenizer.train(["some text here, and more of it. " * 50], 280, path, seed=1, num_threads=1)
     assert path.read_bytes() == b"the earlier, good model"
+
+
+def test_a_null_text_is_an_empty_article_for_tokenizer_training(tmp_path, corpus):
+    from pipelines import train_tokenizer
+
+    _write_split(tmp_path / "data" / "splits" / "wiki" / "train.parquet", [None, *corpus[:200], None])
+    m = train_tokenizer.run(_cfg(tmp_path))  # was: AttributeError: 'NoneType' object has no attribute 'encode'
+    assert Tokenizer.load(tmp_path / "tokenizers" / "wiki.model").vocab_size == m["params"]["vocab_size"]
