@@ -81,8 +81,9 @@ def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos
     )
 
 
-def check_shard(path: Path, entry: dict, store) -> list[str]:
-    """Every problem of one shard, as ``"<file> ..."`` lines."""
+def check_shard(path: Path, entry: dict, store, counts: dict | None = None) -> list[str]:
+    """Every problem of one shard, as ``"<file> ..."`` lines; adds the shard's ``articles`` (rows that
+    start with ``<sos>``) and ``target_tokens`` (non-pad targets) to ``counts`` when given."""
     import numpy as np
 
     from xlab.fsio import sha256_file
@@ -113,6 +114,9 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
     for a in range(0, shape[0], CHUNK_ROWS):
         chunk = np.asarray(arr[a : a + CHUNK_ROWS])
         real += int(np.count_nonzero(chunk != store.pad_id))
+        if counts is not None:
+            counts["articles"] += int(np.count_nonzero(chunk[:, 0] == store.sos_id))
+            counts["target_tokens"] += int(np.count_nonzero(chunk[:, 1:] != store.pad_id))
         _row_problems(
             chunk,
             a,
@@ -133,6 +137,31 @@ def check_shard(path: Path, entry: dict, store) -> list[str]:
         more = f" and {len(rows) - MAX_ROWS_LISTED} more" if len(rows) > MAX_ROWS_LISTED else ""
         out.append(f"{name}: {'row' if len(rows) == 1 else 'rows'} {listed}{more}: {kind}")
     return out
+
+
+def _text_count_problems(store, split: str, parquet: Path) -> list[str]:
+    """``text_bytes`` and ``text_chars`` of ``split`` recomputed from the split file the store was
+    encoded from (when it is there, unchanged, and every rejected article is listed): the UTF-8
+    bytes and characters of its non-blank articles that the tokenizer did not reject."""
+    from xlab.fsio import sha256_file
+
+    info = store.split_info(split)
+    expected_sha = (store.manifest.get("inputs") or {}).get("splits", {}).get(split)
+    rejected = {str(r.get("id")) for r in info.get("rejected", [])}
+    if not expected_sha or not parquet.is_file() or len(rejected) != int(info.get("rejected_articles", 0)):
+        return []
+    if sha256_file(parquet) != expected_sha:
+        return []  # another input: validate the store as it is, the up-to-date check is encode's
+    import pyarrow.parquet as pq
+
+    n_bytes = n_chars = 0
+    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=["id", "text"]):
+        for i, t in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if t and not t.isspace() and str(i) not in rejected:
+                n_bytes += len(t.encode("utf-8", "surrogatepass"))
+                n_chars += len(t)
+    return [f"manifest: split {split} {key} {info.get(key)}, its split file holds {found}"
+            for key, found in (("text_bytes", n_bytes), ("text_chars", n_chars)) if found != int(info.get(key, -1))]  # fmt: skip
 
 
 def run(cfg: DictConfig, shards_dir=None) -> int:
@@ -171,10 +200,17 @@ def run(cfg: DictConfig, shards_dir=None) -> int:
         info = store.split_info(s)
         if sum(int(e["rows"]) for e in info["shards"]) != int(info.get("rows", -1)):
             problems.append(f"manifest: split {s} rows {info.get('rows')} != the sum over its shards")
+    counts = {s: {"articles": 0, "target_tokens": 0} for s in store.splits}
     checked_rows = 0
-    for _split, e in track(entries, description="validate", console=console, transient=True):
-        problems.extend(check_shard(path / e["file"], e, store))
+    for split, e in track(entries, description="validate", console=console, transient=True):
+        problems.extend(check_shard(path / e["file"], e, store, counts[split]))
         checked_rows += int(e["rows"])
+    for s in store.splits:
+        info = store.split_info(s)
+        for key, found in counts[s].items():
+            if found != int(info.get(key, -1)):
+                problems.append(f"manifest: split {s} {key} {info.get(key)}, the shards hold {found}")
+        problems += _text_count_problems(store, s, stage_paths(cfg).splits / f"{s}.parquet")
     if problems:
         console.print(f"[bold red]validate[/bold red]: {len(problems)} problem(s) in {path}")
         for line in problems:

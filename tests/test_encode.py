@@ -455,3 +455,27 @@ def test_a_second_encode_of_a_store_is_refused_but_parts_run_together(tmp_path):
             from pipelines import encode as enc
 
             enc.merge(cfg)
+
+
+def test_validate_recomputes_the_manifest_counts_and_the_reader_refuses_a_shard_listed_twice(tmp_path, capsys):
+    from pipelines import validate
+
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    encode(cfg)
+    mpath = tmp_path / "shards" / "wiki" / "manifest.json"
+    good = json.loads(mpath.read_text())
+    for split, key, delta in [("val", "text_bytes", -5), ("val", "text_chars", 3), ("test", "target_tokens", 7),
+                              ("train", "articles", -1)]:  # fmt: skip
+        m = json.loads(json.dumps(good))
+        m["splits"][split][key] += delta
+        mpath.write_text(json.dumps(m))
+        assert validate.run(cfg) == 1  # was "sound": bits per byte would have been off
+        assert f"split {split} {key} {good['splits'][split][key] + delta}" in capsys.readouterr().out
+    m = json.loads(json.dumps(good))
+    m["splits"]["train"]["shards"].append(m["splits"]["train"]["shards"][0])
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(XLabError, match="train/000000.npy is listed more than once"):
+        ShardStore(mpath.parent)
+    mpath.write_text(json.dumps(good))
+    assert validate.run(cfg) == 0

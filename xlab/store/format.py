@@ -284,6 +284,10 @@ class StoreManifest:
             if not isinstance(d["splits"], dict):
                 raise TypeError("splits is not an object")
             splits = {str(name): _split_from_json(s) for name, s in d["splits"].items()}
+            files = [sh.file for split in splits.values() for sh in split.shards]
+            twice = sorted({f for f in files if files.count(f) > 1})
+            if twice:  # the loader would deal its rows twice
+                raise ValueError(f"shard {twice[0]} is listed more than once")
             m = cls(
                 seq_len=int(d["seq_len"]),
                 dtype=str(np.dtype(d["dtype"])),
