@@ -133,7 +133,8 @@ def skipped(stage: str, manifest_path: Path) -> None:
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Make this worker process end when the process that started it ends, however it ends.
+    """Make this worker process end when the process that started it ends, however it ends, and
+    leave Ctrl-C to the parent.
 
     A pool's workers otherwise outlive a parent killed with SIGKILL (nothing can run in the
     parent then), blocked forever on their task queue, and with them the resource tracker they
@@ -141,6 +142,9 @@ def die_with_parent(parent_pid: int) -> None:
     (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``os.getppid()``. Either way a
     parent that died before this call is noticed here and the worker exits at once.
     """
+    # Ctrl-C in a terminal reaches the whole process group: only the parent handles it (it stops
+    # the pool and says in one line that a rerun resumes), so a worker prints no traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     armed = False
     if sys.platform.startswith("linux"):
         try:

@@ -479,3 +479,22 @@ def test_validate_recomputes_the_manifest_counts_and_the_reader_refuses_a_shard_
         ShardStore(mpath.parent)
     mpath.write_text(json.dumps(good))
     assert validate.run(cfg) == 0
+
+
+def test_ctrl_c_of_encode_is_handled_by_the_parent_alone(tmp_path):
+    """Ctrl-C reaches the whole process group; workers leave it to the parent (no worker traceback)."""
+    script = POOL_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), dir=str(tmp_path))
+    script = (
+        script.replace("enc.run(", "try:\n    enc.run(")
+        + "except KeyboardInterrupt:\n    print('interrupted', file=sys.stderr)\n"
+    )
+    write_corpus(tmp_path, n=120)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 60
+    while not (tmp_path / "shards" / "wiki" / ".work" / "train" / "000001.json").exists():
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the parent and its workers
+    _, err = p.communicate(timeout=60)
+    assert err.strip() == "interrupted", err
