@@ -439,7 +439,16 @@ def _up_to_date(out: Path, job: dict) -> bool:
     except (AttributeError, KeyError, TypeError):  # a manifest of the wrong shape: redo the store
         return False
     files.append(out / "tokenizer.model")
-    return is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files)
+    if not is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files):
+        return False
+    from xlab.store import ShardStore
+
+    try:  # a shard changed since it was written is not up to date (one sequential read of the store)
+        ShardStore(out).verify_hashes()
+    except XLabError as e:
+        console.print(f"[yellow]encode: {e}; encoding again[/yellow]", markup=True, highlight=False)
+        return False
+    return True
 
 
 def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:

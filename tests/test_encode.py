@@ -498,3 +498,20 @@ def test_ctrl_c_of_encode_is_handled_by_the_parent_alone(tmp_path):
     os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the parent and its workers
     _, err = p.communicate(timeout=60)
     assert err.strip() == "interrupted", err
+
+
+def test_a_changed_shard_is_not_up_to_date_for_encode_nor_trained_on(tmp_path, capsys):
+    """Two overwritten bytes: validate said so, but encode said "up to date" and train trained on it."""
+    write_corpus(tmp_path)
+    cfg = config(tmp_path)
+    encode(cfg)
+    good = store_bytes(tmp_path / "shards" / "wiki")
+    p = tmp_path / "shards" / "wiki" / "train" / "000002.npy"
+    data = bytearray(p.read_bytes())
+    data[-4:-2] = b"\x07\x00"
+    p.write_bytes(bytes(data))
+    with pytest.raises(XLabError, match=r"000002\.npy changed since it was encoded"):
+        ShardStore(p.parent.parent).verify_hashes()  # what the trainer runs before its first step
+    encode(cfg)
+    assert "changed since it was encoded" in capsys.readouterr().out
+    assert store_bytes(tmp_path / "shards" / "wiki") == good

@@ -328,3 +328,24 @@ def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(store, tmp_path):
         train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
     last.write_bytes(good)
     assert train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)["steps"] == 3
+
+
+def test_settings_the_store_decides_are_taken_from_it_and_said(store, tmp_path, capsys):
+    """-o shards.seq_len=64 on a 16-token store used to write seq_len 64 into the saved config."""
+    from omegaconf import OmegaConf
+
+    train(make_cfg(tmp_path, "shards.seq_len=64", "train.max_steps=1"), shards_dir=store)
+    out = capsys.readouterr().out
+    assert "seq_len 64 -> 16 (the shard store's)" in out and "vocab_size 8192 -> 300" in out
+    saved = OmegaConf.load(tmp_path / "t" / "config.yaml")
+    assert saved.shards.seq_len == 16 and saved.tokenizer.vocab_size == 300
+
+
+def test_a_store_older_than_its_tokenizer_is_refused(store, tmp_path):
+    """After `xlab tokenizer train --force`, the store encoded with the old tokenizer is out of date."""
+    tok_dir = tmp_path / "tokenizers"
+    tok_dir.mkdir()
+    (tok_dir / "store.model").write_bytes(b"a tokenizer trained again since")
+    cfg = make_cfg(tmp_path, f"paths.shards_dir={store.parent}", "data.name=store", f"paths.tokenizer_dir={tok_dir}")
+    with pytest.raises(XLabError, match="encoded with another tokenizer than .*run `xlab data encode`"):
+        train(cfg)

@@ -174,6 +174,8 @@ class RunLogger:
         )
         if trainer.changed:
             self.print(f"resumed with changed train settings: {', '.join(trainer.changed)}")
+        if trainer.notes:
+            self.print(f"note: settings taken from the shard store: {', '.join(trainer.notes)}")
 
     def closing(self, s: dict, start_step: int) -> None:
         """The run's last line, from the summary ``s`` of :func:`xlab.train.train`."""

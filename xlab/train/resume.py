@@ -70,3 +70,15 @@ def reconcile(
     old = ckpt["config"].get("train", {})
     changed = [f"{k} {old.get(k)!r}->{v!r}" for k, v in to_dict(cfg)["train"].items() if k in old and old[k] != v]
     return cfg, changed
+
+
+def take_store_settings(cfg: DictConfig, *, seq_len: int, vocab_size: int) -> list[str]:
+    """Set ``shards.seq_len`` and ``tokenizer.vocab_size`` of ``cfg`` to the store's (the trainer can
+    apply no other: the rows are what the store holds), so the saved configuration says what was
+    used; return a notice for each setting that said otherwise."""
+    notes = []
+    for key, section, value in (("seq_len", cfg.shards, seq_len), ("vocab_size", cfg.tokenizer, vocab_size)):
+        if int(section[key]) != int(value):
+            notes.append(f"{key} {section[key]} -> {value} (the shard store's)")
+            section[key] = int(value)
+    return notes

@@ -48,13 +48,13 @@ from xlab.device import autocast_factory, resolve_device
 from xlab.distributed import DistInfo, all_reduce_sum
 from xlab.errors import Terminated, XLabError, first_line
 from xlab.evaluate import evaluate, metrics, split_batches
-from xlab.fsio import exclusive_lock, lock_path, sha256_bytes
+from xlab.fsio import exclusive_lock, lock_path, sha256_bytes, sha256_file
 from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
 from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
 from xlab.train.mfu import mfu, peak_flops
 from xlab.train.optim import build_optimizer
-from xlab.train.resume import reconcile, start_checkpoint
+from xlab.train.resume import reconcile, start_checkpoint, take_store_settings
 from xlab.train.schedule import lr_at
 
 
@@ -181,6 +181,12 @@ class Trainer:
             raise XLabError(
                 f"the tokenizer of shard store {self.store.path} is missing; run `xlab data encode --force`"
             )
+        default_tok = paths.tokenizer
+        if shards_dir is None and default_tok.is_file() and sha256_file(default_tok) != self.store.tokenizer_sha256:
+            raise XLabError(f"shard store {self.store.path} was encoded with another tokenizer than {default_tok} "
+                            "(trained again since?); run `xlab data encode` to rebuild the store")  # fmt: skip
+        if info.is_main:  # one sequential read of the store; a changed byte is caught before training
+            self.store.verify_hashes()
         self.tok_bytes = tok_path.read_bytes()
         self.tok_sha = sha256_bytes(self.tok_bytes)
         if self.tok_sha != self.store.tokenizer_sha256:
@@ -194,6 +200,7 @@ class Trainer:
         self.cfg, self.changed = reconcile(
             cfg, self.ckpt, self.run_dir, vocab_size=self.store.vocab_size, max_len=self.store.seq_len
         )
+        self.notes = take_store_settings(self.cfg, seq_len=self.store.seq_len, vocab_size=self.store.vocab_size)
         t = self.cfg.train
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
