@@ -334,3 +334,26 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, trained,
         load_model(nan)
     r = cli(["generate", nan, "hi", "--beam-width", "2"], cwd=tmp_path, check=False)
     assert r.returncode == 2 and "non-finite weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_files(tmp_path, trained, monkeypatch):
+    """torch.save on a full disk raised `RuntimeError: basic_ios::clear: iostream error` (a ~60-line
+    traceback from `xlab train --resume`); safetensors a SafetensorError from `xlab export`."""
+    import safetensors.torch
+
+    _, last, _ = trained
+    before = last.read_bytes()
+
+    def full(*a, **k):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:603] . unexpected pos\\nbasic_ios::clear: iostream error"
+        )
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(XLabError, match=r"cannot write checkpoint .*is the disk full.*intact") as e:
+        save_checkpoint(last, {"model": {}})
+    assert "\n" not in str(e.value) and last.read_bytes() == before
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(XLabError, match="cannot write the export"):
+        export(last, tmp_path / "exp")
+    assert not (tmp_path / "exp").exists()

@@ -89,13 +89,21 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------------------ save and load
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
-    """Write ``state`` to ``path`` atomically (a temporary file renamed into place); returns the path."""
+    """Write ``state`` to ``path`` atomically (a temporary file renamed into place); returns the path.
+
+    Raises:
+        XLabError: the file cannot be written (a full disk, a read-only folder); ``path`` is unchanged.
+    """
     import torch
 
     path = Path(path)
     full = {"format": FORMAT, "format_version": FORMAT_VERSION, "xlab_version": xlab.__version__, **state}
-    with atomic_path(path) as tmp:
-        torch.save(full, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(full, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's writer raises "basic_ios::clear: iostream error"
+        raise XLabError(f"cannot write checkpoint {path}: {first_line(e, 160)} (is the disk full?); "
+                        "the checkpoint there before is intact") from None  # fmt: skip
     return path
 
 
@@ -342,7 +350,10 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     tok_bytes = tensor_bytes(ckpt["tokenizer"])
     with atomic_dir(out) as tmp:
         # save_model (not save_file) handles tied weights: a shared tensor is stored once.
-        save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": "xlab-export", "step": str(step)})
+        try:
+            save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": "xlab-export", "step": str(step)})
+        except Exception as e:  # noqa: BLE001 - SafetensorError (no space left, ...) is no OSError
+            raise XLabError(f"cannot write the export {out}: {first_line(e, 160)}; nothing was written") from None
         publish_mode(tmp / EXPORT_WEIGHTS)  # the safetensors writer creates it 0600
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
