@@ -5,16 +5,9 @@ The search functions take any ``model`` callable that maps ids ``(B, T)`` int64 
 ``(B, T, V)``. When the model offers a KV cache (it has ``new_cache(batch_size, device=...)``, as the
 XLab :class:`~xlab.model.Transformer` does), the prompt is encoded once and every step feeds only the
 newest token; otherwise the whole visible context is recomputed at every step. Both paths follow the
-same context rule below, so they produce the same tokens.
+same context rule (:mod:`xlab.generate.context`), so they produce the same tokens.
 
-Context window. A model sees at most ``max_len`` tokens (``model.cfg.max_len``, or the ``max_len``
-argument; None means unlimited). A prompt longer than ``max_len`` is cut to its last ``max_len``
-tokens. When the visible context holds ``max_len`` tokens and one more must be fed, it slides: the
-visible context becomes the last ``max(1, max_len // 2)`` tokens of the sequence (the new token
-included), re-encoded from position 0, and generation continues from there. Keeping half the window
-makes the re-encoding cost amortise to O(1) per token with the cache (one re-encode of max_len/2
-tokens every max_len/2 steps), at the price of a context that varies between max_len/2 and max_len
-tokens instead of always being max_len.
+The context window (how a long prompt or generation slides) is :mod:`xlab.generate.context`.
 
 Randomness. Sample ``i`` of a call draws its uniforms from its own CPU ``torch.Generator`` seeded
 with ``seed + i`` and picks its token by inverse-CDF lookup in the (filtered) probabilities. The
@@ -30,12 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-Model = Callable[..., torch.Tensor]
+from xlab.generate.context import Context, Model, as_batch, check_prompt, model_device, model_max_len
 
 
 # ------------------------------------------------------------------------------------ checking
@@ -48,30 +41,6 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> No
         raise ValueError(f"top_k must be >= 0 (0 or None: off), got {top_k}")
     if not (0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def _check_common(prompt_ids: Sequence[int], max_new_tokens: int) -> None:
-    if len(prompt_ids) == 0:
-        raise ValueError("the prompt has no tokens; prepend <sos> to generate from nothing")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-
-
-def _model_device(model: Model) -> torch.device:
-    """The device of the model's first parameter; CPU for parameter-free callables."""
-    params = getattr(model, "parameters", None)
-    if params is not None:
-        for p in params():
-            return p.device
-    return torch.device("cpu")
-
-
-def _model_max_len(model: Model, max_len: Optional[int]) -> Optional[int]:
-    if max_len is None:
-        max_len = getattr(getattr(model, "cfg", None), "max_len", None)
-    if max_len is not None and max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    return max_len
 
 
 # ----------------------------------------------------------------------------------- filtering
@@ -135,66 +104,6 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.minimum(idx, last_positive)
 
 
-# ---------------------------------------------------------------------------- the context window
-class _Context:
-    """The sequences being generated and what the model has seen of them.
-
-    ``seq`` is ``(B, T)`` int64, every row the same length; the model sees ``seq[:, start:]``
-    (at most ``max_len`` tokens; see the module docstring for how it slides). With a KV cache the
-    visible tokens are cached and each step feeds one token.
-    """
-
-    def __init__(self, model: Model, max_len: Optional[int]):
-        self.model = model
-        self.max_len = max_len
-        self.keep = None if max_len is None else max(1, max_len // 2)
-        self.cached = hasattr(model, "new_cache")
-        # Models with forward == head(hidden) (the XLab Transformer) skip the (B, T, V) logits of a
-        # prefill, of which only the last position is needed.
-        self.split_head = hasattr(model, "hidden") and hasattr(model, "head")
-        self.seq: torch.Tensor | None = None
-        self.start = 0
-        self.cache: Any = None
-
-    def _last_logits(self, ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        kw = {} if cache is None else {"cache": cache}
-        if self.split_head:  # project only the last position onto the vocabulary
-            return self.model.head(self.model.hidden(ids, **kw)[:, -1]).float()  # (B, V)
-        return self.model(ids, **kw)[:, -1].float()
-
-    def _encode_visible(self) -> torch.Tensor:
-        visible = self.seq[:, self.start :]
-        if self.cached:
-            self.cache = self.model.new_cache(visible.shape[0], device=visible.device)
-            return self._last_logits(visible, self.cache)
-        return self._last_logits(visible)
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Encode prompts ``(B, T)``; return the next-token logits ``(B, V)`` float32."""
-        self.seq = ids
-        T = ids.shape[1]
-        self.start = 0 if self.max_len is None or T <= self.max_len else T - self.max_len
-        return self._encode_visible()
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens`` ``(B,)``; return the next-token logits ``(B, V)`` float32."""
-        self.seq = torch.cat([self.seq, tokens.view(-1, 1).to(self.seq.device)], dim=1)
-        T = self.seq.shape[1]
-        if self.max_len is not None and T - self.start > self.max_len:
-            self.start = T - self.keep  # slide: re-encode the last `keep` tokens from position 0
-            return self._encode_visible()
-        if self.cached:
-            return self._last_logits(self.seq[:, -1:], self.cache)
-        return self._last_logits(self.seq[:, self.start :])
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` ``(B_new,)`` int64 of the batch, in that order (repeats allowed)."""
-        index = index.to(self.seq.device)
-        self.seq = self.seq.index_select(0, index)
-        if self.cache is not None:
-            self.cache.reorder(index)
-
-
 # ------------------------------------------------------------------------- greedy and sampling
 Picker = Callable[[torch.Tensor, list], torch.Tensor]
 
@@ -214,7 +123,7 @@ def _decode(
 
     A row stops at ``eos_id`` (compared by id, never part of the result) or after ``max_new_tokens``;
     stopped rows leave the batch so the others run on unchanged. Returns the new ids of each row."""
-    ctx = _Context(model, _model_max_len(model, max_len))
+    ctx = Context(model, model_max_len(model, max_len))
     out: list[list[int]] = [[] for _ in range(prompts.shape[0])]
     if max_new_tokens == 0:
         return out
@@ -258,11 +167,6 @@ def _sample_picker(temperature: float, top_k: Optional[int], top_p: float, seeds
     return pick
 
 
-def _as_batch(prompt_ids: Sequence[int] | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1)
-    return ids.expand(n, -1).contiguous().to(device)
-
-
 @torch.inference_mode()
 def greedy_search(
     model: Model,
@@ -290,11 +194,11 @@ def greedy_search(
     Raises:
         ValueError: an empty prompt or a negative ``max_new_tokens``.
     """
-    _check_common(prompt_ids, max_new_tokens)
+    check_prompt(prompt_ids, max_new_tokens)
     cb = None if on_token is None else (lambda row, t: on_token(t))
     return _decode(
         model,
-        _as_batch(prompt_ids, 1, _model_device(model)),
+        as_batch(prompt_ids, 1, model_device(model)),
         max_new_tokens,
         _greedy_pick,
         eos_id=eos_id,
@@ -336,13 +240,13 @@ def sample(
         ``max_new_tokens``.
     """
     check_sampling(temperature, top_k, top_p)
-    _check_common(prompt_ids, max_new_tokens)
+    check_prompt(prompt_ids, max_new_tokens)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     pick = _sample_picker(temperature, top_k, top_p, [seed + i for i in range(num_samples)])
     return _decode(
         model,
-        _as_batch(prompt_ids, num_samples, _model_device(model)),
+        as_batch(prompt_ids, num_samples, model_device(model)),
         max_new_tokens,
         pick,
         eos_id=eos_id,
@@ -410,16 +314,16 @@ def beam_search(
         ValueError: ``beam_width < 1``, a non-finite ``length_penalty``, empty prompt, negative
         ``max_new_tokens``, or log-probabilities that are all NaN (damaged weights).
     """
-    _check_common(prompt_ids, max_new_tokens)
+    check_prompt(prompt_ids, max_new_tokens)
     if beam_width < 1:
         raise ValueError(f"beam_width must be >= 1, got {beam_width}")
     if not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be finite, got {length_penalty}")
     if max_new_tokens == 0:
         return [Hypothesis([], 0.0, 0.0, False)]
-    device = _model_device(model)
-    ctx = _Context(model, _model_max_len(model, max_len))
-    logits = ctx.prefill(_as_batch(prompt_ids, 1, device))  # one beam until the first expansion
+    device = model_device(model)
+    ctx = Context(model, model_max_len(model, max_len))
+    logits = ctx.prefill(as_batch(prompt_ids, 1, device))  # one beam until the first expansion
     beams: list[list[int]] = [[]]
     beam_lp = torch.zeros(1, dtype=torch.float64, device=device)
     finished: list[Hypothesis] = []
@@ -522,18 +426,18 @@ def reference_nll(
     Returns:
         ``len(target_ids)`` floats, ``-log p(target_i | prefix, target_<i)``.
     """
-    _check_common(prefix_ids, 0)
+    check_prompt(prefix_ids, 0)
     targets = torch.as_tensor(list(target_ids), dtype=torch.long)
     if targets.numel() == 0:
         return []
-    max_len = _model_max_len(model, max_len)
-    device = _model_device(model)
+    max_len = model_max_len(model, max_len)
+    device = model_device(model)
     prefix = torch.as_tensor(list(prefix_ids), dtype=torch.long)
     if max_len is None or len(prefix) + len(targets) - 1 <= max_len:
         ids = torch.cat([prefix, targets[:-1]]).view(1, -1).to(device)
         logits = model(ids)[0, len(prefix) - 1 :].float()  # (n_targets, V)
     else:
-        ctx = _Context(model, max_len)
+        ctx = Context(model, max_len)
         rows = [ctx.prefill(prefix.view(1, -1).to(device))]
         for t in targets[:-1].tolist():
             rows.append(ctx.step(torch.tensor([t], device=device)))

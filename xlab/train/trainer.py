@@ -29,8 +29,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from typing import Optional
@@ -46,7 +44,7 @@ from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
 from xlab.config import stage_paths, to_dict
 from xlab.device import autocast_factory, resolve_device
 from xlab.distributed import DistInfo, all_reduce_sum
-from xlab.errors import Terminated, XLabError, first_line
+from xlab.errors import XLabError, first_line
 from xlab.evaluate import evaluate, metrics, split_batches
 from xlab.fsio import exclusive_lock, lock_path, sha256_bytes, sha256_file
 from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
@@ -56,6 +54,7 @@ from xlab.train.mfu import mfu, peak_flops
 from xlab.train.optim import build_optimizer
 from xlab.train.resume import reconcile, start_checkpoint, take_store_settings
 from xlab.train.schedule import lr_at
+from xlab.train.signals import Interrupt
 
 
 class LossModule(nn.Module):
@@ -69,39 +68,6 @@ class LossModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         return xloss.model_loss(self.model, inputs, targets, self.chunk_tokens)
-
-
-class Interrupt:
-    """First Ctrl-C (SIGINT) or SIGTERM: finish the step, save, stop. A second one: the default
-    behaviour at once (KeyboardInterrupt, or termination). ``signum`` is the signal that asked."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signum: Optional[int] = None
-        self._old: dict = {}
-
-    def __enter__(self) -> Interrupt:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.getsignal(sig)
-                signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        self.requested, self.signum = True, signum
-        for sig in self.SIGNALS:
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
-
-    def raise_stop(self) -> None:
-        """After the save: KeyboardInterrupt for SIGINT, :class:`~xlab.errors.Terminated` for SIGTERM."""
-        raise Terminated if self.signum == signal.SIGTERM else KeyboardInterrupt
-
-    def __exit__(self, *exc) -> bool:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
 
 
 def train(
