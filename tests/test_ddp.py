@@ -93,3 +93,37 @@ def test_two_process_resume_is_exact(store, tmp_path):
     assert len(wb["rank_rng"]) == 2 and not torch.equal(wb["rank_rng"][0]["torch"], wb["rank_rng"][1]["torch"])
     for k in wa["model"]:
         assert torch.equal(wa["model"][k], wb["model"][k]), k
+
+
+def test_sigterm_to_torchrun_saves_every_rank_at_one_step(store, tmp_path):
+    """Schedulers send SIGTERM before the kill: torchrun forwards it, every rank stops after the same
+    step (the stop flag is all-reduced) and rank 0 saves last.pt with both ranks' random states."""
+    import signal
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import torch
+        torch.set_num_threads(1)
+        from train_helpers import make_cfg
+        from xlab.train import train
+        train(make_cfg({str(tmp_path)!r}, "train.batch_size=2", "train.max_steps=100000", "train.eval_every=100000",
+                       "train.checkpoint_every=100000"), shards_dir={str(store)!r})
+    """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    ck = load_checkpoint(tmp_path / "t" / "checkpoints" / "last.pt")
+    assert ck["step"] >= 3 and ck["loader"]["position"] == ck["step"]  # saved after a whole step
+    assert len(ck["rank_rng"]) == 2
