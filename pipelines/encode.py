@@ -46,6 +46,7 @@ from pipelines.stage import (
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from xlab.tokenizer import LONG_TEXT
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -79,7 +80,18 @@ def _init_worker(loader: Callable, tok_path: str, settings: dict, parent_pid: in
 
 def _encode_texts(tok, texts: list[str], threads: int) -> list[Any]:
     """Token lists for ``texts``; an entry is a ``str`` error message where the tokenizer raised
-    ValueError for that text (the batch is retried text by text to find which)."""
+    ValueError for that text (the batch is retried text by text to find which). A text longer than
+    the tokenizer's LONG_TEXT is encoded alone into an int32 array (``encode_array``), so one huge
+    article costs a few bytes per token, not a Python list's."""
+    long = LONG_TEXT if hasattr(tok, "encode_array") else None  # test stand-ins have no encode_array
+    if long and any(len(t) > long for t in texts):
+        out = []
+        for t in texts:
+            try:
+                out.append(tok.encode_array(t) if len(t) > long else tok.encode([t], num_threads=threads)[0])
+            except ValueError as e:
+                out.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return out
     try:
         return tok.encode(texts, num_threads=threads)
     except ValueError:
