@@ -455,8 +455,8 @@ def _up_to_date(out: Path, job: dict) -> bool:
         return False
     from xlab.store import ShardStore
 
-    try:  # a shard changed since it was written is not up to date (one sequential read of the store)
-        ShardStore(out).verify_hashes()
+    try:  # a shard or a count changed since it was written is not up to date (one read of the store)
+        ShardStore(out).verify()
     except XLabError as e:
         console.print(f"[yellow]encode: {e}; encoding again[/yellow]", markup=True, highlight=False)
         return False

@@ -472,11 +472,22 @@ def test_validate_recomputes_the_manifest_counts_and_the_reader_refuses_a_shard_
         mpath.write_text(json.dumps(m))
         assert validate.run(cfg) == 1  # was "sound": bits per byte would have been off
         assert f"split {split} {key} {good['splits'][split][key] + delta}" in capsys.readouterr().out
-    m = json.loads(json.dumps(good))
-    m["splits"]["train"]["shards"].append(m["splits"]["train"]["shards"][0])
-    mpath.write_text(json.dumps(m))
-    with pytest.raises(XLabError, match="train/000000.npy is listed more than once"):
-        ShardStore(mpath.parent)
+
+    def edited(change):
+        m = json.loads(json.dumps(good))
+        change(m["splits"]["train"])
+        mpath.write_text(json.dumps(m))
+
+    shards = good["splits"]["train"]["shards"]
+    for change, words in [
+        (lambda t: t["shards"].append(shards[0]), "listed twice, out of order, or outside the store"),
+        (lambda t: t.update(shards=[shards[1], shards[0], *shards[2:]]), "out of order"),
+        (lambda t: t["shards"][0].update(file="../../elsewhere/train/000000.npy"), "outside the store"),
+        (lambda t: t.update(real_tokens=t["real_tokens"] + 1), "real_tokens .* the sum over its shards"),
+    ]:
+        edited(change)  # the loader would deal rows twice, in another order, or from another store
+        with pytest.raises(XLabError, match=words):
+            ShardStore(mpath.parent)
     mpath.write_text(json.dumps(good))
     assert validate.run(cfg) == 0
 
@@ -511,7 +522,7 @@ def test_a_changed_shard_is_not_up_to_date_for_encode_nor_trained_on(tmp_path, c
     data[-4:-2] = b"\x07\x00"
     p.write_bytes(bytes(data))
     with pytest.raises(XLabError, match=r"000002\.npy changed since it was encoded"):
-        ShardStore(p.parent.parent).verify_hashes()  # what the trainer runs before its first step
+        ShardStore(p.parent.parent).verify()  # what the trainer runs before its first step
     encode(cfg)
     assert "changed since it was encoded" in capsys.readouterr().out
     assert store_bytes(tmp_path / "shards" / "wiki") == good

@@ -289,11 +289,7 @@ class StoreManifest:
             )
             if not isinstance(d["splits"], dict):
                 raise TypeError("splits is not an object")
-            splits = {str(name): _split_from_json(s) for name, s in d["splits"].items()}
-            files = [sh.file for split in splits.values() for sh in split.shards]
-            twice = sorted({f for f in files if files.count(f) > 1})
-            if twice:  # the loader would deal its rows twice
-                raise ValueError(f"shard {twice[0]} is listed more than once")
+            splits = {str(name): _split_from_json(name, s) for name, s in d["splits"].items()}
             m = cls(
                 seq_len=int(d["seq_len"]),
                 dtype=str(np.dtype(d["dtype"])),
@@ -319,32 +315,30 @@ class StoreManifest:
         return path
 
 
-def _split_from_json(s: Any) -> SplitEntry:
+def shard_name(split: str, k: int) -> str:
+    """The file of shard ``k`` of ``split``, relative to the store: ``<split>/<k:06d>.npy``."""
+    return f"{split}/{k:06d}.npy"
+
+
+_COUNTS = ("rows", "articles", "real_tokens", "target_tokens", "text_bytes", "text_chars", "empty_articles",
+           "rejected_articles")  # fmt: skip
+
+
+def _split_from_json(name: str, s: Any) -> SplitEntry:
+    """Parse one split's entry. Shard ``k`` must be the file :func:`shard_name` ``(name, k)``: a shard
+    listed twice, out of order or outside the store (``../``) would change what the loader deals."""
     if not isinstance(s, dict):
         raise TypeError("a split is not an object")
     shards = []
-    for sh in s["shards"]:
-        if not isinstance(sh.get("file"), str):
-            raise TypeError("a shard has no file name")
-        shards.append(
-            ShardEntry(
-                file=sh["file"],
-                rows=int(sh["rows"]),
-                real_tokens=int(sh.get("real_tokens", 0)),
-                sha256=str(sh.get("sha256", "")),
-            )
-        )
-    counts = {
-        k: int(s.get(k, 0))
-        for k in (
-            "rows",
-            "articles",
-            "real_tokens",
-            "target_tokens",
-            "text_bytes",
-            "text_chars",
-            "empty_articles",
-            "rejected_articles",
-        )
-    }
-    return SplitEntry(**counts, rejected=list(s.get("rejected", [])), shards=shards)
+    for k, sh in enumerate(s["shards"]):
+        if sh.get("file") != shard_name(name, k):
+            raise ValueError(f"shard {k} of split {name} is {sh.get('file')!r}, not {shard_name(name, k)!r} "
+                             "(listed twice, out of order, or outside the store)")  # fmt: skip
+        shards.append(ShardEntry(file=sh["file"], rows=int(sh["rows"]), real_tokens=int(sh.get("real_tokens", 0)),
+                                 sha256=str(sh.get("sha256", ""))))  # fmt: skip
+    entry = SplitEntry(**{k: int(s.get(k, 0)) for k in _COUNTS}, rejected=list(s.get("rejected", [])), shards=shards)
+    for key in ("rows", "real_tokens"):
+        total = sum(getattr(sh, key) for sh in shards)
+        if getattr(entry, key) != total:
+            raise ValueError(f"split {name} {key} {getattr(entry, key)} != {total}, the sum over its shards")
+    return entry

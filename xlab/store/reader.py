@@ -155,24 +155,61 @@ class ShardStore:
                         f"{self.dtype}[{sh['rows']}, {self.row_len}]; {fix}"
                     )
 
-    def verify_hashes(self) -> float:
-        """Check every shard's sha256 against the manifest (a changed byte is caught before it is
-        trained on); return the bytes hashed. Costs one sequential read of the store.
+    def verify(self, chunk_rows: int = 65536) -> int:
+        """Check the store against its manifest by reading every shard once: its sha256, its token
+        ids (below the vocabulary), and the counts the manifest states (non-pad tokens per shard;
+        articles and targets per split), plus the tokenizer copy's sha256. The trainer runs it before
+        its first step and encode before it calls a store up to date; ``xlab data validate`` checks
+        the row structure too and lists every problem. Return the bytes read.
 
         Raises:
-            XLabError: naming the first shard that differs and the command that lists every problem.
+            XLabError: the first difference, naming the file and the commands that list and fix it.
         """
-        from xlab.fsio import sha256_file
+        import hashlib
 
+        def bad(what: str) -> XLabError:
+            return XLabError(f"{what}; run `xlab data validate` to list every problem, `{ENCODE_HINT} --force` "
+                             "to rebuild the store")  # fmt: skip
+
+        tok = self.info.tokenizer
+        copy = self.path / tok.copy if tok.copy else None
+        if copy is not None and copy.is_file():
+            from xlab.fsio import sha256_file
+
+            if sha256_file(copy) != tok.sha256:
+                raise bad(f"{copy} is not the tokenizer the manifest names (sha256 differs)")
+        if self.info.inputs.get("tokenizer", tok.sha256) != tok.sha256:
+            raise bad(f"{self.path / MANIFEST}: its tokenizer sha256 differs from the one it was encoded with")
         total = 0
+        row_bytes = self.row_len * self.dtype.itemsize
         for split in self.splits:
-            for sh in self.info.splits[split].shards:
+            entry, articles, targets = self.info.splits[split], 0, 0
+            for sh in entry.shards:
                 p = self.path / sh.file
-                if sha256_file(p) != sh.sha256:
-                    raise XLabError(f"shard {p} changed since it was encoded (sha256 differs from the manifest); "
-                                    f"run `xlab data validate` to list every problem, `{ENCODE_HINT} --force` "
-                                    "to rebuild the store")  # fmt: skip
-                total += p.stat().st_size
+                digest, real = hashlib.sha256(), 0
+                try:
+                    _, _, _, offset = read_npy_header(p)
+                    with open(p, "rb") as f:
+                        digest.update(f.read(offset))
+                        while block := f.read(chunk_rows * row_bytes):
+                            digest.update(block)
+                            rows = np.frombuffer(block, dtype=self.dtype).reshape(-1, self.row_len)
+                            if rows.size and int(rows.max()) >= self.vocab_size:
+                                raise bad(f"shard {p} holds token id {int(rows.max())} >= vocabulary {self.vocab_size}")
+                            real += int(np.count_nonzero(rows != self.pad_id))
+                            articles += int(np.count_nonzero(rows[:, 0] == self.sos_id))
+                            targets += int(np.count_nonzero(rows[:, 1:] != self.pad_id))
+                except (OSError, ValueError) as e:
+                    raise bad(f"cannot read shard {p} ({e})") from None
+                if digest.hexdigest() != sh.sha256:
+                    raise bad(f"shard {p} changed since it was encoded (sha256 differs from the manifest)")
+                if real != sh.real_tokens:
+                    raise bad(f"shard {p} holds {real} non-pad tokens, the manifest says {sh.real_tokens}")
+                total += offset + sh.rows * row_bytes
+            for key, found in (("articles", articles), ("target_tokens", targets)):
+                if getattr(entry, key) != found:
+                    raise bad(f"split {split} of {self.path} holds {found} {key.replace('_', ' ')}, "
+                              f"the manifest says {getattr(entry, key)}")  # fmt: skip
         return total
 
     # ------------------------------------------------------------------------------ reading

@@ -151,8 +151,8 @@ class Trainer:
         if shards_dir is None and default_tok.is_file() and sha256_file(default_tok) != self.store.tokenizer_sha256:
             raise XLabError(f"shard store {self.store.path} was encoded with another tokenizer than {default_tok} "
                             "(trained again since?); run `xlab data encode` to rebuild the store")  # fmt: skip
-        if info.is_main:  # one sequential read of the store; a changed byte is caught before training
-            self.store.verify_hashes()
+        if info.is_main:  # one sequential read of the store: a changed byte or count is caught before training
+            self.store.verify()
         self.tok_bytes = tok_path.read_bytes()
         self.tok_sha = sha256_bytes(self.tok_bytes)
         if self.tok_sha != self.store.tokenizer_sha256:
