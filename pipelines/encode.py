@@ -289,7 +289,9 @@ def _run(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokeni
     out = paths.shards
     job = _job(cfg, tok, split_files, tok_path)
     mpath = out / "manifest.json"
+    build = out.parent / f".{out.name}.rebuild"  # where a complete store is rebuilt (see below)
     if not force and _up_to_date(out, job):
+        shutil.rmtree(build, ignore_errors=True)  # a killed --force rebuild the user did not rerun
         # A complete store made from these very inputs and parameters already holds every unit of
         # every part (a unit's bytes depend only on its articles), so a part run has nothing to add;
         # redoing it would first have to remove the manifest and the other parts' shards.
@@ -304,7 +306,6 @@ def _run(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokeni
         return read_json(mpath)
 
     if num_shards == 1:
-        build = out.parent / f".{out.name}.rebuild"
         if not mpath.exists() and _up_to_date(build, job):  # a rebuild killed between its two renames
             _swap(build, out)
             return read_json(mpath)

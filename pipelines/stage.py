@@ -82,6 +82,8 @@ def reading_parquet(path: Path, fix: str) -> Iterator[None]:
     try:
         yield
     except (pa.ArrowException, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the machine's error (a full disk while writing, a permission), not a damaged file
         raise XLabError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); run `{fix}`") from None
 
 

@@ -147,6 +147,8 @@ def test_cli_unusable_path_is_one_line_exit_2(tmp_path, cli):
         ("train.eval_batches=0", "train.eval_batches"),
         ("train.lr=nan", "train.lr"),
         ("generate.top_p=0", "generate.top_p"),
+        ("train.seed=99999999999999999999", "train.seed"),  # was a 48-line OverflowError in xlab train
+        ("generate.seed=-1", "generate.seed"),
         ("train.run_name=${nope}", "train.run_name"),
         ("train.run_name=${oc.env:XLAB_SURELY_UNSET}", "train.run_name"),
     ],

@@ -430,7 +430,10 @@ def test_a_failed_force_reencode_leaves_the_old_store_intact(tmp_path, monkeypat
         assert store_bytes(tmp_path / "shards" / "wiki") == before
         ShardStore(tmp_path / "shards" / "wiki").check()
     monkeypatch.setattr(enc, "_execute", real)
-    encode(cfg, force=True)  # finishes the rebuild and swaps it in
+    assert (tmp_path / "shards" / ".wiki.rebuild").is_dir()  # the failed rebuild, beside the store
+    encode(cfg)  # the store is up to date: the stale rebuild is cleared, not kept holding disk
+    assert not (tmp_path / "shards" / ".wiki.rebuild").exists()
+    encode(cfg, force=True)  # a rebuild that completes is swapped in
     assert store_bytes(tmp_path / "shards" / "wiki") == before
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["wiki"]  # no rebuild or old copy left
 

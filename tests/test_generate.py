@@ -447,6 +447,7 @@ def test_cli_stream_prints_what_non_stream_prints(fake_checkpoint, capsys, opts)
         dict(greedy=True, beam_width=3),
         dict(device="tpu"),
         dict(add_sos=False),
+        dict(beam_width=10_000),  # more beams than ids: ran for minutes instead of a refusal
     ],
 )
 def test_cli_bad_values_are_one_line_errors(fake_checkpoint, opts):

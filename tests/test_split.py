@@ -206,3 +206,19 @@ def test_summary_warns_of_empty_splits(tmp_path, capsys):
     write_raw(tmp_path, 10)
     split.run(make_cfg(tmp_path))
     assert "warning" not in capsys.readouterr().out
+
+
+def test_a_full_disk_while_splitting_is_not_blamed_on_the_raw_file(tmp_path):
+    """split --force on a full disk said "cannot read data/raw/...; run `xlab data download --force`"."""
+    import errno
+
+    from pipelines.stage import reading_parquet
+    from xlab.errors import XLabError
+
+    with pytest.raises(OSError) as e:
+        with reading_parquet(tmp_path / "articles.parquet", "xlab data download --force"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not isinstance(e.value, XLabError) and e.value.errno == errno.ENOSPC
+    with pytest.raises(XLabError, match="cannot read .*articles.parquet.*download --force"):
+        with reading_parquet(tmp_path / "articles.parquet", "xlab data download --force"):
+            raise OSError("Couldn't deserialize thrift: a damaged page")  # pyarrow's, without errno

@@ -35,6 +35,7 @@ def setting(default, *, ge=None, gt=None, le=None, lt=None):
 
 _OPS = {"ge": ("at least", lambda v, b: v >= b), "gt": ("greater than", lambda v, b: v > b),
         "le": ("at most", lambda v, b: v <= b), "lt": ("less than", lambda v, b: v < b)}  # fmt: skip
+SEED_MAX = 2**62  # seeds are offset per rank and per sample and must stay within torch's 64-bit seed
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # a name that becomes one path component
 
 
@@ -48,7 +49,8 @@ def range_problem(key: str, value: float | None, bounds: dict, optional: bool = 
     for op, bound in bounds.items():
         words, ok = _OPS[op]
         if not ok(value, bound):
-            return f"{key} must be {words} {bound:g}{' (or null for the default)' if optional else ''}, got {value}"
+            b = f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+            return f"{key} must be {words} {b}{' (or null for the default)' if optional else ''}, got {value}"
     return None
 
 
@@ -159,7 +161,7 @@ class DataConfig:
     hf_config: str = "20231101.en"
     hf_timeout_s: float = setting(30.0, gt=0)
     max_articles: Optional[int] = setting(None, ge=1)  # keep only the first N articles (quick runs and tests)
-    split_seed: int = setting(42, ge=0)
+    split_seed: int = setting(42, ge=0, le=SEED_MAX)
     train_fraction: float = setting(0.9, ge=0, le=1)
     val_fraction: float = setting(0.05, ge=0, le=1)
     test_fraction: float = setting(0.025, ge=0, le=1)
@@ -172,7 +174,7 @@ class TokenizerConfig:
     vocab_size: int = setting(8192, ge=64)
     max_sentences: int = setting(2_000_000, ge=1)  # training lines drawn (seeded) from the train split
     max_sentence_length: int = setting(4096, ge=16)  # bytes; longer paragraphs are split, never dropped
-    seed: int = setting(42, ge=0)
+    seed: int = setting(42, ge=0, le=SEED_MAX)
     num_threads: Optional[int] = setting(
         None, ge=1
     )  # SentencePiece trainer threads; None: 1 (BPE training gains nothing from more)
@@ -258,7 +260,7 @@ class TrainConfig:
     beta1: float = setting(0.9, ge=0, lt=1)
     beta2: float = setting(0.95, ge=0, lt=1)
     grad_clip: float = setting(1.0, ge=0)
-    seed: int = setting(42, ge=0)
+    seed: int = setting(42, ge=0, le=SEED_MAX)
     log_every: int = setting(10, ge=1)
     eval_every: int = setting(200, ge=1)
     eval_batches: Optional[int] = setting(50, ge=1)  # batches of val per evaluation during training; None: all
@@ -275,7 +277,7 @@ class GenerateConfig:
     temperature: float = setting(1.0, ge=0)
     top_k: Optional[int] = setting(None, ge=0)
     top_p: float = setting(1.0, gt=0, le=1)
-    seed: int = setting(42, ge=0)
+    seed: int = setting(42, ge=0, le=SEED_MAX)
     beam_width: int = setting(1, ge=1)
     length_penalty: float = setting(1.0, ge=-1e9, le=1e9)
 

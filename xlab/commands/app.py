@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xlab.errors import Terminated, XLabError
+from xlab.errors import Terminated, XLabError, first_line
 
 app = typer.Typer(
     help="XLab: train transformer language models on Wikipedia, from raw text to generated text.",
@@ -317,20 +317,20 @@ def main() -> None:
     try:
         code = app(prog_name="xlab", standalone_mode=False)
     except Terminated:
-        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        print("terminated (SIGTERM); rerun the same command to resume (xlab train: add --resume)", file=sys.stderr)
         sys.exit(143)
     except XLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command to resume (xlab train: add --resume)", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
         # A path the user pointed at (or a folder a stage writes to) that cannot be used: a file where a
         # folder should be, a read-only folder, a full disk. Every stage writes atomically, so what an
         # earlier run wrote is intact; the message names the path.
         where = f": {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)
+        print(f"error: {e.strerror or first_line(e)}{where}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
         if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
@@ -344,7 +344,7 @@ def main() -> None:
         sys.exit(2)
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C into exit code 130 before it reaches the handler above
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print("interrupted; rerun the same command to resume (xlab train: add --resume)", file=sys.stderr)
     sys.exit(code)
 
 

@@ -102,6 +102,8 @@ def cli_generate(
         raise XLabError(f"--length-penalty must be finite, got {length_penalty}")
     check_seed(seed, num_samples)
     model, _cfg, tok, _meta = load_for_cli(checkpoint, resolve_device(device))
+    if beam_width > tok.vocab_size:
+        raise XLabError(f"--beam-width {beam_width} exceeds the vocabulary ({tok.vocab_size} ids); use fewer beams")
     prompt_ids = ([tok.sos_id] if add_sos else []) + encode_prompt(tok, prompt)
     if not prompt_ids:
         raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
