@@ -154,14 +154,17 @@ def _text_count_problems(store, split: str, parquet: Path) -> list[str]:
         return []  # another input: validate the store as it is, the up-to-date check is encode's
     import pyarrow.parquet as pq
 
-    n_bytes = n_chars = 0
+    n_bytes = n_chars = n_empty = 0
     for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=["id", "text"]):
         for i, t in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if t and not t.isspace() and str(i) not in rejected:
+            if not t or t.isspace():
+                n_empty += 1  # (non-blank text always has tokens: the codec falls back to bytes)
+            elif str(i) not in rejected:
                 n_bytes += len(t.encode("utf-8", "surrogatepass"))
                 n_chars += len(t)
-    return [f"manifest: split {split} {key} {info.get(key)}, its split file holds {found}"
-            for key, found in (("text_bytes", n_bytes), ("text_chars", n_chars)) if found != int(info.get(key, -1))]  # fmt: skip
+    found = (("text_bytes", n_bytes), ("text_chars", n_chars), ("empty_articles", n_empty))
+    return [f"manifest: split {split} {key} {info.get(key)}, its split file holds {n}"
+            for key, n in found if n != int(info.get(key, -1))]  # fmt: skip
 
 
 def run(cfg: DictConfig, shards_dir=None) -> int:

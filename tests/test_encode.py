@@ -469,7 +469,7 @@ def test_validate_recomputes_the_manifest_counts_and_the_reader_refuses_a_shard_
     mpath = tmp_path / "shards" / "wiki" / "manifest.json"
     good = json.loads(mpath.read_text())
     for split, key, delta in [("val", "text_bytes", -5), ("val", "text_chars", 3), ("test", "target_tokens", 7),
-                              ("train", "articles", -1)]:  # fmt: skip
+                              ("train", "articles", -1), ("train", "empty_articles", 3)]:  # fmt: skip
         m = json.loads(json.dumps(good))
         m["splits"][split][key] += delta
         mpath.write_text(json.dumps(m))
