@@ -292,8 +292,7 @@ def pipeline(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
-    """Run download, split, tokenizer train, encode, stats, train, evaluate and generate, skipping
-    every stage that is up to date."""
+    """Run every stage (download to generate), skipping those that are up to date."""
     cfg = _cfg(config, set_)
     from xlab.commands import pipeline as pipeline_cmd
 
