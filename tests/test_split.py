@@ -222,3 +222,21 @@ def test_a_full_disk_while_splitting_is_not_blamed_on_the_raw_file(tmp_path):
     with pytest.raises(XLabError, match="cannot read .*articles.parquet.*download --force"):
         with reading_parquet(tmp_path / "articles.parquet", "xlab data download --force"):
             raise OSError("Couldn't deserialize thrift: a damaged page")  # pyarrow's, without errno
+
+
+@pytest.mark.parametrize("stage", ["download", "split", "train_tokenizer"])
+def test_a_second_writer_of_a_stage_output_is_refused_naming_the_holder(tmp_path, stage):
+    """Download, split and tokenizer training hold their output's lock (train and encode: their tests)."""
+    import importlib
+
+    from xlab.config import stage_paths
+    from xlab.errors import XLabError
+    from xlab.fsio import exclusive_lock, lock_path
+
+    write_raw(tmp_path, 40)
+    cfg = make_cfg(tmp_path, f"paths.tokenizer_dir={tmp_path / 'tokenizers'}", "data.max_articles=40")
+    out = {"download": "raw", "split": "splits", "train_tokenizer": "tokenizer"}[stage]
+    target = getattr(stage_paths(cfg), out)
+    with exclusive_lock(lock_path(target), "a running stage"):
+        with pytest.raises(XLabError, match=rf"in use by pid {os.getpid()} on "):
+            importlib.import_module(f"pipelines.{stage}").run(cfg)
