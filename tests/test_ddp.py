@@ -54,9 +54,11 @@ def torchrun(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_afte
     return proc.stdout
 
 
-def test_two_processes_match_one_process_with_twice_the_batch(store, tmp_path):
-    out = torchrun(tmp_path, store, tmp_path / "ddp", "train.batch_size=2", *COMMON)
-    one = train(make_cfg(tmp_path / "one", "train.batch_size=4", *COMMON), shards_dir=store)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_processes_match_one_process_with_twice_the_batch(store, tmp_path, optimizer):
+    opt = f"train.optimizer={optimizer}"
+    out = torchrun(tmp_path, store, tmp_path / "ddp", "train.batch_size=2", opt, *COMMON)
+    one = train(make_cfg(tmp_path / "one", "train.batch_size=4", opt, *COMMON), shards_dir=store)
 
     a = read_metrics(tmp_path / "ddp" / "t")
     b = read_metrics(tmp_path / "one" / "t")
@@ -72,9 +74,11 @@ def test_two_processes_match_one_process_with_twice_the_batch(store, tmp_path):
     assert "2 process(es)" in out
 
 
-def test_two_process_resume_is_exact(store, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_resume_is_exact(store, tmp_path, optimizer):
     # Dropout on: each rank's random stream must be saved and restored, not only rank 0's.
     o = (
+        f"train.optimizer={optimizer}",
         "train.batch_size=2",
         "model.dropout=0.2",
         "train.max_steps=6",

@@ -70,12 +70,18 @@ def test_causality(position, backend):
         assert maxdiff(out[:, t], base[:, t]) > 1e-4  # the changed token itself matters
 
 
+# The modern recipe's model options (conf/recipe/modern.yaml), all on at once.
+MODERN = dict(qk_norm=True, activation="relu2", zero_init_proj=False, logit_softcap=5.0)
+
+
+@pytest.mark.parametrize("modern", [False, True])
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
 @pytest.mark.parametrize("position", POSITIONS)
-def test_backends_agree_fp32(position, n_kv_heads):
+def test_backends_agree_fp32(position, n_kv_heads, modern):
     x = ids(2, 20)
-    sd = make(position=position, n_kv_heads=n_kv_heads, attention="sdpa")
-    mt = make(position=position, n_kv_heads=n_kv_heads, attention="math")
+    extra = MODERN if modern else {}
+    sd = make(position=position, n_kv_heads=n_kv_heads, attention="sdpa", **extra)
+    mt = make(position=position, n_kv_heads=n_kv_heads, attention="math", **extra)
     mt.load_state_dict(sd.state_dict())
     assert maxdiff(sd(x), mt(x)) < 1e-5
     # the bottom-right masked path (a cache holding a prefix, then several new tokens at once)
@@ -143,11 +149,12 @@ def test_n_kv_heads_equal_to_n_heads_is_plain_attention():
     assert torch.equal(a(ids()), b(ids()))
 
 
+@pytest.mark.parametrize("modern", [False, True])
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
 @pytest.mark.parametrize("n_kv_heads", [None, 1])
 @pytest.mark.parametrize("position", POSITIONS)
-def test_kv_cache_prefill_then_step_by_step_equals_full_forward(position, n_kv_heads, backend):
-    m = make(position=position, n_kv_heads=n_kv_heads, attention=backend)
+def test_kv_cache_prefill_then_step_by_step_equals_full_forward(position, n_kv_heads, backend, modern):
+    m = make(position=position, n_kv_heads=n_kv_heads, attention=backend, **(MODERN if modern else {}))
     x = ids(2, SMALL.max_len)
     full = m(x)
     cache = m.new_cache(2)
@@ -253,7 +260,12 @@ def test_dropout_only_in_training():
 # Every combination of the architecture options, forward and backward on a tiny model.
 COMBOS = list(
     itertools.product(
-        ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu"), POSITIONS, (False, True), (False, True), (None, 1)
+        ("layernorm", "rmsnorm"),
+        ("gelu", "swiglu", "relu", "relu2"),
+        POSITIONS,
+        (False, True),
+        (False, True),
+        (None, 1),
     )
 )
 
@@ -360,7 +372,7 @@ def test_parameter_count_of_the_release_configuration():
         m = Transformer(mc)
     assert m.num_parameters() == expected
     assert round(m.num_parameters() / 1e6, 1) == 52.5
-    assert m.num_parameters(non_embedding=True) == expected - V * C
+    assert m.num_parameters(non_embedding=True) == expected - 2 * V * C  # no embedding, no head matrix
     # 6N (every matmul weight: all but the embedding lookup) + 12 L C T
     assert m.flops_per_token() == 6 * (expected - V * C) + 12 * L * C * mc.max_len
     assert m.flops_per_token(seq_len=1024) == 6 * (expected - V * C) + 12 * L * C * 1024
@@ -371,4 +383,65 @@ def test_tied_embeddings_count_once_and_keep_the_head_flops():
     V, C = SMALL.vocab_size, SMALL.d_model
     assert a.num_parameters() - b.num_parameters() == V * C
     assert a.flops_per_token() == b.flops_per_token()
-    assert b.num_parameters(non_embedding=True) == a.num_parameters(non_embedding=True) - V * C
+    # non-embedding: the head's matrix is left out whether tied or not, so both count the same
+    assert b.num_parameters(non_embedding=True) == a.num_parameters(non_embedding=True)
+    blocks = sum(p.numel() for p in a.blocks.parameters())
+    norm_f = sum(p.numel() for p in a.norm_f.parameters())
+    assert a.num_parameters(non_embedding=True) == blocks + norm_f + V  # + the head's bias
+
+
+def test_modern_options_keep_the_parameter_count():
+    # QK-norm has no learned gains, ReLU^2 keeps d_ff, zero-init and the cap change no shape.
+    base = make()
+    for opt in (dict(qk_norm=True), dict(activation="relu2"), dict(zero_init_proj=True), dict(logit_softcap=15.0)):
+        assert make(**opt).num_parameters() == base.num_parameters(), opt
+
+
+def test_relu2_is_relu_squared():
+    m = make(activation="relu2")
+    ffn = m.blocks[0].ffn
+    x = torch.randn(3, SMALL.d_model)
+    expected = ffn.proj(torch.relu(ffn.fc(x)) ** 2)
+    assert maxdiff(ffn(x), expected) < 1e-6
+
+
+def test_qk_norm_scores_do_not_grow_with_the_qk_weights():
+    # With QK-norm, scaling the q/k rows of the projection changes nothing: queries and keys are
+    # RMS-normalised per head before the scores. Without it the output changes.
+    x = ids()
+    for qk_norm in (True, False):
+        m = make(qk_norm=qk_norm, bias=False)
+        before = m(x)
+        with torch.no_grad():
+            for b in m.blocks:
+                b.attn.qkv.weight[: 2 * SMALL.d_model] *= 7.0  # the q and k rows (no GQA here)
+        changed = maxdiff(m(x), before)
+        assert (changed < 1e-4) if qk_norm else (changed > 1e-3), qk_norm
+
+
+def test_logit_softcap_bounds_the_logits():
+    cap = 2.0
+    m = make(logit_softcap=cap)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(200.0)  # raw logits far beyond the cap
+    h = m.hidden(ids())
+    raw = m.lm_head(h)
+    z = m.head(h)
+    assert raw.abs().max() > 10 * cap
+    assert z.abs().max() <= cap  # tanh rounds to 1 in float32 far out
+    assert maxdiff(z, cap * torch.tanh(raw / cap)) < 1e-6
+    assert maxdiff(make()(ids()), make(logit_softcap=None)(ids())) == 0
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    m = make(zero_init_proj=True)
+    for b in m.blocks:
+        assert not b.attn.proj.weight.any() and not b.ffn.proj.weight.any()
+    x = ids()
+    h = m.tok_emb(x) * m.emb_scale + m.pe[: x.shape[1]]  # what the blocks receive (sinusoidal)
+    assert maxdiff(m(x), m.head(m.norm_f(h))) < 1e-5
+    # the projections do learn: their gradient is not zero at the start
+    m.train()
+    torch.nn.functional.cross_entropy(m(x).flatten(0, 1), x.flatten()).backward()
+    assert m.blocks[0].attn.proj.weight.grad.abs().sum() > 0
+    assert m.blocks[0].ffn.proj.weight.grad.abs().sum() > 0

@@ -90,12 +90,19 @@ def test_padding_micro_batch_contributes_nothing(store, tmp_path):
         assert torch.isfinite(p2).all()
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, optimizer):
     # 32 rows, batch 4: 8 batches per epoch. Stop at step 8 (the end of epoch 0, between two
     # checkpoint steps) and resume into epoch 1; dropout makes the RNG state matter too.
     store = make_store(tmp_path, n_train=5)
     n, stop = 12, 8
-    extra = (f"train.max_steps={n}", "train.eval_every=5", "train.checkpoint_every=3", "model.dropout=0.1")
+    extra = (
+        f"train.max_steps={n}",
+        "train.eval_every=5",
+        "train.checkpoint_every=3",
+        "model.dropout=0.1",
+        f"train.optimizer={optimizer}",
+    )
     full = train(make_cfg(tmp_path / "one", *extra), shards_dir=store)
     cfg = make_cfg(tmp_path / "two", *extra)
     half = train(cfg, shards_dir=store, stop_after=stop)
@@ -116,8 +123,13 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(wa["model"][k], wb["model"][k]), k
     assert wa["loader"] == wb["loader"] == {"epoch": 1, "position": n - 8, "seed": 42}
     assert wa["step"] == wb["step"] == n
-    sa, sb = wa["optimizer"]["state"], wb["optimizer"]["state"]
-    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    oa, ob = wa["optimizer"], wb["optimizer"]
+    if optimizer == "muon":
+        ma, mb = oa["muon"]["state"], ob["muon"]["state"]
+        assert ma and all(torch.equal(ma[i]["momentum_buffer"], mb[i]["momentum_buffer"]) for i in ma)
+        oa, ob = oa["adamw"], ob["adamw"]
+    sa, sb = oa["state"], ob["state"]
+    assert sa and all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
 
 
 def test_run_folder_is_never_overwritten(store, tmp_path):
@@ -311,6 +323,45 @@ def test_resume_refuses_a_changed_model(store, tmp_path):
         train(make_cfg(tmp_path / "runs", "train.max_steps=3", "model.d_model=64"), shards_dir=store, resume=True)
     rest = train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
     assert rest["steps"] == 3
+
+
+def test_resume_refuses_another_optimizer(store, tmp_path):
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100")
+    train(cfg, shards_dir=store)
+    with pytest.raises(XLabError, match=r"train.optimizer cannot change on --resume \(adamw in the checkpoint, muon"):
+        train(make_cfg(tmp_path / "runs", "train.max_steps=3", "train.optimizer=muon"), shards_dir=store, resume=True)
+
+
+def test_resume_of_a_checkpoint_older_than_a_model_option_takes_its_default(store, tmp_path):
+    # A 0.4 checkpoint's model section has no qk_norm, zero_init_proj or logit_softcap: they were off.
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100")
+    train(cfg, shards_dir=store)
+    last = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last)
+    for key in ("qk_norm", "zero_init_proj", "logit_softcap"):
+        del ck["config"]["model"][key]
+    torch.save(ck, last)
+    rest = train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)
+    assert rest["steps"] == 3
+    with pytest.raises(XLabError, match="qk_norm False \\(checkpoint\\) vs True"):
+        train(make_cfg(tmp_path / "runs", "train.max_steps=4", "model.qk_norm=true"), shards_dir=store, resume=True)
+
+
+def test_threads_setting_applies_during_training_only(store, tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    seen = []
+    real = xlab.loss.model_loss
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(xlab.loss, "model_loss", spy)
+    train(make_cfg(tmp_path / "runs", "train.max_steps=1", "train.threads=2"), shards_dir=store)
+    assert seen and set(seen) == {2}
+    assert torch.get_num_threads() == before
+    out = capsys.readouterr().out
+    assert "(2 threads)" in out and "non-embedding" in out
 
 
 def test_resume_from_a_damaged_checkpoint_is_a_one_line_error(store, tmp_path):

@@ -119,6 +119,7 @@ class Activation(Choice):
     gelu = "gelu"
     swiglu = "swiglu"
     relu = "relu"
+    relu2 = "relu2"  # ReLU squared (So et al. 2021, "Primer", arXiv:2109.08668)
 
 
 class Position(Choice):
@@ -137,6 +138,11 @@ class Precision(Choice):
     auto = "auto"  # bf16 on CUDA, fp32 on CPU
     bf16 = "bf16"
     fp32 = "fp32"
+
+
+class Optimizer(Choice):
+    adamw = "adamw"  # AdamW on every parameter
+    muon = "muon"  # Muon on the blocks' weight matrices, AdamW on the rest
 
 
 class LRSchedule(Choice):
@@ -208,6 +214,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the token embedding with the output head
     bias: bool = True  # biases in every linear layer, the output head and LayerNorm
     attention: Attention = Attention.sdpa
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys (before rotary)
+    zero_init_proj: bool = False  # the residual output projections start at zero
+    logit_softcap: Optional[float] = setting(None, gt=0)  # logits = cap * tanh(logits / cap); None: no cap
 
     @property
     def kv_heads(self) -> int:
@@ -252,7 +261,10 @@ class TrainConfig:
     grad_accum: int = setting(1, ge=1)
     epochs: int = setting(1, ge=1)
     max_steps: Optional[int] = setting(None, ge=1)  # optimizer steps; None: run the epochs
-    lr: float = setting(3e-4, gt=0)
+    lr: float = setting(3e-4, gt=0)  # AdamW's peak learning rate (with muon: of the parameters AdamW keeps)
+    optimizer: Optimizer = Optimizer.adamw
+    muon_lr: float = setting(0.02, gt=0)  # Muon's peak learning rate (optimizer=muon); the schedule scales both
+    muon_momentum: float = setting(0.95, ge=0, lt=1)
     min_lr_ratio: float = setting(0.1, ge=0, le=1)  # the cosine schedule's floor, as a fraction of lr
     lr_schedule: LRSchedule = LRSchedule.cosine
     warmup_steps: int = setting(100, ge=0)
@@ -269,6 +281,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     loss_chunk_tokens: int = setting(8192, ge=1)  # logits are computed this many positions at a time
+    threads: Optional[int] = setting(None, ge=1)  # torch CPU threads per process; None: torch's default
 
 
 @dataclass

@@ -13,6 +13,10 @@ The defaults reproduce the original XLab architecture:
 The original's listed future work is available as configuration (:class:`ModelConfig`): RMSNorm, SwiGLU
 or ReLU, learned or rotary positions, tied embeddings, no biases, grouped-query attention, and three
 attention backends (PyTorch SDPA, the flash-attn package, an explicit reference implementation).
+So are the ingredients of today's fast small-model recipes (modded-nanogpt, nanochat; see
+``conf/recipe/modern.yaml``): QK-norm (queries and keys RMS-normalised per head, Dehghani et al. 2023,
+arXiv:2302.05442, without learned gains), ReLU² (So et al. 2021, "Primer", arXiv:2109.08668),
+zero-initialised residual projections, and tanh soft-capped logits (Gemma 2, arXiv:2408.00118).
 
 Initialization (see ``Transformer._init_weights``): every matrix N(0, 0.02), biases zero, norms at
 identity, and the two projections that write into the residual stream (attention output and
@@ -263,6 +267,7 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.backend = cfg.attention
         self.dropout = cfg.dropout
+        self.qk_norm = cfg.qk_norm
         # One matmul for q, k and v: (C) -> (H + 2K) * D. Same parameters as three projections.
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # writes into the residual stream
@@ -274,6 +279,8 @@ class SelfAttention(nn.Module):
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, K, D), v.view(B, T, K, D)
+        if self.qk_norm:  # unit RMS per head, so the scores' scale no longer grows with the weights
+            q, k = F.rms_norm(q, (D,), eps=1e-6), F.rms_norm(k, (D,), eps=1e-6)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
@@ -286,8 +293,8 @@ class SelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward: C -> d_ff -> C with GELU or ReLU, or SwiGLU (Shazeer 2020,
-    arXiv:2002.05202): silu(x W1) * (x W3), then W2.
+    """Position-wise feed-forward: C -> d_ff -> C with GELU, ReLU or ReLU² (relu(x)^2, Primer), or
+    SwiGLU (Shazeer 2020, arXiv:2002.05202): silu(x W1) * (x W3), then W2.
 
     For SwiGLU ``d_ff`` stays the hidden width, so its feed-forward has 1.5x the parameters of GELU at
     the same ``d_ff``; for parameter parity set d_ff to about 2/3 of the GELU value (as LLaMA does).
@@ -308,6 +315,8 @@ class FeedForward(nn.Module):
             h = F.silu(gate) * up
         elif self.activation == "relu":
             h = F.relu(h)
+        elif self.activation == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h)  # exact (erf) GELU, as the original
         return self.proj(self.dropout(h))  # (B, T, C)
@@ -382,7 +391,10 @@ class Transformer(nn.Module):
         The two projections per block that write into the residual stream get std 0.02 / sqrt(2 L)
         (GPT-2): the stream is a sum of 2 L such terms, so its variance stays O(1) at any depth.
         With sinusoidal positions the token embedding is N(0, 1/d_model) instead, scaled by
-        sqrt(d_model) in :meth:`hidden` (unit RMS, on the scale of the fixed table)."""
+        sqrt(d_model) in :meth:`hidden` (unit RMS, on the scale of the fixed table). With
+        ``zero_init_proj`` the two residual projections start at zero instead, so every block starts
+        as the identity (as modded-nanogpt and nanochat do); their gradients are not zero, so they
+        leave zero at the first step."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=INIT_STD)
@@ -394,8 +406,11 @@ class Transformer(nn.Module):
             nn.init.normal_(self.tok_emb.weight, std=1.0 / self.emb_scale)
         residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
-            nn.init.normal_(block.ffn.proj.weight, std=residual_std)
+            for proj in (block.attn.proj, block.ffn.proj):
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, std=residual_std)
 
     # -- forward -------------------------------------------------------------------------------------
 
@@ -461,8 +476,13 @@ class Transformer(nn.Module):
         return self.norm_f(x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits (..., V) of hidden states (..., d_model)."""
-        return self.lm_head(h)
+        """Logits (..., V) of hidden states (..., d_model); with ``logit_softcap`` c, c * tanh(z / c),
+        which keeps every logit inside (-c, c) (Gemma 2) and so bounds how confident the model can be."""
+        z = self.lm_head(h)
+        cap = self.cfg.logit_softcap
+        if cap is not None:
+            z = cap * torch.tanh(z / cap)
+        return z
 
     def forward(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Next-token logits (B, T, V) for ids (B, T); float32 unless under autocast. See :meth:`hidden`."""
@@ -473,15 +493,19 @@ class Transformer(nn.Module):
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Number of parameters (tied weights counted once).
 
-        ``non_embedding=True`` leaves out the token embedding table and learned position table (as in
-        Kaplan et al. 2020, arXiv:2001.08361). With tied embeddings that also removes the head's matrix;
-        untied, the head's matrix is counted (it is a real matmul).
+        ``non_embedding=True`` counts what the transformer's depth adds (Kaplan et al. 2020,
+        arXiv:2001.08361): the blocks, the final norm and the head's bias. It leaves out the token
+        embedding, the learned position table and the head's V x C matrix, whether that matrix is
+        tied to the embedding or not, so tied and untied models of the same shape report the same
+        count.
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
@@ -497,9 +521,7 @@ class Transformer(nn.Module):
         matmuls, so they are left out. T is ``seq_len`` (default ``cfg.max_len``).
         """
         c = self.cfg
-        n = self.num_parameters(non_embedding=True)
-        if c.tie_embeddings:
-            n += self.lm_head.weight.numel()
+        n = self.num_parameters(non_embedding=True) + self.lm_head.weight.numel()
         t = c.max_len if seq_len is None else seq_len
         return 6.0 * n + 12.0 * c.n_layers * c.d_model * t
 

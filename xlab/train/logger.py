@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -167,8 +168,11 @@ class RunLogger:
         """The run's first line: parameters, processes, device, rows per step, steps to go."""
         t, info = trainer.cfg.train, trainer.info
         self.print(
-            f"[bold]train[/bold] {self.run_dir}: {trainer.model.num_parameters() / 1e6:.2f}M parameters, "
-            f"{info.world_size} process(es) on {trainer.device}, "
+            f"[bold]train[/bold] {self.run_dir}: {trainer.model.num_parameters() / 1e6:.2f}M parameters "
+            f"({trainer.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
+            f"{t.optimizer}, {info.world_size} process(es) on {trainer.device}"
+            + (f" ({torch.get_num_threads()} threads)" if trainer.device.type == "cpu" else "")
+            + ", "
             f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {trainer.store.seq_len} tokens per step, "
             f"steps {trainer.step}->{self.total_steps}" + (" (resumed)" if trainer.ckpt else "")
         )

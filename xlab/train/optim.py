@@ -1,11 +1,27 @@
-"""The optimizer: AdamW (Loshchilov & Hutter 2019) with weight decay on weight matrices only."""
+"""The optimizers: AdamW (Loshchilov & Hutter 2019) alone, or Muon for the blocks' weight matrices
+beside AdamW for everything else (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural
+networks", https://kellerjordan.github.io/posts/muon/).
+
+Muon replaces each matrix's momentum-averaged gradient by its nearest semi-orthogonal matrix (five
+Newton-Schulz iterations), so every direction of the update has the same size. It is meant for the 2-D
+weights inside the blocks; the embedding, the output head, norms and biases stay with AdamW, as in the
+Muon paper and in modded-nanogpt. XLab uses ``torch.optim.Muon`` (torch >= 2.9) with Keller Jordan's
+shape scaling, lr * sqrt(max(1, rows / cols)).
+
+Every param group carries ``lr_scale``: the trainer sets ``lr = schedule(step) * lr_scale``, so one
+schedule drives both learning rates (AdamW's ``train.lr`` and Muon's ``train.muon_lr``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from xlab.config import TrainConfig
+from xlab.config import Optimizer, TrainConfig
+from xlab.errors import XLabError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -20,15 +36,98 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 and id(p) not in emb else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
 
 
-def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` with ``t.lr``, ``t.beta1``, ``t.beta2``, ``t.weight_decay``; the
-    fused kernel where torch has one for ``device`` (CUDA, and CPU since torch 2.4)."""
+def muon_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon takes: the 2-D weights of ``model.blocks`` (q/k/v, attention output and
+    feed-forward matrices). The embedding, the head, norms and biases are not among them."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return []
+    return [p for p in blocks.parameters() if p.requires_grad and p.ndim == 2]
+
+
+class MuonAdamW:
+    """Muon over :func:`muon_params`, AdamW over the other parameters, used as one optimizer.
+
+    It has what the trainer uses of ``torch.optim.Optimizer``: ``param_groups`` (Muon's first),
+    ``step()``, ``zero_grad()``, ``state_dict()`` -> ``{"muon": ..., "adamw": ...}`` and
+    ``load_state_dict()``.
+
+    Muon's decoupled weight decay multiplies a matrix by ``1 - lr_muon * wd_muon`` per step; XLab sets
+    ``wd_muon = weight_decay * lr / muon_lr`` so that every decayed matrix shrinks by the same
+    ``1 - lr * weight_decay`` per step under either optimizer, and ``train.weight_decay`` keeps one
+    meaning.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Raises:
+        KeyError: ``state`` is not a Muon + AdamW state (e.g. a plain AdamW checkpoint)."""
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def _adamw(groups: list[dict], t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for ``device`` (CUDA, and CPU since torch 2.4)."""
     try:
         torch.optim.AdamW([torch.zeros(1, device=device, requires_grad=True)], fused=True)
         impl = {"fused": True}
     except (RuntimeError, TypeError, ValueError):
         impl = {}
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), **impl)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **impl)
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
+    """The optimizer ``t.optimizer`` names.
+
+    ``adamw``: AdamW over :func:`param_groups` with ``t.lr``, ``t.beta1``, ``t.beta2``,
+    ``t.weight_decay``. ``muon``: :class:`MuonAdamW`, Muon (``t.muon_lr``, ``t.muon_momentum``,
+    Nesterov, 5 Newton-Schulz steps in bf16) over :func:`muon_params` and AdamW as above over the rest.
+
+    Raises:
+        XLabError: ``muon`` on a torch without ``torch.optim.Muon`` (before 2.9), or a model without
+            block matrices.
+    """
+    if Optimizer.parse(t.optimizer, "train.optimizer") == Optimizer.adamw:
+        return _adamw(param_groups(model, t.weight_decay), t, device)
+    if not hasattr(torch.optim, "Muon"):
+        raise XLabError(f"train.optimizer=muon needs torch >= 2.9 (installed: {torch.__version__}); use adamw")
+    matrices = muon_params(model)
+    if not matrices:
+        raise XLabError("train.optimizer=muon found no block weight matrices in the model")
+    taken = {id(p) for p in matrices}
+    rest = [g | {"params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, t.weight_decay)]
+    scale = t.muon_lr / t.lr
+    muon = torch.optim.Muon(
+        matrices,
+        lr=t.muon_lr,
+        weight_decay=t.weight_decay / scale,
+        momentum=t.muon_momentum,
+        nesterov=True,
+        adjust_lr_fn="original",
+    )
+    for g in muon.param_groups:
+        g["lr_scale"] = scale
+    return MuonAdamW(muon, _adamw([g for g in rest if g["params"]], t, device))

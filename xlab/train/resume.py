@@ -47,17 +47,21 @@ def reconcile(
 
     The model's ``vocab_size`` and ``max_len`` are the store's. On resume the model section must
     equal the checkpoint's (the architecture cannot change mid-run); train settings may change
-    (e.g. a larger ``max_steps``), each reported as ``"key old->new"``.
+    (e.g. a larger ``max_steps``), each reported as ``"key old->new"``, except ``train.optimizer``
+    (the checkpoint holds that optimizer's state).
 
     Raises:
-        XLabError: a model setting that differs from the checkpoint's, naming every such key.
+        XLabError: a model setting that differs from the checkpoint's, naming every such key; another
+            ``train.optimizer`` than the checkpoint's.
     """
     cfg = from_dict(to_dict(cfg))
     cfg.model.vocab_size, cfg.model.max_len = int(vocab_size), int(max_len)
     if ckpt is None:
         return cfg, []
     d = to_dict(cfg)
-    saved, asked = dict(ckpt["config"]["model"]), d["model"]
+    # A key the checkpoint's XLab did not have yet had its default then (e.g. qk_norm before 0.5).
+    saved = to_dict(from_dict({"model": dict(ckpt["config"]["model"])}))["model"]
+    asked = d["model"]
     differ = sorted(k for k in set(saved) | set(asked) if k not in FROM_STORE and saved.get(k) != asked.get(k))
     if differ:
         what = ", ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {asked.get(k)!r} (asked)" for k in differ)
@@ -68,6 +72,11 @@ def reconcile(
     d["model"] = saved
     cfg = from_dict(d)
     old = ckpt["config"].get("train", {})
+    if str(old.get("optimizer", "adamw")) != str(cfg.train.optimizer):
+        raise XLabError(
+            f"train.optimizer cannot change on --resume ({old.get('optimizer', 'adamw')} in the checkpoint, "
+            f"{cfg.train.optimizer} asked): its state is the optimizer's; start a new run with --run-name"
+        )
     changed = [f"{k} {old.get(k)!r}->{v!r}" for k, v in to_dict(cfg)["train"].items() if k in old and old[k] != v]
     return cfg, changed
 

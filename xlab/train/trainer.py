@@ -105,6 +105,10 @@ def train(
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    threads_before = torch.get_num_threads()
+    if cfg.train.threads is not None:
+        # On a small machine shared with other work, fewer threads than cores can train faster.
+        torch.set_num_threads(int(cfg.train.threads))
     xdist.init(info, device)
     run_dir = stage_paths(cfg).run
     # One writer per run folder: rank 0 holds the lock (the other ranks write nothing).
@@ -119,6 +123,7 @@ def train(
     finally:
         xdist.destroy()
         torch.use_deterministic_algorithms(deterministic_before)  # process-wide: leave it as found
+        torch.set_num_threads(threads_before)
 
 
 class Trainer:
@@ -301,7 +306,7 @@ class Trainer:
             min_lr_ratio=t.min_lr_ratio,
         )
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group runs at muon_lr / lr times AdamW's
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
