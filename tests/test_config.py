@@ -206,3 +206,31 @@ def test_bad_commands_and_options_are_one_line_exit_2(tmp_path, cli, args, words
     p = cli(args, cwd=tmp_path, check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and words in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "--help" in p.stderr
+
+
+def _commands(cmd, path=()):
+    yield list(path), cmd
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_flags_show_no_value_in_any_help():
+    """Every flag's help line is the flag and its text: `--force <bool>` read as if it took a value."""
+    import re
+
+    import typer.main
+    from typer.testing import CliRunner
+
+    from xlab.commands.app import app
+
+    runner = CliRunner()
+    flags = 0
+    for path, cmd in _commands(typer.main.get_command(app)):
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"}).output
+        assert "<bool>" not in out, path
+        assert re.search(r"--help\s+Show this message", out), (path, out)
+        for p in cmd.params:
+            if getattr(p, "is_flag", False):
+                flags += 1
+                assert re.search(rf"{p.opts[0]}\s+{re.escape(p.help.split()[0])}", out), (path, p.opts, out)
+    assert flags >= 9  # --force (5 commands), --resume, --greedy (2), --continue, --stream

@@ -15,6 +15,27 @@ import typer
 
 from xlab.errors import Terminated, XLabError, first_line
 
+
+def _flags_show_no_value() -> None:
+    """Typer's rich help prints a value type beside every option, flags included (``--force
+    <bool>``, ``--help <bool>``), which reads as if the flag took a value; ``--force true`` is then
+    refused. A flag's help shows the flag alone. Patched on the option class because ``--help`` and
+    the options of every command (those added later too) are built from it."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_show_no_value", False):  # another Typer, or done already
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_show_no_value = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_value()
+
 app = typer.Typer(
     help="XLab: train transformer language models on Wikipedia, from raw text to generated text.",
     no_args_is_help=True,
