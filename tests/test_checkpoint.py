@@ -357,3 +357,19 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_files(tmp_path, trained, 
     with pytest.raises(XLabError, match="cannot write the export"):
         export(last, tmp_path / "exp")
     assert not (tmp_path / "exp").exists()
+
+
+def test_export_writes_the_default_folder_its_help_names(tmp_path, trained, monkeypatch):
+    import re
+
+    import typer.main
+
+    from xlab.commands.app import app
+
+    _, last, _ = trained
+    monkeypatch.chdir(tmp_path)
+    out = export(last)
+    help_ = next(p.help for p in typer.main.get_command(app).commands["export"].params if p.name == "out")
+    named = re.search(r"default: (\S+)\)", help_).group(1)
+    ck = load_checkpoint(last)
+    assert named.replace("<run>", ck["config"]["train"]["run_name"]).replace("<step>", str(ck["step"])) == str(out)

@@ -227,7 +227,7 @@ def evaluate(
 @app.command("export")
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint .pt")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/<run>-<step>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/<run>-step<step>).")] = None,
 ):
     """Write the weights as safetensors plus the configuration and tokenizer; never overwrites."""
     from xlab import checkpoint as ckpt
