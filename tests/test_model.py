@@ -315,10 +315,13 @@ def test_learns_a_repeated_sequence():
     assert losses[0] > 4.0 and losses[-1] < 0.5
 
 
-def test_flash_attn_backend_without_the_package_names_the_extra(monkeypatch):
+def test_flash_attn_backend_without_the_package_names_the_extra_as_the_readme_does(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn -> ImportError
-    with pytest.raises(XLabError, match=r"xlabml\[flash\]"):
+    with pytest.raises(XLabError) as e:
         make(attention="flash_attn")
+    readme = (ROOT / "README.md").read_text()
+    for hint in ("pip install -e '.[flash]'", "pip install 'xlabml[flash]'"):  # from a clone, elsewhere
+        assert hint in str(e.value) and f"`{hint}`" in readme
 
 
 def test_flash_attn_on_cpu_is_refused_clearly(monkeypatch):

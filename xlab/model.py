@@ -140,8 +140,8 @@ def _flash_attn_func():
         from flash_attn import flash_attn_func
     except ImportError:
         raise XLabError(
-            "model.attention=flash_attn needs the flash-attn package: pip install 'xlabml[flash]' "
-            "(CUDA only), or use model.attention=sdpa"
+            "model.attention=flash_attn needs the flash-attn package (CUDA only): pip install -e '.[flash]' "
+            "in a clone of XLab, pip install 'xlabml[flash]' otherwise; or use model.attention=sdpa"
         ) from None
     return flash_attn_func
 
