@@ -400,3 +400,61 @@ def test_a_store_older_than_its_tokenizer_is_refused(store, tmp_path):
     cfg = make_cfg(tmp_path, f"paths.shards_dir={store.parent}", "data.name=store", f"paths.tokenizer_dir={tok_dir}")
     with pytest.raises(XLabError, match="encoded with another tokenizer than .*run `xlab data encode`"):
         train(cfg)
+
+
+def tensorboard_scalars(tb_dir, tag: str) -> tuple[list, list]:
+    """``(steps, values)`` of ``tag`` as TensorBoard shows them (its restart purges applied), and
+    the steps of ``tag`` in the raw event files, all files together."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    shown = [(e.step, e.value) for e in acc.Scalars(tag)]
+    raw = [
+        ev.step
+        for f in sorted(tb_dir.glob("events.out.tfevents.*"))
+        for ev in EventFileLoader(str(f)).Load()
+        if any(v.tag == tag for v in ev.summary.value)
+    ]
+    return shown, raw
+
+
+def test_resume_keeps_every_point_and_continues_the_clock(tmp_path):
+    store = make_store(tmp_path, n_train=5)
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=8", "train.eval_every=3")
+    run = tmp_path / "runs" / "t"
+    train(cfg, shards_dir=store, stop_after=4)
+    before = read_metrics(run)
+    elapsed = load_checkpoint(run / "checkpoints" / "last.pt")["elapsed_s"]
+    assert elapsed >= before[-1]["time"] > 0
+    train(cfg, shards_dir=store, resume=True)
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs] == list(range(1, 9))  # every step once
+    assert recs[:4] == before  # the points logged before the stop, unchanged
+    times = [r["time"] for r in recs]
+    assert times == sorted(times) and times[4] >= elapsed  # the clock continues across the resume
+    shown, raw = tensorboard_scalars(run / "tb", "train/loss")
+    assert [s for s, _ in shown] == raw == list(range(1, 9))
+    assert [v for _, v in shown] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
+    shown, raw = tensorboard_scalars(run / "tb", "train/time")
+    assert [v for _, v in shown] == pytest.approx(times, rel=1e-6)
+    shown, raw = tensorboard_scalars(run / "tb", "val/loss")
+    assert [s for s, _ in shown] == raw == [3, 6, 8]
+
+
+def test_a_checkpoint_without_elapsed_seconds_resumes_with_the_clock_at_zero(tmp_path):
+    from xlab.checkpoint import save_checkpoint
+
+    store = make_store(tmp_path, n_train=5)
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=4", "train.eval_every=100")
+    run = tmp_path / "runs" / "t"
+    train(cfg, shards_dir=store, stop_after=2)
+    last = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    del state["elapsed_s"]  # as XLab wrote checkpoints before it recorded the run's wall time
+    save_checkpoint(last, state)
+    train(cfg, shards_dir=store, resume=True)
+    recs = read_metrics(run)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert 0 < recs[2]["time"] <= recs[3]["time"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,26 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a kill
     atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def wait_for_a_later_event_file(tb_dir: Path) -> None:
+    """Sleep (at most a second) until the clock's second is past that of every event file in
+    ``tb_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the second it
+    was created in and ends with the process id and a counter, which do not sort by time. A
+    resumed run's file must come after the points it continues, or TensorBoard drops them as out
+    of order; only a resume within a second of the first run's start can tie.
+    """
+    seconds = []
+    for p in Path(tb_dir).glob("events.out.tfevents.*"):
+        field = p.name.split(".")[3]
+        if field.isdigit():
+            seconds.append(int(field))
+    if seconds:
+        delay = max(seconds) + 1 - time.time()
+        if 0 < delay <= 1:
+            time.sleep(delay)
 
 
 class LogWindow:
@@ -74,8 +95,9 @@ class LogWindow:
 
 class RunLogger:
     """The logs of one run folder. ``resumed_at`` is the step a resumed run continues from (records
-    after it are dropped from ``metrics.jsonl`` and TensorBoard); None for a fresh run, whose stale
-    ``metrics.jsonl`` (a folder without checkpoints holds nothing worth keeping) is removed.
+    after it, logged after the checkpoint, are dropped from ``metrics.jsonl`` and hidden in
+    TensorBoard; those up to it are kept); None for a fresh run, whose stale ``metrics.jsonl`` (a
+    folder without checkpoints holds nothing worth keeping) is removed.
 
     Use as a context manager; records are dicts with ``step`` and ``split`` plus numeric metrics.
     """
@@ -109,7 +131,14 @@ class RunLogger:
             metrics.unlink()
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=resumed_at)
+        tb = self.run_dir / "tb"
+        purge = None
+        if resumed_at is not None:
+            wait_for_a_later_event_file(tb)
+            # TensorBoard hides every earlier point at or after the purge step: the resumed run's
+            # first step, so that the checkpoint's own step (logged before the stop) stays.
+            purge = resumed_at + 1
+        self._writer = SummaryWriter(log_dir=str(tb), purge_step=purge)
         self._jsonl = open(metrics, "a", encoding="utf-8")
 
     def __enter__(self) -> RunLogger:
@@ -156,7 +185,7 @@ class RunLogger:
     def train_line(self, r: dict) -> None:
         """Record and print a train log line: ``r`` has step, loss, accuracy, lr, grad_norm,
         tokens_per_s, gflops (achieved model FLOP/s / 1e9), mfu (a fraction of a published peak, or
-        None: on CPU) and time (seconds since the run's start)."""
+        None: on CPU) and time (wall seconds since the run's start, earlier sessions included)."""
         self.record({"step": r["step"], "split": "train", **r})
         self.print(
             f"step {r['step']:>6} | loss {r['loss']:.4f} | acc {r['accuracy']:.3f} | lr {r['lr']:.2e} | "

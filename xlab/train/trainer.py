@@ -199,6 +199,9 @@ class Trainer:
             )
         self.step = 0
         self.window = LogWindow()
+        # Wall seconds of the sessions before this one (a resume continues the run's clock).
+        self.elapsed_before = 0.0
+        self._session_start: Optional[float] = None
         # Dropout differs per rank (different data, different masks), from a seed that resume restores.
         torch.manual_seed(t.seed + 1000003 * info.rank)
         random.seed(t.seed + info.rank)
@@ -220,7 +223,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- state
     def state(self, rank_rng: Optional[list] = None) -> dict:
-        """The training checkpoint's contents (the keys :mod:`xlab.checkpoint` documents)."""
+        """The training checkpoint's contents: the keys :mod:`xlab.checkpoint` documents, plus
+        ``elapsed_s`` (the run's wall seconds so far, so a resumed run's ``time`` continues)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -235,7 +239,13 @@ class Trainer:
             "best": list(self.keeper.best),
             "rank_rng": rank_rng or [],
             "log_window": self.window.state_dict(),
+            "elapsed_s": self.elapsed_s(),
         }
+
+    def elapsed_s(self) -> float:
+        """Wall seconds since the run's start: earlier sessions (before a resume) plus this one."""
+        now = time.perf_counter() - self._session_start if self._session_start is not None else 0.0
+        return self.elapsed_before + now
 
     def _restore(self, ckpt: dict) -> None:
         try:
@@ -245,6 +255,7 @@ class Trainer:
             self.loader.load_state_dict(ckpt["loader"])
             self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
             self.window.load_state_dict(ckpt.get("log_window"))
+            self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))  # absent before XLab recorded it
             self.keeper.restore_rng(ckpt)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise XLabError(
@@ -358,6 +369,7 @@ class Trainer:
         last_val, last_train_loss, last_mfu, last_ckpt = None, float("nan"), None, None
         interrupted = signalled = False
         t_start, start_step = time.perf_counter(), self.step
+        self._session_start = t_start
         train_seconds = 0.0  # time in training steps only (not evaluation or saving)
         micro_iter = self.micro_batches()
         self.model.train()
@@ -377,7 +389,7 @@ class Trainer:
                     log.train_line({"step": self.step, "loss": last_train_loss, "accuracy": w.correct / max(w.count, 1),
                                     "lr": r["lr"], "grad_norm": r["grad_norm"], "tokens_per_s": tps,
                                     "gflops": self.flops_per_token * tps / 1e9, "mfu": last_mfu,
-                                    "time": round(time.perf_counter() - t_start, 3)})  # fmt: skip
+                                    "time": round(self.elapsed_s(), 3)})  # fmt: skip
                     self.window = LogWindow()
                 stop = r["stop"] or (stop_after is not None and self.step >= stop_after)
                 best_name, dropped = None, []
