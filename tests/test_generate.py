@@ -683,7 +683,7 @@ def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
     assert summary["reference_loss"] == pytest.approx(mean)
     # a random model is near uniform: about ln(vocab) nats per token
     assert abs(summary["reference_loss"] - math.log(tok.vocab_size)) < 1.0
-    with pytest.raises(XLabError):
+    with pytest.raises(XLabError, match="lower --prompt-tokens"):
         cli_pred.cli_predict(
             path,
             out=out,
@@ -694,7 +694,38 @@ def test_cli_predict_writes_jsonl(real_checkpoint, tmp_path, capsys):
             greedy=True,
             seed=1,
             device="cpu",
+            force=True,
         )
+
+
+def test_cli_predict_refuses_an_existing_output_unless_forced(real_checkpoint, tmp_path, cli):
+    path, _, _ = real_checkpoint
+    out = tmp_path / "pred.jsonl"
+    out.write_text("an earlier run's predictions\n")
+    args = [
+        "predict",
+        path,
+        "--out",
+        out,
+        "-n",
+        "1",
+        "--prompt-tokens",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    r = cli(args, cwd=tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {out} already exists") and "--force" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert out.read_text() == "an earlier run's predictions\n"
+    r = cli(["predict", path, "--out", tmp_path, "-n", "1", "--device", "cpu"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and "is a folder" in r.stderr, r.stderr
+    cli(args + ["--force"], cwd=tmp_path)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["prompt_tokens"] == 2
+    assert [f.name for f in tmp_path.iterdir()] == ["pred.jsonl"]  # written atomically: no temporary left
 
 
 def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):

@@ -288,6 +288,7 @@ def predict(
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of sampling.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (else refused).")] = False,
 ):
     """Continue the first K tokens of N predict-split articles; write prompt, reference and generation."""
     from xlab.commands.predict import cli_predict
@@ -302,6 +303,7 @@ def predict(
         greedy=greedy,
         seed=seed,
         device=device,
+        force=force,
     )
 
 

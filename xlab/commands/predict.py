@@ -47,17 +47,25 @@ def cli_predict(
     greedy: bool,
     seed: int,
     device: str,
+    force: bool = False,
 ) -> dict:
     """``xlab predict``: write one JSON line per article (see :func:`predict`) to ``out`` atomically
-    and print a summary; sampling uses the checkpoint configuration's ``generate`` settings.
+    and print a summary; sampling uses the checkpoint configuration's ``generate`` settings. An
+    existing ``out`` is replaced only with ``force``.
 
     Returns:
         Summary dict: articles, skipped, reference_loss (token-weighted mean, nats), out.
 
     Raises:
         XLabError: bad option values, a missing checkpoint or store, a store encoded with another
-        tokenizer, no article long enough.
+        tokenizer, no article long enough, ``out`` a folder or (without ``force``) an existing file;
+        the option checks and ``out`` come before any work.
     """
+    out = Path(out)
+    if out.is_dir():
+        raise XLabError(f"--out {out} is a folder; give a file path such as {out / 'predictions.jsonl'}")
+    if out.exists() and not force:
+        raise XLabError(f"{out} already exists; choose another --out, or pass --force to overwrite it")
     if num_articles < 1:
         raise XLabError(f"--num-articles must be >= 1, got {num_articles}")
     if prompt_tokens < 1:
