@@ -728,6 +728,25 @@ def test_cli_predict_refuses_an_existing_output_unless_forced(real_checkpoint, t
     assert [f.name for f in tmp_path.iterdir()] == ["pred.jsonl"]  # written atomically: no temporary left
 
 
+def test_a_prompt_longer_than_the_context_is_said_once(real_checkpoint, tmp_path, capsys):
+    path, tok, _ = real_checkpoint  # model.max_len 16
+    prompt = "the storm veld " * 8
+    n = 1 + len(tok.encode(prompt))  # <sos> + the prompt
+    assert n > 16
+    cli.cli_generate(path, prompt, **{**CLI_DEFAULTS, "num_samples": 2, "stream": True})
+    err = capsys.readouterr().err
+    assert err == f"note: the prompt is {n} tokens and the model's context 16: its first {n - 16} tokens are dropped\n"
+    cli.cli_generate(path, "the storm", **CLI_DEFAULTS)
+    assert capsys.readouterr().err == ""
+    kw = dict(num_articles=2, max_new_tokens=2, shards_dir=None, greedy=True, seed=1, device="cpu", force=True)
+    cli_pred.cli_predict(path, out=tmp_path / "p.jsonl", prompt_tokens=17, **kw)
+    assert capsys.readouterr().err.splitlines() == [
+        "note: the prompt is 18 tokens and the model's context 16: its first 2 tokens are dropped"
+    ]
+    cli_pred.cli_predict(path, out=tmp_path / "p.jsonl", prompt_tokens=15, **kw)
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
     path, _, _ = real_checkpoint
     with pytest.raises(XLabError, match="position 2"):

@@ -24,6 +24,19 @@ def load_for_cli(checkpoint: Path, device: torch.device):
     return load_model_meta(checkpoint, device=str(device))
 
 
+def note_prompt_cut(n_prompt: int, model) -> None:
+    """Say on stderr, once, that a prompt longer than the model's context loses its first tokens:
+    the searches keep the last ``max_len`` (:mod:`xlab.generate.context`) without a word."""
+    max_len = getattr(getattr(model, "cfg", None), "max_len", None)
+    if max_len is not None and n_prompt > max_len:
+        print(
+            f"note: the prompt is {n_prompt} tokens and the model's context {max_len}: "
+            f"its first {n_prompt - max_len} tokens are dropped",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def check_seed(seed: int, num_samples: int = 1) -> None:
     """Sample ``i`` seeds a torch generator with ``seed + i``, which must fit in 0 .. 2**63 - 1."""
     if seed < 0 or seed + max(num_samples, 1) - 1 >= 2**63:
@@ -108,6 +121,7 @@ def cli_generate(
     if not prompt_ids:
         raise XLabError("empty prompt with --continue: give a prompt or drop --continue")
     text_ids = prompt_ids[1:] if add_sos else prompt_ids
+    note_prompt_cut(len(prompt_ids), model)
     opts = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

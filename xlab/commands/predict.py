@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from rich.console import Console
 from rich.table import Table
 
-from xlab.commands.generate import check_cli_options, check_seed, load_for_cli
+from xlab.commands.generate import check_cli_options, check_seed, load_for_cli, note_prompt_cut
 from xlab.config import stage_paths
 from xlab.device import resolve_device
 from xlab.errors import XLabError
@@ -87,6 +87,7 @@ def cli_predict(
         )
     if "predict" not in store.splits:
         raise XLabError(f"the shard store {store.path} has no predict split; run `xlab data encode`")
+    note_prompt_cut(prompt_tokens + 1, model)  # every prompt is <sos> + K tokens
     records, skipped = predict(
         model,
         tok,
