@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -458,3 +459,40 @@ def test_a_checkpoint_without_elapsed_seconds_resumes_with_the_clock_at_zero(tmp
     recs = read_metrics(run)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert 0 < recs[2]["time"] <= recs[3]["time"]
+
+
+def test_live_info_text():
+    from xlab.train.logger import live_info
+
+    assert live_info(5.12345, 1234.4, None) == "loss 5.1235 | 1,234 tok/s | val n/a"
+    assert live_info(0.5, 2e6, 4.25) == "loss 0.5000 | 2,000,000 tok/s | val 4.2500"
+
+
+def test_the_live_line_shows_steps_throughput_eta_and_the_latest_val_loss(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from xlab.train.logger import RunLogger
+
+    cfg = make_cfg(tmp_path)
+    m = {"loss": 4.25, "accuracy": 0.1, "perplexity": 70.1, "bits_per_byte": 1.5, "tokens": 100}
+
+    def line(log) -> str:
+        out = io.StringIO()
+        Console(file=out, width=200).print(log.progress.make_tasks_table(log.progress.tasks))
+        return " ".join(out.getvalue().split())
+
+    with RunLogger(tmp_path / "t", cfg, main=True, total_steps=10) as log:
+        log.start_progress(0)
+        log.advance(5.0, 1500.0)
+        assert "1/10 loss 5.0000 | 1,500 tok/s | val n/a" in line(log)
+        log.val_line(1, m)
+        log.advance(4.5, 1600.0)
+        shown = line(log)
+        assert re.search(r"2/10 loss 4\.5000 \| 1,600 tok/s \| val 4\.2500 \| \d+:\d\d:\d\d elapsed, eta", shown)
+    # a resumed run shows the latest val loss before the stop until it evaluates again
+    with RunLogger(tmp_path / "t", cfg, main=True, total_steps=10, resumed_at=2) as log:
+        log.start_progress(2)
+        log.advance(4.0, 1700.0)
+        assert "3/10 loss 4.0000 | 1,700 tok/s | val 4.2500" in line(log)

@@ -12,7 +12,14 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from xlab.fsio import atomic_write_text
 
@@ -20,6 +27,13 @@ from xlab.fsio import atomic_write_text
 def fmt(x: Optional[float], spec: str) -> str:
     """``format(x, spec)``, or ``n/a`` for None and NaN."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def live_info(loss: float, tokens_per_s: float, val_loss: Optional[float]) -> str:
+    """The progress bar's text after the step count: the step's train loss (nats), the training
+    throughput (token slots per second) and the latest validation loss (``val n/a`` before the
+    first evaluation)."""
+    return f"loss {fmt(loss, '.4f')} | {fmt(tokens_per_s, ',.0f')} tok/s | val {fmt(val_loss, '.4f')}"
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
@@ -54,6 +68,21 @@ def wait_for_a_later_event_file(tb_dir: Path) -> None:
         delay = max(seconds) + 1 - time.time()
         if 0 < delay <= 1:
             time.sleep(delay)
+
+
+def latest_val_loss(path: Path) -> Optional[float]:
+    """The loss of the last val record of ``metrics.jsonl`` (nats), or None: the progress bar of a
+    resumed run shows it until the run evaluates again."""
+    loss = None
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if isinstance(r, dict) and r.get("split") == "val" and isinstance(r.get("loss"), (int, float)):
+                loss = float(r["loss"])
+    return loss
 
 
 class LogWindow:
@@ -111,13 +140,16 @@ class RunLogger:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]} |"),
+            TimeElapsedColumn(),
+            TextColumn("elapsed, eta"),
+            TimeRemainingColumn(),  # to total_steps (max_steps, or the configured epochs)
             console=self.console,
             disable=not main,
             transient=True,
         )
         self.total_steps = total_steps
+        self.val_loss: Optional[float] = None  # the latest, for the progress bar
         self._jsonl = self._writer = None
         self._task = None
         if not main:
@@ -127,6 +159,7 @@ class RunLogger:
         metrics = self.run_dir / "metrics.jsonl"
         if resumed_at is not None:
             truncate_jsonl(metrics, resumed_at)
+            self.val_loss = latest_val_loss(metrics)
         elif metrics.exists():
             metrics.unlink()
         from torch.utils.tensorboard import SummaryWriter
@@ -178,9 +211,10 @@ class RunLogger:
         """Show the progress bar at ``step`` of ``total_steps``."""
         self._task = self.progress.add_task("train", total=self.total_steps, completed=step, info="")
 
-    def advance(self, loss: float) -> None:
-        """Advance the progress bar by one step, showing the step's loss."""
-        self.progress.update(self._task, advance=1, info=f"loss {loss:.4f}")
+    def advance(self, loss: float, tokens_per_s: float) -> None:
+        """Advance the progress bar by one step, showing :func:`live_info` of the step's ``loss``
+        (nats), ``tokens_per_s`` (token slots per second) and the latest validation loss."""
+        self.progress.update(self._task, advance=1, info=live_info(loss, tokens_per_s, self.val_loss))
 
     def train_line(self, r: dict) -> None:
         """Record and print a train log line: ``r`` has step, loss, accuracy, lr, grad_norm,
@@ -230,6 +264,7 @@ class RunLogger:
 
     def val_line(self, step: int, m: dict) -> None:
         """Record and print the validation metrics ``m`` of :func:`xlab.evaluate.metrics` at ``step``."""
+        self.val_loss = m["loss"]
         self.record(
             {
                 "step": step,

@@ -381,7 +381,7 @@ class Trainer:
                 dt = time.perf_counter() - t_step
                 train_seconds += dt
                 self.window.add(r, dt)
-                log.advance(r["loss_sum"] / max(r["count"], 1))
+                log.advance(r["loss_sum"] / max(r["count"], 1), self.window.tokens_per_s(tokens_per_step))
                 at_end = self.step == self.total_steps
                 if self.step % t.log_every == 0 or at_end:
                     w, tps = self.window, self.window.tokens_per_s(tokens_per_step)
