@@ -16,6 +16,17 @@ if __name__ == "__main__":
     if venv_python.exists() and Path(sys.prefix).resolve() != (here / ".venv").resolve():
         os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.path.insert(0, str(here))
-    from xlab.commands.app import main
+    try:
+        from xlab.commands.app import main
 
-    main()
+        main()
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in ("xlab", "pipelines"):
+            raise  # XLab's own module: a bug or a broken clone, and its traceback says which
+        # No .venv and an interpreter without XLab's dependencies: the set-up step was skipped.
+        print(
+            f"error: XLab's dependencies are not installed ({sys.executable} cannot import {e.name}); "
+            f"run `make setup` in {here} (./cli.py then uses its .venv), or `pip install -e {here}`",
+            file=sys.stderr,
+        )
+        sys.exit(2)

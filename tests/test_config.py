@@ -234,3 +234,18 @@ def test_flags_show_no_value_in_any_help():
                 flags += 1
                 assert re.search(rf"{p.opts[0]}\s+{re.escape(p.help.split()[0])}", out), (path, p.opts, out)
     assert flags >= 9  # --force (5 commands), --resume, --greedy (2), --continue, --stream
+
+
+def test_cli_py_without_the_environment_says_to_run_make_setup(tmp_path):
+    """A clone without .venv, run by a Python that lacks XLab's dependencies (-S: no site-packages)."""
+    for name in ("xlab", "pipelines"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "cli.py").write_bytes((ROOT / "cli.py").read_bytes())
+    bare = subprocess.run(
+        [sys.executable, "-I", "-S", str(tmp_path / "cli.py"), "train", "--help"], capture_output=True, text=True
+    )
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr, bare.stderr
+    assert bare.stderr.startswith("error: XLab's dependencies are not installed") and "`make setup`" in bare.stderr
+    assert len(bare.stderr.strip().splitlines()) == 1 and bare.stdout == ""
+    ok = subprocess.run([sys.executable, str(tmp_path / "cli.py"), "train", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--resume" in ok.stdout, ok.stderr
