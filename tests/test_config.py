@@ -57,6 +57,32 @@ def test_missing_and_malformed_files(tmp_path):
         load_config([bad])
 
 
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("train:\n  lr: 1\n   batch_size: 2\n", ", line 3, column 14: mapping values are not allowed in this context"),
+        ("model:\n  n_layers: 2\ntrain: [unclosed\n", ", line 4, column 1: did not find expected ',' or ']' "
+         "(while parsing a flow sequence that starts on line 3)"),
+        ("train:\n  lr: 1\n  lr: 2\n", ", line 3, column 3: found duplicate key lr "
+         "(while constructing a mapping that starts on line 2)"),
+        ("- train\n- model\n", ": expected sections such as `train:`, found a list"),
+    ],
+)  # fmt: skip
+def test_a_malformed_file_is_named_with_its_line(tmp_path, text, where):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(XLabError) as e:
+        load_config([bad])
+    assert str(e.value) == f"bad configuration file {bad}{where}"
+
+
+def test_cli_names_the_file_and_line_of_a_yaml_error(tmp_path, cli):
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: [1\n")
+    p = cli(["data", "split", "-c", "bad.yaml"], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: bad configuration file bad.yaml, line 3"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_round_trip_and_paths():
     cfg = load_config([], ["data.name=tiny", "train.run_name=r1"])
     again = from_dict(to_dict(cfg))

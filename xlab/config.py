@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from xlab.errors import XLabError
+from xlab.errors import XLabError, first_line
 
 if TYPE_CHECKING:  # omegaconf is imported where a configuration is built, keeping `xlab --help` fast
     from omegaconf import DictConfig
@@ -314,6 +314,29 @@ def default_conf_path() -> Path:
     return Path(__file__).resolve().parent.parent / "conf" / "defaults.yaml"
 
 
+def _load_file(path: Path) -> DictConfig:
+    """One YAML layer; XLabError naming the file (and, for a syntax error, the line) if unusable."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark, ctx = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or first_line(e)
+        if getattr(e, "context", None) and ctx is not None and (mark is None or ctx.line != mark.line):
+            what += f" ({e.context} that starts on line {ctx.line + 1})"  # the unclosed bracket, say
+        raise XLabError(f"bad configuration file {path}{where}: {what}") from None
+    except UnicodeDecodeError as e:
+        raise XLabError(f"bad configuration file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # unreadable, or OmegaConf's "Invalid loaded object type" for a lone scalar
+        raise XLabError(f"bad configuration file {path}: {e.strerror or first_line(e)}") from None
+    if not isinstance(layer, DictConfig):
+        raise XLabError(f"bad configuration file {path}: expected sections such as `train:`, found a list")
+    return layer
+
+
 def load_config(
     files: Sequence[str | Path] = (),
     overrides: Sequence[str] = (),
@@ -349,7 +372,7 @@ def load_config(
         for p in paths:
             if not p.is_file():
                 raise XLabError(f"config file not found: {p}")
-            layers.append(OmegaConf.load(p))
+            layers.append(_load_file(p))
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.merge(cfg, *layers)
