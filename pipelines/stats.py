@@ -160,7 +160,8 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
 
     Raises:
         XLabError: no store at the folder (names ``xlab data encode``), a missing or damaged
-            shard (names ``xlab data validate``), a ``plot`` path that is not a ``.png`` file.
+            shard (names ``xlab data validate``), a ``plot`` path that is not a ``.png`` file or
+            whose folder does not exist.
     """
     from rich.table import Table
 
@@ -173,6 +174,8 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
                 f"--plot needs the path of a .png file, got {str(plot)!r} "
                 f"({'a folder' if plot.is_dir() else 'not .png'}); e.g. --plot lengths.png"
             )
+        if not plot.parent.is_dir():  # a typo in the folder would otherwise create a new tree
+            raise XLabError(f"--plot {str(plot)!r}: folder {str(plot.parent)!r} does not exist; create it first")
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
     store = ShardStore(path)
     store.check()  # damaged or missing shards: one clear line, not a numpy error halfway through
@@ -246,7 +249,7 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
         )
     if plot is not None:
         try:
-            _plot(per, plot)
+            _plot(per, plot, store.seq_len)
         except OSError as e:
             raise XLabError(f"cannot write {plot}: {e.strerror or e}") from None
         console.print(f"article-length histogram written to {plot}")
@@ -257,26 +260,50 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
     }
 
 
-def _plot(per: dict, path: Path) -> None:
+def length_figure(per: dict, seq_len: int):
+    """The article-length histograms of :func:`run`, one panel per split of ``per`` (split ->
+    :func:`split_stats`), as a matplotlib Figure: the same bins and x-range in every panel, so
+    splits compare at a glance; a dashed line at ``seq_len`` (the tokens of one row: a longer
+    article spans several rows); integer article counts on the y axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(len(per), 1, figsize=(8, 2.4 * len(per)), squeeze=False)
+    hi = max([int(d["lengths"].max()) for d in per.values() if len(d["lengths"])] + [seq_len, 1])
+    log = hi > 50
+    # one set of bins for all splits: a shared x axis with per-split bins would mislead
+    bins = np.unique(np.geomspace(1, hi + 1, 50).astype(int)) if log else np.arange(0, hi + 2)
+    fig, axes = plt.subplots(len(per), 1, figsize=(8, 2.4 * len(per)), squeeze=False, sharex=True)
     for ax, (s, d) in zip(axes[:, 0], per.items()):
         lengths = d["lengths"]
         if len(lengths):
-            hi = max(1, int(lengths.max()))
-            bins = np.unique(np.geomspace(1, hi + 1, 50).astype(int)) if hi > 50 else np.arange(0, hi + 2)
             ax.hist(lengths, bins=bins)
-            if hi > 50:
-                ax.set_xscale("log")
+        ax.axvline(seq_len, color="tab:red", linestyle="--", linewidth=1, label=f"seq_len {seq_len}")
         ax.set_title(f"{s}: {len(lengths):,} articles, median {d['length_median']:.0f} tokens")
         ax.set_ylabel("articles")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="upper right", fontsize="small")
+    ax0 = axes[0, 0]
+    if log:
+        ax0.set_xscale("log")
+    ax0.set_xlim(bins[0], bins[-1])
     axes[-1, 0].set_xlabel("article length (tokens)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _plot(per: dict, path: Path, seq_len: int) -> None:
+    """Write :func:`length_figure` to ``path`` (PNG) atomically."""
+    import matplotlib.pyplot as plt
+
+    from xlab.fsio import atomic_path
+
+    fig = length_figure(per, seq_len)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)

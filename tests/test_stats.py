@@ -149,3 +149,44 @@ def test_plot_path_must_be_a_png_file(encoded, tmp_path):
             stats.run(cfg, plot=bad)
     assert sorted(p.name for p in tmp_path.parent.iterdir() if p.name.startswith(tmp_path.name)) == [tmp_path.name]
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_length_plot_shares_one_x_range_marks_seq_len_and_counts_in_integers(encoded):
+    from pipelines import stats
+
+    store = encoded[3]
+    per = {s: stats.split_stats(store, s) for s in store.splits}
+    fig = stats.length_figure(per, store.seq_len)
+    axes = fig.axes
+    assert len(axes) == 4
+    assert len({ax.get_xlim() for ax in axes}) == 1 and len({ax.get_xscale() for ax in axes}) == 1
+    lo, hi = axes[0].get_xlim()
+    longest = max(int(d["lengths"].max()) for d in per.values())
+    assert lo <= 1 and hi > max(longest, store.seq_len)
+    # the same bins in every panel (only then does one x-range compare the splits)
+    edges = [[p.get_x() for p in ax.patches] for ax in axes]
+    assert edges[0] and all(e == edges[0] for e in edges)
+    for ax, d in zip(axes, per.values()):
+        marks = [ln for ln in ax.get_lines() if list(ln.get_xdata()) == [store.seq_len] * 2]
+        assert len(marks) == 1 and marks[0].get_label() == "seq_len 12"
+        assert sum(p.get_height() for p in ax.patches) == d["articles"]
+    # a few articles per bin: matplotlib's own ticks would be 0, 0.25, 0.5, ...
+    few = {
+        "train": {"lengths": np.array([3, 5, 5, 30]), "length_median": 5.0},
+        "val": {"lengths": np.array([7]), "length_median": 7.0},
+    }
+    fig = stats.length_figure(few, 40)
+    for ax in fig.axes:
+        ticks = ax.get_yticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        assert ax.get_xlim()[1] > 40  # the seq_len mark is inside the range, past the longest article
+
+
+def test_plot_into_a_missing_folder_is_refused_without_creating_it(encoded, tmp_path):
+    from pipelines import stats
+    from xlab.errors import XLabError
+
+    cfg = encoded[0]
+    with pytest.raises(XLabError, match=r"folder .*nope.* does not exist"):
+        stats.run(cfg, plot=tmp_path / "nope" / "len.png")
+    assert list(tmp_path.iterdir()) == []
