@@ -373,3 +373,23 @@ def test_export_writes_the_default_folder_its_help_names(tmp_path, trained, monk
     named = re.search(r"default: (\S+)\)", help_).group(1)
     ck = load_checkpoint(last)
     assert named.replace("<run>", ck["config"]["train"]["run_name"]).replace("<step>", str(ck["step"])) == str(out)
+
+
+def test_a_file_that_is_no_checkpoint_says_so_everywhere(tmp_path, cli):
+    """Random bytes or text read as a pickle used to report whatever their first bytes meant to
+    torch's unpickler ("Unsupported operand 103", "KeyError: 101", "IndexError: pop from empty list")."""
+    files = {"text.pt": b"garbage in\n", "empty.pt": b"", "json.pt": b'{"a": 1}\n'}
+    for seed in range(30):
+        files[f"random{seed}.pt"] = np.random.default_rng(seed).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(XLabError, match="not an XLab checkpoint") as e:
+            load_model(tmp_path / name)
+        assert str(e.value).startswith(f"cannot read checkpoint {tmp_path / name}: not an XLab checkpoint")
+    for args in (["evaluate", "text.pt"], ["generate", "random3.pt", "Hi"], ["export", "empty.pt"]):
+        r = cli(args, cwd=tmp_path, check=False)
+        assert r.returncode == 2 and r.stderr.startswith(
+            f"error: cannot read checkpoint {args[1]}: not an XLab checkpoint"
+        )
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "exports").exists()

@@ -127,6 +127,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         )
     if not path.is_file():
         raise XLabError(f"checkpoint not found: {path}")
+    not_ours = f"cannot read checkpoint {path}: not an XLab checkpoint (one that `xlab train` writes)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise XLabError(f"cannot read checkpoint {path}: {e.strerror or first_line(e)}") from None
+    # torch.save writes a zip archive (a raw pickle in its legacy format); any other file, fed to
+    # torch's unpickler, fails with whatever its first bytes happen to mean ("Unsupported operand 103").
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise XLabError(not_ours + (": the file is empty" if not head else ""))
 
     try:
         with warnings.catch_warnings():
@@ -145,7 +155,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
                 f"refusing to load {path}: it holds Python objects ({', '.join(names[:3])}), not only tensors "
                 "and plain data; XLab loads only its own checkpoints"
             ) from None
-        raise XLabError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
+        raise XLabError(not_ours) from None
     except Exception as e:  # noqa: BLE001 - any failure to parse the file is a bad checkpoint, not a bug
         raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
