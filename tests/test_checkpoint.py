@@ -393,3 +393,24 @@ def test_a_file_that_is_no_checkpoint_says_so_everywhere(tmp_path, cli):
         )
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "exports").exists()
+
+
+def test_a_recorded_store_that_does_not_resolve_points_to_shards(tmp_path, trained, cli, monkeypatch):
+    """Run from another folder than training's, the relative store path in the checkpoint does not
+    resolve: the message named `xlab data encode`, which would build a new store, not find the old one."""
+    from xlab.commands.predict import cli_predict
+
+    store_path, last, _ = trained
+    moved = _ck_variant(tmp_path, last, "moved.pt", shards="shards/wiki")
+    monkeypatch.chdir(tmp_path)
+    want = f"the shard store the model was trained on was not found at shards/wiki, relative to {tmp_path}; pass --shards DIR"
+    with pytest.raises(XLabError) as e:
+        evaluate_run(moved, split="val")
+    assert str(e.value) == want
+    with pytest.raises(XLabError) as e:
+        cli_predict(moved, out=tmp_path / "p.jsonl", num_articles=1, prompt_tokens=2, max_new_tokens=2,
+                    shards_dir=None, greedy=True, seed=1, device="cpu")  # fmt: skip
+    assert str(e.value) == want
+    r = cli(["evaluate", "moved.pt"], cwd=tmp_path, check=False)
+    assert r.returncode == 2 and r.stderr == f"error: {want}\n", r.stderr
+    assert evaluate_run(moved, split="val", shards_dir=store_path)["tokens"] > 0

@@ -178,6 +178,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def trained_store(meta: dict, cfg: DictConfig) -> Path:
+    """The shard store a model was trained on: the path its checkpoint or export recorded, else
+    ``shards/<data.name>`` of its configuration.
+
+    Raises:
+        XLabError: no folder at that path (naming it and ``--shards``), e.g. a relative path read from
+            another folder than the one training ran in; or no way to tell the store.
+    """
+    from xlab.config import stage_paths
+
+    if meta.get("shards"):
+        path = Path(meta["shards"])
+    else:
+        try:
+            path = stage_paths(cfg).shards
+        except (AttributeError, KeyError, TypeError):  # a configuration without a data section
+            raise XLabError("cannot tell which shard store the model was trained on; pass --shards") from None
+    if not path.exists():
+        # The fix is to point at the store, not to encode a new one (which `xlab data encode` would).
+        rel = "" if path.is_absolute() else f", relative to {Path.cwd()}"
+        raise XLabError(f"the shard store the model was trained on was not found at {path}{rel}; pass --shards DIR")
+    return path
+
+
 def tokenizer_bytes_tensor(data: bytes):
     """The tokenizer's model bytes as a ``torch.uint8`` tensor of shape ``(len(data),)``."""
     import torch

@@ -143,8 +143,7 @@ def evaluate_checkpoint(
         XLabError: unreadable checkpoint, missing store or split, an empty split, ``max_batches < 1``, a
             damaged store, or a store encoded with another tokenizer than the model's.
     """
-    from xlab.checkpoint import load_model_meta
-    from xlab.config import stage_paths
+    from xlab.checkpoint import load_model_meta, trained_store
     from xlab.store import ShardStore
 
     if max_batches is not None and max_batches < 1:
@@ -152,7 +151,7 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model, cfg, tok, meta = load_model_meta(checkpoint, dev)
     if shards_dir is None:
-        shards_dir = meta.get("shards") or stage_paths(cfg).shards
+        shards_dir = trained_store(meta, cfg)
     store = ShardStore(shards_dir)
     if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
         raise XLabError(

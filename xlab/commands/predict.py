@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from rich.console import Console
 from rich.table import Table
 
+from xlab.checkpoint import trained_store
 from xlab.commands.generate import check_cli_options, check_seed, load_for_cli, note_prompt_cut
-from xlab.config import stage_paths
 from xlab.device import resolve_device
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_text
@@ -24,16 +24,10 @@ if TYPE_CHECKING:
 
 
 def _store_path(cfg: DictConfig, meta: dict, shards_dir: Optional[Path]) -> Path:
-    """The shard store of ``xlab predict``: ``--shards``, else the store the checkpoint recorded,
-    else ``shards/<data.name>`` of the checkpoint's configuration."""
+    """The shard store of ``xlab predict``: ``--shards``, else the one the model was trained on."""
     if shards_dir is not None:
         return Path(shards_dir)
-    if meta.get("shards"):
-        return Path(meta["shards"])
-    try:
-        return stage_paths(cfg).shards
-    except (AttributeError, KeyError, TypeError):  # an export or checkpoint without a data section
-        raise XLabError("cannot tell which shard store the model was trained on; pass --shards") from None
+    return trained_store(meta, cfg)
 
 
 def cli_predict(
