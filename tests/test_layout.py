@@ -4,7 +4,8 @@ Layers, lowest first (a module imports its own layer and the ones below it; the 
 not import one another, except that train imports evaluate):
   ground    xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed
   core      xlab.tokenizer, xlab.store, xlab.model, xlab.loss, xlab.checkpoint
-  apps      xlab.evaluate, xlab.train, xlab.generate (train may import evaluate: it evaluates)
+  apps      xlab.evaluate, xlab.train, xlab.generate (train may import evaluate: it evaluates),
+            xlab.plot (it reads run folders, it imports no other app)
   commands  xlab.commands and the entry modules (xlab.__main__, xlab.cli)
 ``pipelines`` (the data side) may import the ground floor, the tokenizer and the store only.
 """
@@ -19,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GROUND = {"xlab", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed"}
 CORE = {"xlab.tokenizer", "xlab.store", "xlab.model", "xlab.loss", "xlab.checkpoint"}
-APPS = {"xlab.evaluate", "xlab.train", "xlab.generate"}
+APPS = {"xlab.evaluate", "xlab.train", "xlab.generate", "xlab.plot"}
 COMMANDS = {"xlab.commands", "xlab.__main__", "xlab.cli"}
 PIPELINES_MAY_USE = GROUND | {"xlab.tokenizer", "xlab.store"}
 APPS_LAYER = 2  # its rooms are independent of one another (train -> evaluate aside)
@@ -101,6 +102,8 @@ def test_the_rule_catches_an_import_the_wrong_way():
     assert violations("xlab.model", {"pipelines.encode"})  # library -> data stages
     assert violations("pipelines.stats", {"xlab.model"})  # data side -> model
     assert violations("xlab.generate.text", {"xlab.train"})  # apps sideways
+    assert violations("xlab.plot", {"xlab.train.logger"})  # the plot reads files, not the trainer
+    assert violations("xlab.store.reader", {"xlab.plot"})  # core -> apps
     assert not violations("xlab.commands.app", {"pipelines.encode", "xlab.train"})
     assert not violations("xlab.train.trainer", {"xlab.evaluate", "xlab.store.loader"})
 

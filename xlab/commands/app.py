@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from xlab.commands.plot import plot as plot_command
 from xlab.errors import Terminated, XLabError, first_line
 
 
@@ -201,6 +202,9 @@ def train(
     from xlab.train import train as run_training
 
     run_training(cfg, shards_dir=shards, resume=resume)
+
+
+app.command("plot")(plot_command)
 
 
 @app.command("evaluate")
