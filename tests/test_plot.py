@@ -121,3 +121,26 @@ def test_two_runs_of_the_same_name_are_told_apart_by_their_paths(runs, tmp_path,
     assert seen["names"] == [str(runs / "a"), str(other)]
     plot.plot_runs([other], tmp_path / "x.png")
     assert seen["names"] == ["a"]  # alone, a run goes by its folder's name
+
+
+def test_pipeline_draws_the_runs_curves_beside_its_checkpoints(tmp_path, monkeypatch):
+    from pipelines import download, encode, split, stats, train_tokenizer
+    from xlab.commands import pipeline
+
+    make_store(tmp_path)  # tmp_path/store: the shard store of data.name "store"
+    for stage in (download, split, train_tokenizer, encode, stats):
+        monkeypatch.setattr(stage, "run", lambda *a, **k: None)  # the data stages: done already
+    cfg = make_cfg(
+        tmp_path / "runs",
+        f"paths.shards_dir={tmp_path}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.tokenizer_dir={tmp_path / 'tokenizers'}",
+        "data.name=store",
+        "generate.max_new_tokens=2",
+    )
+    out = pipeline.run(cfg)
+    png = tmp_path / "runs" / "t" / "curves.png"
+    assert out["curves"] == str(png) and png.read_bytes()[:8] == PNG
+    assert list(out["times_s"]) == ["download", "split", "tokenizer", "encode", "stats", "train", "curves",
+                                    "evaluate", "generate"]  # fmt: skip
+    assert (tmp_path / "runs" / "t" / "checkpoints" / "last.pt").is_file()

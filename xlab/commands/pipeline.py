@@ -1,6 +1,7 @@
 """``xlab pipeline``: every stage in order, each skipped when its manifest is up to date.
 
-download -> split -> tokenizer train -> encode -> stats -> train -> evaluate -> generate. The closing
+download -> split -> tokenizer train -> encode -> stats -> train (and its curves,
+``runs/<run>/curves.png``) -> evaluate -> generate. The closing
 summary puts the final validation loss next to a unigram model of the train split (the loss a model
 that ignores context would reach), and times every stage.
 """
@@ -21,11 +22,13 @@ from xlab.checkpoint import load_checkpoint, load_model
 from xlab.commands import evaluate as evaluate_cmd
 from xlab.config import stage_paths, to_dict
 from xlab.errors import XLabError
+from xlab.plot import plot_runs
 from xlab.store import ShardStore
 
 
 def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of") -> dict:
-    """Run every stage; returns ``{"times_s": {stage: seconds}, "val_loss", "unigram_loss", "text"}``.
+    """Run every stage; returns ``{"times_s": {stage: seconds}, "val_loss", "unigram_loss", "text",
+    "train", "curves"}`` (``curves``: the path of the run's loss-curve PNG, beside its checkpoints).
 
     Raises:
         XLabError: from whichever stage fails (its message names the problem).
@@ -47,6 +50,9 @@ def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of")
 
     summary = timed("train", _train, cfg, force)
     paths = stage_paths(cfg)
+    # redrawn every time (a second): a resumed or extended run's picture then shows all its steps
+    curves = timed("curves", plot_runs, [paths.run], paths.run / "curves.png")
+    console.print(f"[bold]curves[/bold]: {curves}")
     last = paths.run / "checkpoints" / "last.pt"
     metrics = timed(
         "evaluate",
@@ -96,7 +102,14 @@ def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of")
     console.print(res)
     console.rule(f"[bold]Generated from {prompt!r}")
     console.print(text, markup=False, highlight=False)
-    return {"times_s": times, "val_loss": val_loss, "unigram_loss": unigram, "text": text, "train": summary}
+    return {
+        "times_s": times,
+        "val_loss": val_loss,
+        "unigram_loss": unigram,
+        "text": text,
+        "train": summary,
+        "curves": str(curves),
+    }
 
 
 def _train(cfg: DictConfig, force: bool):
