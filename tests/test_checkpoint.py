@@ -414,3 +414,33 @@ def test_a_recorded_store_that_does_not_resolve_points_to_shards(tmp_path, train
     r = cli(["evaluate", "moved.pt"], cwd=tmp_path, check=False)
     assert r.returncode == 2 and r.stderr == f"error: {want}\n", r.stderr
     assert evaluate_run(moved, split="val", shards_dir=store_path)["tokens"] > 0
+
+
+def test_the_pipeline_evaluates_again_only_when_the_checkpoint_or_store_changed(tmp_path, trained, monkeypatch):
+    import shutil
+
+    from xlab.commands import evaluate as evaluate_cmd
+    from xlab.commands import pipeline
+
+    store_path, last, root = trained
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy2(last, ckpt)
+    store = _store_copy(store_path, tmp_path / "store")
+    calls, real = [], evaluate_cmd.run
+    monkeypatch.setattr(evaluate_cmd, "run", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    cfg = make_cfg(root / "runs")
+    first = pipeline._evaluate(cfg, ckpt, store, force=False)
+    assert len(calls) == 1 and (tmp_path / "run" / "eval-val.json").is_file()
+    assert pipeline._evaluate(cfg, ckpt, store, force=False) == first and len(calls) == 1  # up to date
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten (a resumed run)
+    assert pipeline._evaluate(cfg, ckpt, store, force=False) == first and len(calls) == 2
+    assert pipeline._evaluate(cfg, ckpt, store, force=False) == first and len(calls) == 2
+    (store / "manifest.json").write_text((store / "manifest.json").read_text() + "\n")  # re-encoded
+    pipeline._evaluate(cfg, ckpt, store, force=False)
+    assert len(calls) == 3
+    pipeline._evaluate(cfg, ckpt, store, force=True)
+    assert len(calls) == 4
+    (tmp_path / "run" / "eval-val.json").write_text("{trunc")  # a damaged record is redone, not an error
+    assert pipeline._evaluate(cfg, ckpt, store, force=False) == first and len(calls) == 5

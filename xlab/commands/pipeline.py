@@ -22,6 +22,7 @@ from xlab.checkpoint import load_checkpoint, load_model
 from xlab.commands import evaluate as evaluate_cmd
 from xlab.config import stage_paths, to_dict
 from xlab.errors import XLabError
+from xlab.fsio import atomic_write_json, read_json, sha256_file
 from xlab.plot import plot_runs
 from xlab.store import ShardStore
 
@@ -54,16 +55,7 @@ def run(cfg: DictConfig, *, force: bool = False, prompt: str = "The history of")
     curves = timed("curves", plot_runs, [paths.run], paths.run / "curves.png")
     console.print(f"[bold]curves[/bold]: {curves}")
     last = paths.run / "checkpoints" / "last.pt"
-    metrics = timed(
-        "evaluate",
-        evaluate_cmd.run,
-        last,
-        split="val",
-        shards_dir=paths.shards,
-        device=cfg.train.device,
-        max_batches=None,
-        json_out=None,
-    )
+    metrics = timed("evaluate", _evaluate, cfg, last, paths.shards, force)
     store = ShardStore(paths.shards)
     unigram = stats.unigram_baseline(store, fit_split="train", eval_split="val")
 
@@ -133,6 +125,41 @@ def _train(cfg: DictConfig, force: bool):
             f"-o train.run_name=NAME, or delete {run_dir} to retrain it"
         )
     return train(cfg, shards_dir=None, resume=(status == "partial"))
+
+
+def _evaluate(cfg: DictConfig, last: Path, shards: Path, force: bool) -> dict:
+    """The metrics of ``last`` on the whole val split of ``shards``, reused from the run's
+    ``eval-val.json`` when that names the same checkpoint file and store (a whole-split evaluation
+    of the same weights on the same rows gives the same numbers)."""
+    record = last.parent.parent / "eval-val.json"
+    key = _evaluation_key(last, shards)
+    if not force and record.is_file():
+        try:
+            old = read_json(record)
+        except (OSError, ValueError):  # damaged or half-copied: evaluate again and replace it
+            old = None
+        if isinstance(old, dict) and old.get("key") == key and isinstance(old.get("metrics"), dict):
+            console.print(f"[bold]evaluate[/bold]: up to date ({record}); --force redoes it")
+            return old["metrics"]
+    metrics = evaluate_cmd.run(
+        last, split="val", shards_dir=shards, device=cfg.train.device, max_batches=None, json_out=None
+    )
+    atomic_write_json(record, {"key": key, "metrics": metrics})
+    return metrics
+
+
+def _evaluation_key(last: Path, shards: Path) -> dict:
+    """What an evaluation's result depends on: the checkpoint file (a resumed or retrained run
+    rewrites it, changing its size or mtime) and the store's manifest (re-encoding rewrites it)."""
+    st = last.stat()
+    manifest = shards / "manifest.json"
+    return {
+        "checkpoint": str(last),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "shards": str(shards),
+        "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+    }
 
 
 def _run_status(run_dir: Path, cfg: DictConfig) -> str:
