@@ -496,3 +496,15 @@ def test_the_live_line_shows_steps_throughput_eta_and_the_latest_val_loss(tmp_pa
         log.start_progress(2)
         log.advance(4.0, 1700.0)
         assert "3/10 loss 4.0000 | 1,700 tok/s | val 4.2500" in line(log)
+
+
+def test_cli_threads_flag_sets_the_train_setting_and_is_range_checked(store, tmp_path, cli):
+    p = cli(["train", "--shards", store, "--threads", "0", "-o", f"paths.runs_dir={tmp_path}"], tmp_path, check=False)
+    assert p.returncode == 2 and "train.threads" in p.stderr and "Traceback" not in p.stderr
+    p = cli(
+        ["train", "--shards", store, "--threads", "1", "--max-steps", "1", "-o", f"paths.runs_dir={tmp_path}",
+         "-o", "model.d_model=32", "-o", "model.n_layers=1", "-o", "model.n_heads=2", "-o", "model.d_ff=64",
+         "-o", "train.batch_size=4", "-o", "train.eval_every=100"],
+        tmp_path,
+    )  # fmt: skip
+    assert "(1 thread)" in p.stdout and "threads: 1" in (tmp_path / "demo" / "config.yaml").read_text()

@@ -194,11 +194,18 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from runs/<run>/checkpoints/last.pt.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: the configured epochs).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    threads: Annotated[
+        Optional[int], typer.Option(help="torch CPU threads per process (train.threads; default: torch's).")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
     """Train the decoder on a shard store (single process, or DDP under torchrun)."""
-    cfg = _cfg(config, set_, {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device})
+    cfg = _cfg(
+        config,
+        set_,
+        {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device, "train.threads": threads},
+    )
     from xlab.train import train as run_training
 
     run_training(cfg, shards_dir=shards, resume=resume)

@@ -122,6 +122,11 @@ class LogWindow:
                 setattr(self, k, int(d[k]) if k == "steps" else float(d[k]))
 
 
+def _threads_note() -> str:
+    n = torch.get_num_threads()
+    return f" ({n} thread{'s' if n != 1 else ''})"
+
+
 class RunLogger:
     """The logs of one run folder. ``resumed_at`` is the step a resumed run continues from (records
     after it, logged after the checkpoint, are dropped from ``metrics.jsonl`` and hidden in
@@ -234,7 +239,7 @@ class RunLogger:
             f"[bold]train[/bold] {self.run_dir}: {trainer.model.num_parameters() / 1e6:.2f}M parameters "
             f"({trainer.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
             f"{t.optimizer}, {info.world_size} process(es) on {trainer.device}"
-            + (f" ({torch.get_num_threads()} threads)" if trainer.device.type == "cpu" else "")
+            + (_threads_note() if trainer.device.type == "cpu" else "")
             + ", "
             f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {trainer.store.seq_len} tokens per step, "
             f"steps {trainer.step}->{self.total_steps}" + (" (resumed)" if trainer.ckpt else "")
