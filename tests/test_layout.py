@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module imports its own layer and the ones below it; the three apps do
 not import one another, except that train imports evaluate):
-  ground    xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed
+  ground    xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed, xlab.progress
   core      xlab.tokenizer, xlab.store, xlab.model, xlab.loss, xlab.checkpoint
   apps      xlab.evaluate, xlab.train, xlab.generate (train may import evaluate: it evaluates),
             xlab.plot (it reads run folders, it imports no other app)
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUND = {"xlab", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed"}
+GROUND = {"xlab", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed", "xlab.progress"}
 CORE = {"xlab.tokenizer", "xlab.store", "xlab.model", "xlab.loss", "xlab.checkpoint"}
 APPS = {"xlab.evaluate", "xlab.train", "xlab.generate", "xlab.plot"}
 COMMANDS = {"xlab.commands", "xlab.__main__", "xlab.cli"}
