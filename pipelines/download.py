@@ -119,6 +119,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
 
 
 def _run(cfg: DictConfig, force: bool) -> dict:
+    from xlab.progress import BYTES, unit_progress
+
     d = cfg.data
     if d.max_articles is not None and d.max_articles < 1:
         raise XLabError("data.max_articles must be at least 1 (or null for all articles)")
@@ -156,13 +158,15 @@ def _run(cfg: DictConfig, force: bool) -> dict:
     t0 = time.perf_counter()
     num_proc = max(1, d.num_proc or _cpu_count())
     stats: dict[str, Counter] = {}
-    with _progress() as progress:
+    # A dump is counted in its (compressed) bytes read, the position the reader knows; the Hub's
+    # rows arrive one article at a time.
+    with unit_progress("articles" if d.source == "hf" else BYTES, console) as progress:
         if d.source == "sample":
             rows = _sample_rows(files["summaries"], files["dump"], stats, num_proc, progress)
         elif d.source == "dump":
             rows = _dump_rows(dump, stats.setdefault(dump.name, Counter()), num_proc, progress)
         else:
-            rows = _hf_rows(d, stats.setdefault(f"{d.hf_path}/{d.hf_config}", Counter()))
+            rows = _hf_rows(d, stats.setdefault(f"{d.hf_path}/{d.hf_config}", Counter()), progress)
         with atomic_dir(out_dir) as tmp:
             written = _write_parquet(rows, tmp / "articles.parquet", d.max_articles)
             counts = _totals(stats)
@@ -323,11 +327,13 @@ def _ordered_map(fn: Callable[[list], list], batches: Iterable[list], num_proc: 
 
 
 # ------------------------------------------------------------------------------- Hugging Face
-def _hf_rows(d: Any, c: Counter) -> Iterator[Row]:
+def _hf_rows(d: Any, c: Counter, progress) -> Iterator[Row]:
     """Rows of ``datasets.load_dataset(d.hf_path, d.hf_config, split="train")``.
 
     :func:`run` has probed the Hub (bounded even when name resolution hangs); each HTTP call of
     the load is bounded by ``d.hf_timeout_s`` too, and any network failure becomes one line.
+    ``progress`` counts the rows read against the dataset's length, or against ``max_articles``
+    when the slice is streamed (a stream has no length; the slice ends at that many articles).
     """
     # huggingface_hub reads these when imported: bound each HTTP call by the configured time.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(d.hf_timeout_s)))
@@ -336,15 +342,20 @@ def _hf_rows(d: Any, c: Counter) -> Iterator[Row]:
         import datasets
 
         # A slice streams only what it needs instead of downloading the whole snapshot.
-        ds = datasets.load_dataset(d.hf_path, d.hf_config, split="train", streaming=d.max_articles is not None)
+        streaming = d.max_articles is not None
+        ds = datasets.load_dataset(d.hf_path, d.hf_config, split="train", streaming=streaming)
+        task = progress.add_task(f"reading {d.hf_path}", total=d.max_articles if streaming else len(ds))
         for row in ds:
             c["pages"] += 1
+            if c["pages"] % 1000 == 0:  # not per row: millions of rows, each a lock and a sample in rich
+                progress.update(task, completed=c["pages"])
             c["articles_read"] += 1
             text = row["text"]
             if not text or not text.strip():
                 c["empty"] += 1
                 continue
             yield (str(row["id"]), row["url"], row["title"], text)
+        progress.update(task, completed=c["pages"])
     except XLabError:
         raise
     except Exception as e:  # noqa: BLE001 - the library raises many types; the user needs one line
@@ -444,19 +455,6 @@ def _write_parquet(
     if hasattr(rows, "close"):
         rows.close()  # stop the sources (and their worker processes) at once
     return {"articles": articles, "characters": characters}
-
-
-def _progress():
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 def _print_summary(source: str, counts: dict, seconds: float, path: Path) -> None:

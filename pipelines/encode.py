@@ -375,8 +375,11 @@ def _encode(
     threads = max(1, (os.cpu_count() or 1) // num_proc)
     settings = {"seq_len": job["params"]["seq_len"], "out": str(out), "dtype": job["dtype"], "threads": threads}
     units = (u for s in SPLITS if todo[s] for u in _iter_units(split_files[s], s, todo[s], a))
+    # The bar counts articles, not units: a split's last unit is shorter, and an article is the
+    # unit of the download and split stages' rates too.
+    n_articles = sum(min(a, job["articles"][s] - u * a) for s in SPLITS for u in todo[s])
     label = f"encode ({n_mine - n_todo}/{n_mine} units done before)" if n_todo < n_mine else "encode"
-    _execute(units, n_todo, num_proc, tokenizer_loader, str(tok_path), settings, label)
+    _execute(units, n_todo, n_articles, num_proc, tokenizer_loader, str(tok_path), settings, label)
     return n_mine
 
 
@@ -392,27 +395,29 @@ def _swap(build: Path, out: Path) -> None:
 
 
 def _execute(
-    units: Iterator[tuple], total: int, num_proc: int, loader: Callable, tok_path: str, settings: dict, label: str
+    units: Iterator[tuple],
+    total: int,
+    articles: int,
+    num_proc: int,
+    loader: Callable,
+    tok_path: str,
+    settings: dict,
+    label: str,
 ) -> None:
-    """Encode every unit, in this process (``num_proc == 1``) or in a pool of ``num_proc`` processes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Encode every unit (``total`` of them, holding ``articles``), in this process (``num_proc == 1``)
+    or in a pool of ``num_proc`` processes."""
+    from xlab.progress import unit_progress
 
     if total == 0:
         return
     rejected = []
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=total)
+    with unit_progress("articles", console) as bar:
+        task = bar.add_task(label, total=articles)
 
         def done(rec):
             rejected.extend(rec["rejected"])
-            bar.advance(task)
+            # every article of the unit is in exactly one of these counts (see _encode_unit)
+            bar.advance(task, rec["articles"] + rec["empty"] + len(rec["rejected"]))
 
         if num_proc <= 1 or total == 1:
             _init_worker(loader, tok_path, settings)

@@ -123,6 +123,8 @@ def _run(cfg: DictConfig, force: bool) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from xlab.progress import unit_progress
+
     d = cfg.data
     paths = stage_paths(cfg)
     raw = paths.raw / "articles.parquet"
@@ -151,7 +153,7 @@ def _run(cfg: DictConfig, force: bool) -> dict:
     labels = assign_splits(ids, params["seed"], fractions)
     counts = {s: int(np.count_nonzero(labels == k)) for k, s in enumerate(SPLITS)}
     chars = {s: 0 for s in SPLITS}
-    with atomic_dir(out_dir) as tmp, _progress() as progress, reading_parquet(raw, fix):
+    with atomic_dir(out_dir) as tmp, unit_progress("articles", console) as progress, reading_parquet(raw, fix):
         task = progress.add_task("splitting", total=len(ids))
         writers = [pq.ParquetWriter(tmp / f"{s}.parquet", pf.schema_arrow) for s in SPLITS]
         try:
@@ -179,14 +181,6 @@ def _chars(batch) -> int:
     import pyarrow.compute as pc
 
     return int(pc.sum(pc.utf8_length(batch.column("text"))).as_py() or 0)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
-    )
 
 
 def _print_summary(counts: dict, seconds: float, out_dir: Path) -> None:

@@ -26,6 +26,7 @@ from pipelines.stage import (
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import sha256_file
+from xlab.progress import spinner
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -121,7 +122,9 @@ def _run(cfg: DictConfig, force: bool) -> dict:
         )
 
     t0 = time.perf_counter()
-    with console.status(f"training a {params['vocab_size']}-piece BPE tokenizer on {train_path} ..."):
+    # SentencePiece trains in C++ and reports nothing until it is done: a spinner and the elapsed
+    # time show that it is still working.
+    with spinner(f"training a {params['vocab_size']}-piece BPE tokenizer on {train_path} ...", console):
         try:
             tok = Tokenizer.train(
                 iter_texts(train_path),
@@ -151,7 +154,7 @@ def _run(cfg: DictConfig, force: bool) -> dict:
         "vocab_size": tok.vocab_size,
     }
     if val_path.is_file():
-        with console.status("measuring bytes per token on the val split ..."):
+        with spinner("measuring bytes per token on the val split ...", console):
             v = bytes_per_token(tok, val_path)
         counts.update(
             val_texts=v["texts"], val_bytes=v["bytes"], val_tokens=v["tokens"], val_bytes_per_token=v["bytes_per_token"]

@@ -176,9 +176,8 @@ def run(cfg: DictConfig, shards_dir=None) -> int:
     Raises:
         XLabError: no store (no manifest) at that folder.
     """
-    from rich.progress import track
-
     from xlab.fsio import sha256_file
+    from xlab.progress import unit_progress
     from xlab.store import ShardStore, token_dtype
 
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
@@ -201,9 +200,10 @@ def run(cfg: DictConfig, shards_dir=None) -> int:
     entries = [(s, e) for s in store.splits for e in store.split_info(s)["shards"]]
     counts = {s: {"articles": 0, "target_tokens": 0} for s in store.splits}
     checked_rows = 0
-    for split, e in track(entries, description="validate", console=console, transient=True):
-        problems.extend(check_shard(path / e["file"], e, store, counts[split]))
-        checked_rows += int(e["rows"])
+    with unit_progress("shards", console) as bar:
+        for split, e in bar.track(entries, description="validate"):
+            problems.extend(check_shard(path / e["file"], e, store, counts[split]))
+            checked_rows += int(e["rows"])
     for s in store.splits:
         info = store.split_info(s)
         for key, found in counts[s].items():
