@@ -215,3 +215,19 @@ def test_tokenizer_training_shows_a_spinner_with_the_elapsed_time(tmp_path, scre
     out = screen(train_tokenizer)
     train_tokenizer.run(cfg)
     expect(out(), screen.is_terminal, r"training a 300-piece BPE tokenizer on \S+ \.\.\. \d+:\d\d:\d\d")
+
+
+def test_evaluate_shows_tokens_per_second(tmp_path, screen):
+    from train_helpers import make_cfg, make_store
+
+    from xlab.commands import evaluate as evaluate_cmd
+    from xlab.store import ShardStore
+    from xlab.train import train
+
+    store = make_store(tmp_path)
+    train(make_cfg(tmp_path / "runs", "train.max_steps=1", "train.eval_every=100"), shards_dir=store)
+    out = screen(evaluate_cmd)
+    evaluate_cmd.run(tmp_path / "runs" / "t" / "checkpoints" / "last.pt", split="val", shards_dir=store)
+    s = ShardStore(store)
+    slots = s.rows("val") * s.seq_len  # every position of every val row, as the training's tok/s
+    expect(out(), screen.is_terminal, rf"evaluate val ━+ {slots}/{slots} tokens (\?|[\d,.]+K?) tokens/s " + ETA)

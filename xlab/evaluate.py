@@ -119,12 +119,21 @@ def metrics(loss_sum: float, correct: int, count: int, split_info: Optional[dict
     }
 
 
+def _counted(batches: Iterable[tuple[Any, Any]], bar: Any, task: Any) -> Iterator[tuple[Any, Any]]:
+    """``batches``, advancing ``bar`` by a batch's token slots when the next batch is asked for,
+    i.e. once the model is done with it."""
+    for inputs, targets in batches:
+        yield inputs, targets
+        bar.advance(task, inputs.numel())
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     split: str = "val",
     shards_dir: Optional[str | os.PathLike] = None,
     device: str = "auto",
     max_batches: Optional[int] = None,
+    console: Any = None,
 ) -> dict:
     """Metrics of a checkpoint or export over a whole split of a shard store (or its first batches).
 
@@ -134,6 +143,8 @@ def evaluate_checkpoint(
         shards_dir: the shard store; default the one the model was trained on.
         device: auto | cpu | cuda | cuda:N.
         max_batches: evaluate only the first N batches (of ``train.batch_size`` rows).
+        console: a rich Console to show the pass's progress on (token slots per second and the
+            ETA, as the training's tok/s counts them); None shows nothing.
 
     Returns:
         ``{"loss", "accuracy", "perplexity", "bits_per_byte", "tokens", "split", "checkpoint", "step",
@@ -144,6 +155,7 @@ def evaluate_checkpoint(
             damaged store, or a store encoded with another tokenizer than the model's.
     """
     from xlab.checkpoint import load_model_meta, trained_store
+    from xlab.progress import unit_progress
     from xlab.store import ShardStore
 
     if max_batches is not None and max_batches < 1:
@@ -177,14 +189,19 @@ def evaluate_checkpoint(
     batch_size = int(cfg.train.batch_size)
     total_batches = math.ceil(n_rows / batch_size)  # the last batch may be partial: every row counts
     n_batches = total_batches if max_batches is None else min(total_batches, max_batches)
-    sums = evaluate(
-        model,
-        split_batches(
-            store, split, batch_size, max_batches=max_batches, device=dev, vocab_size=int(model.cfg.vocab_size)
-        ),
-        chunk_tokens=int(cfg.train.loss_chunk_tokens),
-        autocast=autocast_factory(cfg.train.precision, dev),
+    batches = split_batches(
+        store, split, batch_size, max_batches=max_batches, device=dev, vocab_size=int(model.cfg.vocab_size)
     )
+    with unit_progress("tokens", console) if console is not None else nullcontext() as bar:
+        if bar is not None:
+            slots = min(n_rows, n_batches * batch_size) * store.seq_len
+            batches = _counted(batches, bar, bar.add_task(f"evaluate {split}", total=slots))
+        sums = evaluate(
+            model,
+            batches,
+            chunk_tokens=int(cfg.train.loss_chunk_tokens),
+            autocast=autocast_factory(cfg.train.precision, dev),
+        )
     if sums["count"] == 0:
         raise XLabError(f"split {split} of {store.path} has no target tokens (only padding); nothing to evaluate")
     m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)

@@ -14,6 +14,8 @@ from xlab.errors import XLabError
 from xlab.evaluate import evaluate_checkpoint
 from xlab.fsio import atomic_write_json
 
+console = Console(highlight=False)
+
 
 def run(
     checkpoint: str | os.PathLike,
@@ -36,14 +38,15 @@ def run(
             raise XLabError(f"--json {json_out} is a folder; give a file path such as {json_out / 'metrics.json'}")
         if not json_out.parent.is_dir():
             raise XLabError(f"--json {json_out}: folder {json_out.parent} does not exist")
-    m = evaluate_checkpoint(checkpoint, split=split, shards_dir=shards_dir, device=device, max_batches=max_batches)
+    m = evaluate_checkpoint(
+        checkpoint, split=split, shards_dir=shards_dir, device=device, max_batches=max_batches, console=console
+    )
     table = Table(title=f"{split} split" + ("" if m["complete"] else f", first {m['batches']} batches"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k in ("loss", "accuracy", "perplexity", "bits_per_byte", "tokens"):
         v = m[k]
         table.add_row(k, "n/a" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4f}"))
-    console = Console(highlight=False)
     console.print(f"[bold]evaluate[/bold] {checkpoint} (step {m['step']}) on {m['shards']}", soft_wrap=True)
     console.print(table)
     if json_out is not None:
