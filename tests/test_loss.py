@@ -59,3 +59,25 @@ def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
         got, _, _ = linear_cross_entropy(h, w, None, t, 16)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0, 1e-3])
+def test_model_loss_scores_the_logits_the_model_gives(cap):
+    # The fused loss skips Transformer.head; with a soft cap it must not (the cap is part of the model).
+    from xlab.loss import model_loss
+    from xlab.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    m = Transformer(
+        ModelConfig(vocab_size=50, max_len=12, d_model=16, n_layers=1, n_heads=2, d_ff=32, logit_softcap=cap)
+    )
+    with torch.no_grad():
+        m.lm_head.weight.mul_(50.0)  # logits well beyond the cap
+    x = torch.randint(0, 50, (3, 12))
+    y = x.roll(-1, 1)
+    loss_sum, _, count = model_loss(m, x, y, chunk_tokens=8)
+    expected = torch.nn.functional.cross_entropy(m(x).flatten(0, 1), y.flatten(), reduction="sum")
+    assert count == 36
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
+    if cap == 1e-3:  # logits within +-0.001 of 0: the loss is ln V per token
+        assert loss_sum.item() / 36 == pytest.approx(torch.log(torch.tensor(50.0)).item(), abs=1e-3)

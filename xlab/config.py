@@ -281,7 +281,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     loss_chunk_tokens: int = setting(8192, ge=1)  # logits are computed this many positions at a time
-    threads: Optional[int] = setting(None, ge=1)  # torch CPU threads per process; None: torch's default
+    threads: Optional[int] = setting(None, ge=1, le=1024)  # torch CPU threads per process; None: torch's default
 
 
 @dataclass

@@ -199,11 +199,11 @@ def model_loss(
     """``(loss_sum, correct, count)`` of a Transformer on ``inputs``/``targets`` (int64 ``(B, T)``).
 
     Runs ``model.hidden(inputs)`` (``(B, T, D)``), then the fused :func:`linear_cross_entropy` when the
-    model's head is a plain ``nn.Linear`` named ``lm_head`` (XLab's Transformer), else
-    :func:`chunked_cross_entropy` over ``model.head``.
+    model's logits are one plain linear map of the hidden states (``model.linear_head``: XLab's
+    Transformer without a logit soft cap), else :func:`chunked_cross_entropy` over ``model.head``.
     """
     h = model.hidden(inputs)
-    lm_head = getattr(model, "lm_head", None)
+    lm_head = getattr(model, "linear_head", None)
     if isinstance(lm_head, torch.nn.Linear):
         return linear_cross_entropy(h, lm_head.weight, lm_head.bias, targets, chunk_tokens, ignore_index)
     return chunked_cross_entropy(h, model.head, targets, chunk_tokens, ignore_index)
