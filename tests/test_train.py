@@ -508,3 +508,16 @@ def test_cli_threads_flag_sets_the_train_setting_and_is_range_checked(store, tmp
         tmp_path,
     )  # fmt: skip
     assert "(1 thread)" in p.stdout and "threads: 1" in (tmp_path / "demo" / "config.yaml").read_text()
+
+
+def test_resume_trains_with_changed_optimizer_settings(store, tmp_path):
+    # The checkpoint's param groups hold the old momentum and weight decay; the new ones must win.
+    base = ("train.optimizer=muon", "train.eval_every=100")
+    train(make_cfg(tmp_path / "runs", "train.max_steps=2", *base), shards_dir=store)
+    changed = ("train.muon_momentum=0.5", "train.weight_decay=0.3", "train.muon_lr=0.06")
+    train(make_cfg(tmp_path / "runs", "train.max_steps=3", *base, *changed), shards_dir=store, resume=True)
+    groups = load_checkpoint(tmp_path / "runs" / "t" / "checkpoints" / "last.pt")["optimizer"]
+    muon, adamw = groups["muon"]["param_groups"][0], groups["adamw"]["param_groups"][0]
+    assert muon["momentum"] == 0.5 and muon["lr_scale"] == pytest.approx(0.06 / 3e-3)
+    assert muon["weight_decay"] == pytest.approx(0.3 * 3e-3 / 0.06)
+    assert adamw["weight_decay"] == 0.3

@@ -131,3 +131,20 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> t
     for g in muon.param_groups:
         g["lr_scale"] = scale
     return MuonAdamW(muon, _adamw([g for g in rest if g["params"]], t, device))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonAdamW, state: dict) -> None:
+    """Load a checkpoint's optimizer ``state`` (moments, momentum buffers, step counts) into
+    ``optimizer``, keeping the hyperparameters it was built with from the configuration in force
+    (``betas``, ``weight_decay``, Muon's ``momentum``, ``lr_scale``): a resumed run that changes
+    ``train.muon_lr`` or ``train.weight_decay`` trains with the new values, as it reports.
+    ``optimizer.load_state_dict`` alone would bring back the saved ones.
+
+    Raises:
+        KeyError, ValueError: ``state`` does not fit ``optimizer`` (another optimizer, or other
+            parameters).
+    """
+    built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, built):
+        group.update(settings)

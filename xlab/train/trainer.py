@@ -51,7 +51,7 @@ from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
 from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
 from xlab.train.mfu import mfu, peak_flops
-from xlab.train.optim import build_optimizer
+from xlab.train.optim import build_optimizer, load_optimizer_state
 from xlab.train.resume import reconcile, start_checkpoint, take_store_settings
 from xlab.train.schedule import lr_at
 from xlab.train.signals import Interrupt
@@ -250,7 +250,7 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         try:
             self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
             self.step = int(ckpt["step"])
             self.loader.load_state_dict(ckpt["loader"])
             self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
