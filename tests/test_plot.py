@@ -99,7 +99,18 @@ def test_runs_that_cannot_be_drawn_are_refused(runs, tmp_path):
         plot_runs([bare], tmp_path / "x.png")
     with pytest.raises(XLabError, match="needs the path of a .png file"):
         plot_runs([runs / "a"], tmp_path)  # a folder
+    with pytest.raises(XLabError, match="is given more than once"):
+        plot_runs([runs / "a", runs / "b", runs / "a" / ".." / "a"], tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_token_axis_labels_are_short(runs):
+    from xlab.plot import curves_figure, read_run
+
+    fig = curves_figure([read_run(runs / "a")])
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[4].get_xticklabels()]  # bottom row, tokens
+    assert labels and all(len(t) <= 6 for t in labels), labels
 
 
 def test_two_runs_of_the_same_name_are_told_apart_by_their_paths(runs, tmp_path, monkeypatch):

@@ -139,6 +139,9 @@ def curves_figure(runs: list[RunCurves]):
                                 label=f"{r.name} val")  # fmt: skip
                 axes[1, j].plot(xv, r.val["bits_per_byte"], color=c, linestyle="--", marker="o", markersize=3,
                                 label=r.name)  # fmt: skip
+    from matplotlib.ticker import EngFormatter
+
+    axes[1, 1].xaxis.set_major_formatter(EngFormatter(sep=""))  # 1.2M, not 1200000 run into its neighbour
     for j, xlabel in enumerate(("optimizer step", "tokens (per process)", f"wall time ({unit})")):
         axes[1, j].set_xlabel(xlabel)
         for k in (0, 1):
@@ -176,13 +179,17 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike) -> Path:
 
     Raises:
         XLabError: a bad ``out`` (see :func:`check_png_path`), a folder that is not a run (see
-            :func:`read_run`), no run, or ``out`` cannot be written.
+            :func:`read_run`), no run, the same run twice, or ``out`` cannot be written.
     """
     import matplotlib.pyplot as plt
 
     out = check_png_path(out)
     if not runs:
         raise XLabError("no run folder to plot; give one or more, e.g. runs/demo")
+    resolved = [Path(r).resolve() for r in runs]
+    twice = sorted({str(r) for r, p in zip(runs, resolved) if resolved.count(p) > 1})
+    if twice:
+        raise XLabError(f"run {twice[0]} is given more than once; give each run once")
     names = [Path(r).name for r in runs]
     curves = [read_run(r, Path(r).name if names.count(Path(r).name) == 1 else str(r)) for r in runs]
     fig = curves_figure(curves)
