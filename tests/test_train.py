@@ -521,3 +521,22 @@ def test_resume_trains_with_changed_optimizer_settings(store, tmp_path):
     assert muon["momentum"] == 0.5 and muon["lr_scale"] == pytest.approx(0.06 / 3e-3)
     assert muon["weight_decay"] == pytest.approx(0.3 * 3e-3 / 0.06)
     assert adamw["weight_decay"] == 0.3
+
+
+def test_a_signal_during_set_up_leaves_process_settings_untouched(store, tmp_path, monkeypatch):
+    # A SIGTERM that lands while torch imports a module mid set-up must surface as Terminated; the
+    # clean-up must not call into torch settings it never changed (that call re-imported the
+    # half-loaded module and crashed with an AttributeError).
+    from xlab.errors import Terminated
+    from xlab.train import trainer as trainer_mod
+
+    def set_up(*a, **k):
+        raise Terminated
+
+    def untouchable(*a, **k):
+        raise AssertionError("use_deterministic_algorithms called although unchanged")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "__init__", set_up)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", untouchable)
+    with pytest.raises(Terminated):
+        train(make_cfg(tmp_path / "runs", "train.deterministic=false"), shards_dir=store)

@@ -350,13 +350,19 @@ def main() -> None:
     try:
         code = app(prog_name="xlab", standalone_mode=False)
     except Terminated:
-        print("terminated (SIGTERM); rerun the same command to resume (xlab train: add --resume)", file=sys.stderr)
+        print(
+            "terminated (SIGTERM); rerun the same command to resume (xlab train: add --resume once it has saved a checkpoint)",
+            file=sys.stderr,
+        )
         sys.exit(143)
     except XLabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
-        print("interrupted; rerun the same command to resume (xlab train: add --resume)", file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume (xlab train: add --resume once it has saved a checkpoint)",
+            file=sys.stderr,
+        )
         sys.exit(130)
     except OSError as e:
         # A path the user pointed at (or a folder a stage writes to) that cannot be used: a file where a
@@ -377,7 +383,10 @@ def main() -> None:
         sys.exit(2)
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C into exit code 130 before it reaches the handler above
-        print("interrupted; rerun the same command to resume (xlab train: add --resume)", file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume (xlab train: add --resume once it has saved a checkpoint)",
+            file=sys.stderr,
+        )
     sys.exit(code)
 
 

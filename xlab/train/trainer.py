@@ -122,8 +122,13 @@ def train(
         return summary
     finally:
         xdist.destroy()
-        torch.use_deterministic_algorithms(deterministic_before)  # process-wide: leave it as found
-        torch.set_num_threads(threads_before)
+        # Process-wide: leave it as found, but only touch it if it changed: a signal that lands while
+        # torch is still importing a module leaves that import half done, and this call would import it
+        # again and crash instead of letting the signal's exit through.
+        if torch.are_deterministic_algorithms_enabled() != deterministic_before:
+            torch.use_deterministic_algorithms(deterministic_before)
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
 
 
 class Trainer:
