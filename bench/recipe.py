@@ -24,7 +24,7 @@ where it stopped. Training runs ``--jobs`` at a time with ``--threads`` torch th
 not depend on either (the timing stage runs alone). Needs the demo store: ``make demo`` or the data
 stages of ``xlab pipeline``.
 
-Usage: python bench/recipe.py [--steps 300] [--jobs 2] [--threads 1] [--plot docs/recipe.png]
+Usage: python bench/recipe.py [--steps 200] [--jobs 2] [--threads 1] [--plot docs/recipe.png]
 """
 
 from __future__ import annotations
@@ -201,10 +201,10 @@ def plot(results: list[tuple[str, dict, float]], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timing-steps", type=int, default=5)
