@@ -81,3 +81,26 @@ def test_model_loss_scores_the_logits_the_model_gives(cap):
     assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-5)
     if cap == 1e-3:  # logits within +-0.001 of 0: the loss is ln V per token
         assert loss_sum.item() / 36 == pytest.approx(torch.log(torch.tensor(50.0)).item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_fused_loss_with_a_soft_cap_matches_capped_full_logits(chunk):
+    torch.manual_seed(0)
+    n, d, v, cap = 23, 8, 40, 2.0
+    h = torch.randn(n, d, requires_grad=True)
+    w = (torch.randn(v, d) * 3).requires_grad_()  # raw logits well past the cap
+    b = torch.randn(v, requires_grad=True)
+    t = torch.randint(0, v, (n,))
+    t[3] = -100
+    loss, correct, count = linear_cross_entropy(h, w, b, t, chunk, softcap=cap)
+    loss.backward()
+    grads = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    z = cap * torch.tanh((h @ w.T + b) / cap)
+    ref = torch.nn.functional.cross_entropy(z, t, reduction="sum")
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert count == n - 1 and correct == ((z.argmax(-1) == t) & (t != -100)).sum()
+    for g, x in zip(grads, (h, w, b)):
+        assert torch.allclose(g, x.grad, atol=1e-5), (g - x.grad).abs().max()

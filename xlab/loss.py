@@ -36,10 +36,10 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Fused ``cross_entropy(h @ W.T + b, t, reduction="sum")``; see :func:`linear_cross_entropy`."""
+    """Fused ``cross_entropy(softcap(h @ W.T + b), t, reduction="sum")``; see :func:`linear_cross_entropy`."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_tokens, ignore_index, compute_dtype, need_grad):
+    def forward(ctx, h, weight, bias, targets, chunk_tokens, ignore_index, compute_dtype, need_grad, softcap):
         n = h.shape[0]
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
@@ -58,6 +58,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tc = targets[s:e]  # (C,)
             valid = valid_all[s:e]
             logits = F.linear(hc, w, b).float()  # (C, V) fp32: the softmax and its sums need the range
+            th = None
+            if softcap is not None:  # logits = c tanh(z / c); keep tanh for its derivative 1 - tanh^2
+                th = logits.div_(softcap).tanh_()
+                logits = th * softcap
             safe_t = torch.where(valid, tc, torch.zeros_like(tc))
             tgt = logits.gather(1, safe_t[:, None]).squeeze(1)  # (C,)
             correct += ((logits.argmax(dim=-1) == tc) & valid).sum()
@@ -73,14 +77,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = ex.div_(total)  # softmax, in place
                 g.scatter_add_(1, safe_t[:, None], -valid[:, None].to(g.dtype))
                 g.mul_(valid[:, None].to(g.dtype))
+                if th is not None:  # back through the cap: d(c tanh(z/c))/dz = 1 - tanh(z/c)^2
+                    g.mul_(th.square_().neg_().add_(1.0))
                 gc = g.to(compute_dtype)
                 grad_h[s:e] = (gc @ w).to(h.dtype)  # (C, D)
                 grad_w += (gc.t() @ hc).float()  # (V, D)
                 if grad_b is not None:
                     grad_b += g.sum(0)
                 del g, gc
-            # Drop every name of the (C, V) buffer before the next chunk allocates its own.
-            del logits, ex
+            # Drop every name of the (C, V) buffers before the next chunk allocates its own.
+            del logits, ex, th
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(correct, count)
@@ -100,7 +106,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 out_w = (grad_w * scale).to(dw_t)
             if grad_b is not None and ctx.needs_input_grad[2]:
                 out_b = (grad_b * scale).to(db_t)
-        return out_h, out_w, out_b, None, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -110,6 +116,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     chunk_tokens: int = 8192,
     ignore_index: int = IGNORE_INDEX,
+    softcap: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``logits = h @ weight.T + bias`` without materialising all the logits.
 
@@ -120,6 +127,9 @@ def linear_cross_entropy(
         chunk_tokens: positions per chunk; at most one ``(chunk_tokens, V)`` fp32 logits buffer (plus its
             compute-dtype copy under autocast) exists at a time.
         ignore_index: target value that marks padding.
+        softcap: if given, c: the logits are ``c * tanh((h @ weight.T + bias) / c)`` (Gemma 2's soft
+            cap, as :meth:`xlab.model.Transformer.head` applies it); one more ``(chunk_tokens, V)``
+            buffer holds the tanh for the backward pass.
 
     Returns:
         ``(loss_sum, correct, count)``: the fp32 scalar sum of per-position losses in nats over the
@@ -141,7 +151,8 @@ def linear_cross_entropy(
     need_grad = torch.is_grad_enabled() and (
         h.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    return _LinearCrossEntropy.apply(h2, weight, bias, t2, int(chunk_tokens), int(ignore_index), cd, need_grad)
+    cap = None if softcap is None else float(softcap)
+    return _LinearCrossEntropy.apply(h2, weight, bias, t2, int(chunk_tokens), int(ignore_index), cd, need_grad, cap)
 
 
 def chunked_cross_entropy(
@@ -199,11 +210,14 @@ def model_loss(
     """``(loss_sum, correct, count)`` of a Transformer on ``inputs``/``targets`` (int64 ``(B, T)``).
 
     Runs ``model.hidden(inputs)`` (``(B, T, D)``), then the fused :func:`linear_cross_entropy` when the
-    model's logits are one plain linear map of the hidden states (``model.linear_head``: XLab's
-    Transformer without a logit soft cap), else :func:`chunked_cross_entropy` over ``model.head``.
+    model's logits are a linear map of the hidden states, soft-capped or not (XLab's Transformer:
+    ``lm_head`` and ``cfg.logit_softcap``), else :func:`chunked_cross_entropy` over ``model.head``.
     """
     h = model.hidden(inputs)
-    lm_head = getattr(model, "linear_head", None)
-    if isinstance(lm_head, torch.nn.Linear):
-        return linear_cross_entropy(h, lm_head.weight, lm_head.bias, targets, chunk_tokens, ignore_index)
+    lm_head = getattr(model, "lm_head", None)
+    cfg = getattr(model, "cfg", None)
+    if isinstance(lm_head, torch.nn.Linear) and cfg is not None:
+        return linear_cross_entropy(
+            h, lm_head.weight, lm_head.bias, targets, chunk_tokens, ignore_index, softcap=cfg.logit_softcap
+        )
     return chunked_cross_entropy(h, model.head, targets, chunk_tokens, ignore_index)

@@ -484,12 +484,6 @@ class Transformer(nn.Module):
             z = cap * torch.tanh(z / cap)
         return z
 
-    @property
-    def linear_head(self) -> Optional[nn.Linear]:
-        """``lm_head`` when the logits are exactly ``lm_head(h)`` (no soft cap), so a loss may fuse that
-        matmul with the cross-entropy; None when :meth:`head` does more."""
-        return self.lm_head if self.cfg.logit_softcap is None else None
-
     def forward(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Next-token logits (B, T, V) for ids (B, T); float32 unless under autocast. See :meth:`hidden`."""
         return self.head(self.hidden(ids, cache))
