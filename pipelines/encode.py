@@ -563,7 +563,8 @@ def _merge(out: Path) -> dict:
             from xlab.store import ShardStore
 
             store = ShardStore(out)  # XLabError for a manifest that is not a store's
-            skipped("merge", out / "manifest.json")
+            # The parts' records are gone once merged: a redo is a new encode, not a merge.
+            skipped("merge", out / "manifest.json", "the store is complete; `xlab data encode --force` rebuilds it")
             return store.manifest
         raise XLabError(f"nothing to merge in {out}; run `xlab data encode --num-shards N --shard-index I` first")
     return _finalize(out, job)

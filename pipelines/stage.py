@@ -129,9 +129,9 @@ def write_manifest(
     return m
 
 
-def skipped(stage: str, manifest_path: Path) -> None:
-    """Print the one line that says a stage was up to date."""
-    console.print(f"[bold]{stage}[/bold]: up to date ({manifest_path}); use --force to redo")
+def skipped(stage: str, manifest_path: Path, redo: str = "use --force to redo") -> None:
+    """Print the one line that says a stage was up to date, and how to redo it."""
+    console.print(f"[bold]{stage}[/bold]: up to date ({manifest_path}); {redo}")
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -201,6 +201,8 @@ def test_part_run_leaves_a_complete_store_alone(tmp_path, capsys):
     from pipelines import encode as enc
 
     assert enc.merge(cfg) == m  # nothing to merge: the store is complete
+    said = capsys.readouterr().out
+    assert "xlab data encode --force" in said and "use --force" not in said  # merge has no --force
     # other inputs: the outdated store is redone as a part folder (no manifest until merge)
     r = encode(config(tmp_path, seq_len=9), num_shards=2, shard_index=0)
     assert r["parts_missing"] == [1] and not (tmp_path / "shards/wiki/manifest.json").exists()
