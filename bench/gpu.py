@@ -14,7 +14,11 @@ below, or --peak-tflops.
 Without CUDA (or with --tiny) it runs a tiny configuration on the CPU for a few steps, to show that
 the script works; its figures mean nothing.
 
-Usage: python bench/gpu.py [--steps 300] [--batch 16] [--compile] [--peak-tflops 989] [--tiny]
+``--recipe modern`` trains the modern recipe instead (conf/recipe/modern.yaml's model options and
+Muon for the block matrices, through XLab's own ``build_optimizer``), so the two recipes' tokens/s and
+MFU (and Muon's step overhead) can be read off two runs of this script.
+
+Usage: python bench/gpu.py [--steps 300] [--batch 16] [--compile] [--peak-tflops 989] [--tiny] [--recipe modern]
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from xlab.config import TrainConfig
 from xlab.model import ModelConfig, Transformer
+from xlab.train.optim import build_optimizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def modern_recipe() -> tuple[dict, dict]:
+    """The model options and train settings of conf/recipe/modern.yaml (sizes stay this script's)."""
+    from omegaconf import OmegaConf
+
+    r = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "recipe" / "modern.yaml"))
+    return r.get("model", {}), r.get("train", {})
+
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets; without sparsity).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
@@ -55,6 +72,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s (default: from the GPU name)")
     ap.add_argument("--tiny", action="store_true", help="tiny configuration (automatic without CUDA)")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--recipe", choices=("0.2", "modern"), default="0.2", help="0.2 (AdamW) or modern (Muon)")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -67,9 +85,12 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
 
-    cfg = ModelConfig(**(TINY if tiny else GPT2_SMALL), dropout=0.0, attention="sdpa")
+    model_opts, train_opts = modern_recipe() if args.recipe == "modern" else ({}, {})
+    cfg = ModelConfig(**{**(TINY if tiny else GPT2_SMALL), **model_opts}, dropout=0.0, attention="sdpa")
     model = Transformer(cfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    keep = ("optimizer", "muon_lr", "muon_momentum")  # the learning rate of AdamW stays GPT-2's 3e-4
+    train_cfg = TrainConfig(lr=3e-4, weight_decay=0.1, **{k: v for k, v in train_opts.items() if k in keep})
+    opt = build_optimizer(model, train_cfg, device)
     step_model = torch.compile(model) if args.compile else model
     B, T = args.batch, cfg.max_len
     # A few fixed random batches, already on the device: the benchmark measures the model, not a loader.
@@ -93,7 +114,8 @@ def main() -> None:
     fpt = model.flops_per_token(T)
     print(
         f"{name}: {model.num_parameters() / 1e6:.1f}M parameters, batch {B} x seq {T}, bf16 autocast, "
-        f"SDPA FlashAttention forced, fused AdamW, compile={args.compile}, {fpt / 1e9:.3f} GFLOP/token"
+        f"SDPA FlashAttention forced, {args.recipe} recipe ({train_cfg.optimizer}), compile={args.compile}, "
+        f"{fpt / 1e9:.3f} GFLOP/token"
     )
 
     # FLASH_ATTENTION only: if the flash kernel cannot take these inputs, SDPA raises instead of

@@ -7,13 +7,16 @@ bits per byte, ``xlab evaluate``). Stages, each using what the one before found:
 
 1. baseline (0.2 architecture, AdamW) at three learning rates; the best is *the baseline*;
 2. each ingredient alone on the baseline at its best learning rate;
-3. *the winner*: the baseline plus every ingredient that lowered bits per byte alone, at three
-   learning-rate scales (AdamW's ``lr`` and Muon's ``muon_lr`` together); the best is kept;
-4. a second seed (other initial weights and data order) for the best baseline and the best winner;
+3. every ingredient that lowered bits per byte alone, combined, at three learning-rate scales
+   (AdamW's ``lr`` and Muon's ``muon_lr`` together); 3b. the best single ingredient alone at the
+   scales 1 and 2 (extended past an end like every sweep), since ingredients that help alone need
+   not help together; *the winner* is the better of the two;
+4. a second seed (other initial weights and data order) for the baseline and the winner;
 5. step time of every architecture, timed in alternating rounds in this process (the real
    ``Trainer.train_step``; rounds alternate so load from other processes hits all alike);
-6. equal wall time: the winner trained again with the steps the baseline's wall time buys it (on its
-   own full schedule, so it is a finished run and not a point taken mid-schedule).
+6. equal wall time: the winner's val curve where its wall time (steps x step time) equals the
+   baseline's whole run, against the baseline's last point on the same val subset. The winner is
+   then mid-schedule, its learning rate not yet decayed, so this understates it.
 
 None of the ingredients changes the parameter count (QK-norm has no learned gains; ReLU² keeps
 ``d_ff``; zero-init and the soft cap change no shapes), so the comparison is at equal parameters and
@@ -53,6 +56,8 @@ INGREDIENTS = {
     "rope": ["model.position=rope"],
 }
 SEED2 = 1234
+# Every variant starts from the 0.2 recipe spelled out (the demo's conf/defaults.yaml carries the modern one).
+BASE = ROOT / "conf" / "recipe" / "v0.2.yaml"
 
 
 def overrides_for(ingredients: list[str], lr: float, seed: int = 42, scale: float = 1.0) -> list[str]:
@@ -97,7 +102,7 @@ class Bench:
         t0 = time.time()
         with open(log, "w") as f:
             resume = ["--resume"] if (run_dir / "checkpoints" / "last.pt").exists() else []
-            cmd = [self.python, "-m", "xlab", "train", "--run-name", name, *resume, *sets]
+            cmd = [self.python, "-m", "xlab", "train", "--run-name", name, "-c", str(BASE), *resume, *sets]
             subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
             ev = self.out / "results" / f"{name}.eval.json"
             cmd = [self.python, "-m", "xlab", "evaluate", str(run_dir / "checkpoints" / "last.pt"), "--json", str(ev)]
@@ -158,7 +163,9 @@ def time_steps(variants: dict[str, list[str]], args, out: Path) -> dict[str, flo
     torch.set_num_threads(args.threads)
     trainers = {}
     for name, o in variants.items():
-        cfg = load_config([], [f"paths.runs_dir={out / 'timing'}", f"train.run_name=t-{name}", "train.device=cpu", *o])
+        cfg = load_config(
+            [BASE], [f"paths.runs_dir={out / 'timing'}", f"train.run_name=t-{name}", "train.device=cpu", *o]
+        )
         tr = Trainer(cfg, None, False, DistInfo(), torch.device("cpu"))
         tr.model.train()
         it = tr.micro_batches()
@@ -228,42 +235,57 @@ def main() -> None:
     alone = b.run_many({f"add-{k}": (overrides_for([k], base_lr), S) for k in INGREDIENTS})
     helped = [k for k in INGREDIENTS if alone[f"add-{k}"]["val_bpb"] < best_base["val_bpb"]]
 
-    print(f"stage 3: the winner ({' + '.join(helped) or 'nothing helped'}) at three learning-rate scales", flush=True)
-    win = b.sweep(list(WINNER_SCALES), lambda s: (f"winner-x{s:g}", overrides_for(helped, base_lr, scale=s), S))
-    win_scale = min(win, key=lambda v: win[v]["val_bpb"])
-    best_win = win[win_scale]
+    print(f"stage 3: all that helped ({' + '.join(helped) or 'nothing'}) at three learning-rate scales", flush=True)
+    combo = b.sweep(list(WINNER_SCALES), lambda s: (f"winner-x{s:g}", overrides_for(helped, base_lr, scale=s), S))
+    # Ingredients that help alone need not help together: the best single ingredient gets its own
+    # learning-rate sweep, and the winner is whichever of the two is better.
+    top = min(helped, key=lambda k: alone[f"add-{k}"]["val_bpb"]) if helped else None
+    single = {}
+    if top is not None:
+        print(f"stage 3b: {top} alone at learning-rate scales 1 and 2 (and on past an end)", flush=True)
+        name = lambda s: f"add-{top}" if s == 1 else f"single-{top}-x{s:g}"  # noqa: E731
+        single = b.sweep([1.0, 2.0], lambda s: (name(s), overrides_for([top], base_lr, scale=s), S))
+    candidates = [(helped, s, r) for s, r in combo.items()] + [([top], s, r) for s, r in single.items()]
+    win_ings, win_scale, best_win = min(candidates, key=lambda c: c[2]["val_bpb"])
+    win_label = " + ".join(win_ings) + f", lr x{win_scale:g}"
+    print(f"  winner: {win_label}", flush=True)
 
     print("stage 4: second seed", flush=True)
     seed2 = b.run_many(
         {
             "base-seed2": (overrides_for([], base_lr, seed=SEED2), S),
-            "winner-seed2": (overrides_for(helped, base_lr, seed=SEED2, scale=win_scale), S),
+            f"{'-'.join(win_ings)}-x{win_scale:g}-seed2": (
+                overrides_for(win_ings, base_lr, seed=SEED2, scale=win_scale),
+                S,
+            ),
         }
     )
+    base2, win2 = seed2.values()
 
     print("stage 5: step time (alternating rounds, alone)", flush=True)
     arch = {"baseline": overrides_for([], base_lr)} | {f"add-{k}": overrides_for([k], base_lr) for k in INGREDIENTS}
-    arch["winner"] = overrides_for(helped, base_lr, scale=win_scale)
+    arch["combination"] = overrides_for(helped, base_lr)
+    arch["winner"] = overrides_for(win_ings, base_lr, scale=win_scale)
     load0 = os.getloadavg()[0]
     step_s = time_steps(arch, args, b.out)
     print(f"  load average {load0:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
 
-    equal_steps = int(round(S * step_s["baseline"] / step_s["winner"]))
-    print(f"stage 6: winner at the baseline's wall time ({equal_steps} steps)", flush=True)
-    if equal_steps == S:
-        equal = best_win
-    else:
-        equal = b.run(f"winner-{equal_steps}steps", overrides_for(helped, base_lr, scale=win_scale), equal_steps)
-
+    # Equal wall time: the winner's val curve where its wall time equals the baseline's whole run,
+    # against the baseline's last point of the same (eval_batches) val subset. The winner is then
+    # mid-schedule (its learning rate not yet decayed), which understates it.
+    t_base = S * step_s["baseline"]
+    at = min(S, t_base / step_s["winner"])
+    equal_bpb = interpolate(best_win["curve"], at)
+    base_curve_end = best_base["curve"][-1][1]
     tokens_per_step = 32 * 128
     counts = param_counts(arch)
     b0 = best_base["val_bpb"]
     rows = [("baseline (0.2 architecture, AdamW), lr " + f"{base_lr:g}", best_base, "baseline")]
     rows += [(f"baseline, lr {lr:g}", base[lr], "baseline") for lr in sorted(base) if lr != base_lr]
     rows += [(f"+ {k}", alone[f"add-{k}"], f"add-{k}") for k in INGREDIENTS]
-    rows += [(f"winner, lr x{s:g}", win[s], "winner") for s in sorted(win)]
-    rows += [("baseline, seed 2", seed2["base-seed2"], "baseline"), ("winner, seed 2", seed2["winner-seed2"], "winner")]
-    rows += [(f"winner at the baseline's wall time ({equal_steps} steps)", equal, "winner")]
+    rows += [(f"{' + '.join(helped)}, lr x{s:g}", combo[s], "combination") for s in sorted(combo)]
+    rows += [(f"{top} alone, lr x{s:g}", single[s], f"add-{top}") for s in sorted(single)]
+    rows += [("baseline, seed 2", base2, "baseline"), (f"winner ({win_label}), seed 2", win2, "winner")]
     print()
     print("| variant | params total / non-emb | val loss | val bpb | wall (min) | tokens/s | Δ bpb |")
     print("|---|---|---|---|---|---|---|")
@@ -276,20 +298,30 @@ def main() -> None:
             f"{wall:.1f} | {tps:,.0f} | {100 * (r['val_bpb'] - b0) / b0:+.2f}% |"
         )
     mean = lambda *rs: statistics.mean(r["val_bpb"] for r in rs)  # noqa: E731
-    d_tokens = (mean(best_win, seed2["winner-seed2"]) - mean(best_base, seed2["base-seed2"])) / mean(
-        best_base, seed2["base-seed2"]
-    )
-    d_time = (equal["val_bpb"] - b0) / b0
+    d_tokens = (mean(best_win, win2) - mean(best_base, base2)) / mean(best_base, base2)
+    d_time = (equal_bpb - base_curve_end) / base_curve_end
     muon_over = step_s["add-muon"] / step_s["baseline"] - 1
     print()
-    print(f"winner: {' + '.join(helped)}, lr x{win_scale:g}")
+    print(f"winner: {win_label}")
     print(f"equal tokens, mean of 2 seeds: {100 * d_tokens:+.2f}% bpb (target <= -8%)")
-    print(f"equal wall time: {100 * d_time:+.2f}% bpb (target <= -5%)")
+    print(
+        f"equal wall time: {100 * d_time:+.2f}% bpb on the val subset, winner at step {at:.0f} of {S} "
+        f"({equal_bpb:.4f} vs {base_curve_end:.4f}; target <= -5%)"
+    )
     print(f"Muon step-time overhead over AdamW: {100 * muon_over:+.1f}% (target <= +10%)")
     print("step time (s): " + ", ".join(f"{k} {v:.3f}" for k, v in step_s.items()))
     if args.plot:
         plot([("0.2 recipe (AdamW)", best_base, step_s["baseline"]), ("modern recipe", best_win, step_s["winner"])],
              Path(args.plot))  # fmt: skip
+
+
+def interpolate(curve: list, step: float) -> float:
+    """The val bits per byte of ``curve`` ((step, bpb) points) at ``step``, linear between points."""
+    pts = sorted(curve)
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return pts[-1][1] if step >= pts[-1][0] else pts[0][1]
 
 
 def param_counts(arch: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
@@ -299,7 +331,7 @@ def param_counts(arch: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
 
     out = {}
     for name, o in arch.items():
-        m = Transformer(load_config([], list(o)).model)
+        m = Transformer(load_config([BASE], list(o)).model)
         out[name] = (m.num_parameters(), m.num_parameters(non_embedding=True))
     return out
 

@@ -275,3 +275,43 @@ def test_cli_py_without_the_environment_says_to_run_make_setup(tmp_path):
     assert len(bare.stderr.strip().splitlines()) == 1 and bare.stdout == ""
     ok = subprocess.run([sys.executable, str(tmp_path / "cli.py"), "train", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "--resume" in ok.stdout, ok.stderr
+
+
+# What a recipe decides: the architecture options and the optimizer (sizes and data are the run's).
+RECIPE_MODEL = (
+    "position",
+    "norm",
+    "activation",
+    "bias",
+    "tie_embeddings",
+    "qk_norm",
+    "zero_init_proj",
+    "logit_softcap",
+)
+
+
+def _recipe(cfg) -> dict:
+    return {**{k: str(cfg.model[k]) for k in RECIPE_MODEL}, "optimizer": str(cfg.train.optimizer)}
+
+
+def test_recipe_files_layer_as_documented():
+    from xlab.config import ModelConfig, TrainConfig
+
+    conf = ROOT / "conf"
+    v02 = {**{k: str(getattr(ModelConfig(), k)) for k in RECIPE_MODEL}, "optimizer": str(TrainConfig().optimizer)}
+    modern = _recipe(load_config([conf / "recipe" / "modern.yaml"]))
+    assert modern != v02
+    # conf/xlab.yaml stays the 0.2 release's recipe whatever the demo defaults carry
+    assert _recipe(load_config([conf / "xlab.yaml"])) == v02
+    assert _recipe(load_config([conf / "recipe" / "v0.2.yaml"])) == v02
+    # the demo runs the modern recipe
+    assert _recipe(load_config([])) == modern
+    # the modern full run is the full run with the modern recipe, its own learning rates and run name
+    full = load_config([conf / "xlab.yaml", conf / "recipe" / "modern.yaml"])
+    full_modern = load_config([conf / "xlab-modern.yaml"])
+    assert _recipe(full_modern) == modern
+    a, b = to_dict(full), to_dict(full_modern)
+    for d in (a, b):
+        for key in ("run_name", "lr", "muon_lr"):
+            d["train"].pop(key)
+    assert a == b
