@@ -63,7 +63,9 @@ BASE = ROOT / "conf" / "recipe" / "v0.2.yaml"
 def overrides_for(ingredients: list[str], lr: float, seed: int = 42, scale: float = 1.0) -> list[str]:
     o = [f"train.lr={lr * scale:g}", f"train.seed={seed}"]
     if "muon" in ingredients:
-        o.append(f"train.muon_lr={0.02 * scale:g}")
+        from xlab.config import TrainConfig
+
+        o.append(f"train.muon_lr={TrainConfig().muon_lr * scale:g}")  # Muon's default rate, scaled
     for name in ingredients:
         o += INGREDIENTS[name]
     return o
