@@ -205,15 +205,21 @@ def full_cross_entropy(
 
 
 def model_loss(
-    model, inputs: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192, ignore_index: int = IGNORE_INDEX
+    model,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int = 8192,
+    ignore_index: int = IGNORE_INDEX,
+    doc_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss_sum, correct, count)`` of a Transformer on ``inputs``/``targets`` (int64 ``(B, T)``).
 
-    Runs ``model.hidden(inputs)`` (``(B, T, D)``), then the fused :func:`linear_cross_entropy` when the
+    Runs ``model.hidden(inputs, doc_ids=doc_ids)`` (``(B, T, D)``; ``doc_ids`` (B, T) for packed rows,
+    see :meth:`xlab.model.Transformer.hidden`), then the fused :func:`linear_cross_entropy` when the
     model's logits are a linear map of the hidden states, soft-capped or not (XLab's Transformer:
     ``lm_head`` and ``cfg.logit_softcap``), else :func:`chunked_cross_entropy` over ``model.head``.
     """
-    h = model.hidden(inputs)
+    h = model.hidden(inputs) if doc_ids is None else model.hidden(inputs, doc_ids=doc_ids)
     lm_head = getattr(model, "lm_head", None)
     cfg = getattr(model, "cfg", None)
     if isinstance(lm_head, torch.nn.Linear) and cfg is not None:

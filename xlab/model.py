@@ -12,7 +12,8 @@ The defaults reproduce the original XLab architecture:
 
 The original's listed future work is available as configuration (:class:`ModelConfig`): RMSNorm, SwiGLU
 or ReLU, learned or rotary positions, tied embeddings, no biases, grouped-query attention, and three
-attention backends (PyTorch SDPA, the flash-attn package, an explicit reference implementation).
+attention backends (PyTorch SDPA, the flash-attn package, FlexAttention, an explicit reference
+implementation), each with a document mask for rows that pack several articles (``doc_ids``).
 So are the ingredients of today's fast small-model recipes (modded-nanogpt, nanochat; see
 ``conf/recipe/modern.yaml``): QK-norm (queries and keys RMS-normalised per head, Dehghani et al. 2023,
 arXiv:2302.05442, without learned gains), ReLU² (So et al. 2021, "Primer", arXiv:2109.08668),
@@ -135,15 +136,107 @@ class KVCache:
 # Attention backends
 
 
-def _flash_attn_func():
+def _flash_attn_func(name: str = "flash_attn_func"):
+    """``flash_attn_func`` or ``flash_attn_varlen_func`` of the flash-attn package.
+
+    Raises:
+        XLabError: the package is not installed.
+    """
     try:
-        from flash_attn import flash_attn_func
+        import flash_attn
     except ImportError:
         raise XLabError(
             "model.attention=flash_attn needs the flash-attn package (CUDA only): pip install -e '.[flash]' "
             "in a clone of XLab, pip install 'xlabml[flash]' otherwise; or use model.attention=sdpa"
         ) from None
-    return flash_attn_func
+    return getattr(flash_attn, name)
+
+
+def _check_flash_inputs(q: torch.Tensor) -> None:
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        raise XLabError("model.attention=flash_attn runs only on CUDA in bf16/fp16; use model.attention=sdpa")
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    """torch's ``flex_attention``: compiled on first use on CUDA (eager flex materialises every score,
+    and is only a reference), eager on CPU, where torch runs its forward but has no backward."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None and torch.cuda.is_available():
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex or flex_attention
+
+
+class DocumentMask:
+    """Which keys each query may see when a row packs several documents (articles) back to back.
+
+    Built once per forward from ``doc_ids`` (B, T) int64, the document index of every position,
+    non-decreasing along T (the loader counts the ``<sos>`` tokens of the row): query ``i`` sees key
+    ``j <= i`` only when ``doc_ids[:, i] == doc_ids[:, j]``. Each backend gets the form its kernel
+    takes, computed lazily and once for all layers:
+
+    - ``dense()``: bool (B, 1, T, T), True = may attend, for ``sdpa`` and ``math``. With a mask SDPA on
+      CUDA cannot use its FlashAttention kernel and runs the memory-efficient (xFormers-style) kernel,
+      which reads the (B, 1, T, T) mask; it still skips no fully-masked block.
+    - ``varlen()``: ``(cu_seqlens, max_seqlen)`` for flash-attn's ``flash_attn_varlen_func``: the
+      rows flattened to B*T tokens cut into one sequence per (row, document), ``cu_seqlens`` int32
+      (n_docs + 1,) their cumulative lengths (Dao 2023, FlashAttention-2, "variable length").
+    - ``block_mask()``: a FlexAttention ``BlockMask`` (Dong et al. 2024, arXiv:2412.05496) that skips
+      every 128x128 block of scores lying outside all documents.
+    """
+
+    def __init__(self, doc_ids: torch.Tensor) -> None:
+        if doc_ids.dim() != 2:
+            raise ValueError(f"doc_ids must be (B, T), got shape {tuple(doc_ids.shape)}")
+        self.doc_ids = doc_ids
+        self._dense = self._varlen = self._block = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            d = self.doc_ids
+            T = d.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=d.device).tril()
+            self._dense = (causal[None] & (d[:, :, None] == d[:, None, :]))[:, None]  # (B, 1, T, T)
+        return self._dense
+
+    def varlen(self) -> tuple[torch.Tensor, int]:
+        if self._varlen is None:
+            B, T = self.doc_ids.shape
+            # a document id unique over the whole batch: row b's documents follow row b - 1's
+            glob = (self.doc_ids - self.doc_ids[:, :1]) + torch.arange(B, device=self.doc_ids.device)[:, None] * T
+            _, counts = torch.unique_consecutive(glob.reshape(-1), return_counts=True)
+            cu = torch.zeros(len(counts) + 1, dtype=torch.int32, device=self.doc_ids.device)
+            cu[1:] = counts.cumsum(0)
+            self._varlen = (cu, T)  # T bounds every document's length, and needs no device sync
+        return self._varlen
+
+    def block_mask(self, H: int):
+        if self._block is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            d = self.doc_ids
+            B, T = d.shape
+
+            def document_causal(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (d[b, q_idx] == d[b, kv_idx])
+
+            self._block = create_block_mask(document_causal, B, None, T, T, device=d.device)
+        return self._block
+
+
+def _causal_block_mask(T: int, S: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = S - T  # bottom-right alignment, as everywhere in :func:`attention`
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return create_block_mask(causal, None, None, T, S, device=device)
 
 
 def attention(
@@ -153,6 +246,7 @@ def attention(
     *,
     backend: Attention | str = Attention.sdpa,
     dropout_p: float = 0.0,
+    docs: Optional[DocumentMask] = None,
 ) -> torch.Tensor:
     """Causal multi-head attention, softmax(q k^T / sqrt(D)) v, for the last T of S positions.
 
@@ -161,9 +255,12 @@ def attention(
         k, v: (B, K, S, D) keys and values of all S >= T positions (cached ones first); K divides H
             (K < H: grouped-query attention, query head h reads key/value head h // (H // K)).
         backend: ``sdpa`` (torch's scaled_dot_product_attention, which picks FlashAttention-2 on CUDA
-            with bf16/fp16), ``flash_attn`` (the flash-attn package; CUDA, bf16/fp16) or ``math``
-            (explicit reference, softmax in float32).
-        dropout_p: dropout on the attention probabilities (pass 0 in evaluation).
+            with bf16/fp16 and no document mask), ``flash_attn`` (the flash-attn package; CUDA,
+            bf16/fp16), ``flex`` (torch's FlexAttention, compiled on CUDA; forward only on CPU) or
+            ``math`` (explicit reference, softmax in float32), which defines the right answer.
+        dropout_p: dropout on the attention probabilities (pass 0 in evaluation; ``flex`` has none).
+        docs: a :class:`DocumentMask` for rows packing several documents (T == S, no cache): queries
+            see only earlier keys of their own document.
 
     Returns:
         (B, T, H, D), ready to be merged into (B, T, C).
@@ -174,24 +271,52 @@ def attention(
     may see every key).
 
     Raises:
-        XLabError: ``flash_attn`` without the package, or on CPU / in float32.
+        XLabError: ``flash_attn`` without the package, or on CPU / in float32; ``flex`` with
+            gradients on CPU or with dropout.
+        ValueError: a document mask with T != S.
     """
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
+    if docs is not None and T != S:
+        raise ValueError(f"a document mask needs T == S (no KV cache), got T={T}, S={S}")
     if backend == "flash_attn":
-        flash_attn_func = _flash_attn_func()
-        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-            raise XLabError("model.attention=flash_attn runs only on CUDA in bf16/fp16; use model.attention=sdpa")
+        _check_flash_inputs(q)
         # flash-attn wants (B, T, H, D); transposing back is a view (last dim stays contiguous). Its
         # causal mask is aligned bottom-right when T < S (flash-attn >= 2.1), and it handles K < H.
-        return flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=True
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if docs is None:
+            return _flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
+        cu, max_len = docs.varlen()
+        y = _flash_attn_func("flash_attn_varlen_func")(
+            q.reshape(B * T, H, D),
+            k.reshape(B * T, K, D),
+            v.reshape(B * T, K, D),
+            cu,
+            cu,
+            max_len,
+            max_len,
+            dropout_p=dropout_p,
+            causal=True,
+        )  # (B*T, H, D)
+        return y.view(B, T, H, D)
+    if backend == "flex":
+        if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+            raise XLabError(
+                "model.attention=flex trains only on CUDA (torch's FlexAttention has no CPU backward); "
+                "use model.attention=sdpa on CPU"
+            )
+        if dropout_p > 0:
+            raise XLabError("model.attention=flex has no attention dropout: set model.dropout=0 or use sdpa")
+        block = docs.block_mask(H) if docs is not None else _causal_block_mask(T, S, q.device)
+        y = _flex_attention()(q, k, v, block_mask=block, enable_gqa=K != H)  # (B, H, T, D)
+        return y.transpose(1, 2)
 
-    mask = None  # bool (T, S), True = may attend; None with is_causal when T == S, or T == 1
-    if T != S and T > 1:
+    mask = None  # bool (T, S) or (B, 1, T, S), True = may attend; None with is_causal when T == S, or T == 1
+    if docs is not None:
+        mask = docs.dense()
+    elif T != S and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    is_causal = T == S and T > 1
+    is_causal = mask is None and T == S and T > 1
 
     if backend == "sdpa":
         y = F.scaled_dot_product_attention(
@@ -210,7 +335,21 @@ def attention(
         probs = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=dropout_p > 0)
         y = probs @ v.float()  # (B, H, T, D)
         return y.to(q.dtype).transpose(1, 2)
-    raise XLabError(f"unknown model.attention {backend!r}: use sdpa, flash_attn or math")
+    raise XLabError(f"unknown model.attention {backend!r}: use sdpa, flash_attn, flex or math")
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) int64 that restart at 0 where each document of a packed row begins.
+
+    ``doc_ids`` (B, T), non-decreasing along T. The first segment of a row (an article continued from
+    the row before) also starts at 0, as every window of the padded layout does.
+    """
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device).expand(B, T)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new, t, torch.zeros_like(t)).cummax(dim=1).values
+    return t - start
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,9 +379,10 @@ def rope_tables(max_len: int, head_dim: int, base: float = 10000.0) -> tuple[tor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, H, D) by position: pairs (x[i], x[i + D/2]) are rotated by the angle of pair i
     (the half-split layout of GPT-NeoX, not the interleaved one of the paper; the two are equivalent
-    up to a fixed permutation of the q/k weights). cos, sin: (T, D/2)."""
-    cos = cos[:, None, :].to(x.dtype)  # (T, 1, D/2), broadcast over B and H
-    sin = sin[:, None, :].to(x.dtype)
+    up to a fixed permutation of the q/k weights). cos, sin: (T, D/2), or (B, T, D/2) when positions
+    differ per row (packed documents)."""
+    cos = cos.unsqueeze(-2).to(x.dtype)  # (T, 1, D/2) or (B, T, 1, D/2), broadcast over H (and B)
+    sin = sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -273,7 +413,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)  # writes into the residual stream
 
     def forward(
-        self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache: Optional[KVCache], layer: int
+        self,
+        x: torch.Tensor,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+        cache: Optional[KVCache],
+        layer: int,
+        docs: Optional[DocumentMask] = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -288,7 +433,7 @@ class SelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
             # a cache kept in another dtype than the activations (e.g. fp32 under autocast)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = attention(q, k, v, backend=self.backend, dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, backend=self.backend, dropout_p=self.dropout if self.training else 0.0, docs=docs)
         return self.proj(y.reshape(B, T, C))  # (B, T, H, D) -> (B, T, C)
 
 
@@ -332,8 +477,8 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, rope, cache, layer):
-        x = x + self.attn(self.norm1(x), rope, cache, layer)
+    def forward(self, x, rope, cache, layer, docs=None):
+        x = x + self.attn(self.norm1(x), rope, cache, layer, docs)
         return x + self.ffn(self.norm2(x))
 
 
@@ -437,23 +582,35 @@ class Transformer(nn.Module):
             dtype=dtype,
         )
 
-    def hidden(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def hidden(
+        self, ids: torch.Tensor, cache: Optional[KVCache] = None, doc_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Final-normed hidden states.
 
         Args:
             ids: LongTensor (B, T) of token ids.
             cache: a :class:`KVCache`; the ids then continue the cached tokens (positions start at
                 ``cache.length``), their keys/values are appended and ``cache.length`` grows by T.
+            doc_ids: LongTensor (B, T), non-decreasing along T, for rows that pack several documents:
+                attention stays inside each document (:class:`DocumentMask`) and positions restart at
+                each document's first token (:func:`document_positions`), so every document is
+                processed exactly as if it were alone in its row. None: one sequence per row.
 
         Returns:
             (B, T, d_model), in the parameter dtype (or the autocast dtype).
 
         Raises:
-            ValueError: more than ``max_len`` positions in all (a cache overflow included), or a batch
-                size that differs from the cache's.
+            ValueError: more than ``max_len`` positions in all (a cache overflow included), a batch
+                size that differs from the cache's, or ``doc_ids`` with a cache or of another shape.
         """
         B, T = ids.shape
         start = 0
+        docs = pos = None
+        if doc_ids is not None:
+            if cache is not None or doc_ids.shape != ids.shape:
+                raise ValueError(f"doc_ids must be (B, T) = {tuple(ids.shape)} and come without a cache")
+            docs = DocumentMask(doc_ids)
+            pos = document_positions(doc_ids)  # (B, T)
         if cache is not None:
             cache._check(B, T)
             start = cache.length
@@ -463,14 +620,15 @@ class Transformer(nn.Module):
         if self.emb_scale != 1.0:
             x = x * self.emb_scale
         rope = None
+        at = slice(start, start + T) if pos is None else pos  # rows of the position tables: (T,) or (B, T)
         if self.cfg.position == "sinusoidal":
-            x = x + self.pe[start : start + T]  # (T, C) broadcast over B
+            x = x + self.pe[at]  # (T, C) broadcast over B, or (B, T, C)
         elif self.cfg.position == "learned":
-            x = x + self.pos_emb.weight[start : start + T]
+            x = x + self.pos_emb.weight[at]
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, D/2) each
+            rope = (self.rope_cos[at], self.rope_sin[at])  # (T, D/2) or (B, T, D/2) each
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, docs)
         if cache is not None:
             cache.length += T
         return self.norm_f(x)
@@ -484,9 +642,11 @@ class Transformer(nn.Module):
             z = cap * torch.tanh(z / cap)
         return z
 
-    def forward(self, ids: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, cache: Optional[KVCache] = None, doc_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Next-token logits (B, T, V) for ids (B, T); float32 unless under autocast. See :meth:`hidden`."""
-        return self.head(self.hidden(ids, cache))
+        return self.head(self.hidden(ids, cache, doc_ids))
 
     # -- accounting ----------------------------------------------------------------------------------
 
