@@ -131,6 +131,7 @@ class Position(Choice):
 class Attention(Choice):
     sdpa = "sdpa"  # torch scaled_dot_product_attention (FlashAttention kernels on CUDA)
     flash_attn = "flash_attn"  # the flash-attn package
+    flex = "flex"  # torch FlexAttention (compiled on CUDA; forward only on CPU)
     math = "math"  # the explicit reference implementation
 
 
