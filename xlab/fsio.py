@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,52 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def create_once(path: str | os.PathLike, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; True when this call created it.
+
+    Of any number of processes (on any number of machines sharing the folder) that call this at
+    once, exactly one creates the file and every other gets False; a reader never sees the file
+    half-written. The bytes go to a temporary file in ``path``'s own folder (a rename or link across
+    filesystems fails), which is then hard-linked onto ``path``: ``link`` refuses an existing name
+    atomically, also on NFS. Where the filesystem has no hard links the file is created with
+    ``O_EXCL`` and written in place (still exactly one creator; a reader may then see it before it
+    is complete, so readers should hold a lock the creator holds).
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish_mode(tmp, 0o666)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            import errno
+
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+        try:  # no hard links here
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(out, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``path``; on success it replaces ``path``.
@@ -124,10 +171,15 @@ def lock_path(output: str | os.PathLike, part: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str, *, shared: bool = False) -> Iterator[Path]:
+def exclusive_lock(
+    path: str | os.PathLike, what: str, *, shared: bool = False, wait: float | None = 0.0
+) -> Iterator[Path]:
     """Hold an advisory lock on ``path`` (created if needed) while the block runs: one writer per
     run, store or stage output. ``shared`` takes a shared lock instead, which any number of holders
     may hold at once but never together with an exclusive one (parts of one store).
+
+    ``wait``: seconds to wait for a holder to let go before giving up (0, the default: refuse at
+    once; None: wait as long as it takes), for short critical sections that processes take in turn.
 
     The lock is ``fcntl.flock`` on an open file, so the kernel releases it when the holder exits,
     even by SIGKILL: a dead holder never leaves it stuck. The file records the holder's pid and
@@ -135,7 +187,8 @@ def exclusive_lock(path: str | os.PathLike, what: str, *, shared: bool = False) 
     with the next holder).
 
     Raises:
-        XLabError: another process holds the lock (naming ``what``, its pid and host).
+        XLabError: another process holds the lock (after ``wait`` seconds; naming ``what``, its
+            pid and host).
     """
     import fcntl
     import socket
@@ -146,8 +199,20 @@ def exclusive_lock(path: str | os.PathLike, what: str, *, shared: bool = False) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            if wait is None:
+                fcntl.flock(fd, mode)
+            else:
+                deadline = time.monotonic() + wait
+                while True:
+                    try:
+                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.02)
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
             raise XLabError(f"{what} is in use by {holder}; wait for it to finish or stop it first") from None
