@@ -9,7 +9,8 @@ Three sources (``cfg.data.source``), one output schema, the one of ``wikimedia/w
   articles (``gensim``'s test data), cleaned by :mod:`pipelines.wikitext`.
 - ``dump``: any MediaWiki XML dump (``.xml``, ``.xml.bz2``, ``.xml.gz``), streamed in constant
   memory through the same cleaner.
-- ``hf``: ``datasets.load_dataset(cfg.data.hf_path, cfg.data.hf_config)`` (already clean text).
+- ``hf``: the Hub dataset ``cfg.data.hf_path`` / ``cfg.data.hf_config`` (already clean text), its
+  parquet files read from the Hugging Face cache; offline, from the cache alone.
 
 Articles whose text is empty (after cleaning) are dropped and counted; ``cfg.data.max_articles``
 keeps the first N articles in source order. The stage is skipped when its manifest matches the
@@ -150,11 +151,11 @@ def _run(cfg: DictConfig, force: bool) -> dict:
         m = json.loads(manifest_path.read_text())
         return {"skipped": True, "path": str(out_dir / "articles.parquet"), "counts": m["counts"], "seconds": 0.0}
 
+    offline = None
     if d.source == "hf":
-        # Fail fast, before anything is written, when the Hub cannot be reached.
-        reason = hub_unreachable_reason(d.hf_timeout_s / 3)
-        if reason:
-            raise XLabError(_hub_message(reason))
+        # Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or the Hub unreachable): read the local
+        # cache, and stop with one line, before anything is written, when it does not hold the data.
+        offline = hub_unreachable_reason(d.hf_timeout_s / 3)
     t0 = time.perf_counter()
     num_proc = max(1, d.num_proc or _cpu_count())
     stats: dict[str, Counter] = {}
@@ -166,7 +167,7 @@ def _run(cfg: DictConfig, force: bool) -> dict:
         elif d.source == "dump":
             rows = _dump_rows(dump, stats.setdefault(dump.name, Counter()), num_proc, progress)
         else:
-            rows = _hf_rows(d, stats.setdefault(f"{d.hf_path}/{d.hf_config}", Counter()), progress)
+            rows = _hf_rows(d, stats.setdefault(f"{d.hf_path}/{d.hf_config}", Counter()), progress, offline)
         with atomic_dir(out_dir) as tmp:
             written = _write_parquet(rows, tmp / "articles.parquet", d.max_articles)
             counts = _totals(stats)
@@ -327,25 +328,48 @@ def _ordered_map(fn: Callable[[list], list], batches: Iterable[list], num_proc: 
 
 
 # ------------------------------------------------------------------------------- Hugging Face
-def _hf_rows(d: Any, c: Counter, progress) -> Iterator[Row]:
-    """Rows of ``datasets.load_dataset(d.hf_path, d.hf_config, split="train")``.
+def _hf_rows(d: Any, c: Counter, progress, offline: Optional[str] = None) -> Iterator[Row]:
+    """Rows of the Hub dataset ``d.hf_path`` / ``d.hf_config`` (split ``train``), in dataset order.
 
-    :func:`run` has probed the Hub (bounded even when name resolution hangs); each HTTP call of
-    the load is bounded by ``d.hf_timeout_s`` too, and any network failure becomes one line.
+    - The whole dataset: its parquet files are fetched into the Hugging Face Hub cache
+      (``huggingface_hub.snapshot_download``: resumable, shared with ``datasets``) and read from
+      there directly, batch by batch, so no ``datasets`` Arrow copy (about twice the parquet's size)
+      is ever written. A repository without parquet files under ``<config>/`` goes through
+      ``datasets.load_dataset``.
+    - A slice (``d.max_articles``): streamed from the Hub (``streaming=True``), nothing cached.
+    - ``offline`` (why the Hub cannot be used: an offline variable set, or no connection): only the
+      local cache is read, the Hub cache's parquet files first, else ``datasets``' own cache; when
+      neither holds the dataset, one line says so.
+
+    Each HTTP call is bounded by ``d.hf_timeout_s``, and any network failure becomes one line.
     ``progress`` counts the rows read against the dataset's length, or against ``max_articles``
     when the slice is streamed (a stream has no length; the slice ends at that many articles).
+
+    Raises:
+        XLabError: the Hub cannot be reached and the cache lacks the dataset, or the load fails.
     """
     # huggingface_hub reads these when imported: bound each HTTP call by the configured time.
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(d.hf_timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(d.hf_timeout_s)))
+    if offline:
+        # datasets and huggingface_hub read it when imported: no call then waits on the network.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    files = None
     try:
-        import datasets
+        if d.max_articles is None or offline:
+            files = _hub_parquet_files(d, local_only=offline is not None)
+        if files:
+            rows: Iterable[dict] = _parquet_rows(files)
+            total = sum(_parquet_num_rows(f) for f in files)
+        else:
+            import datasets
 
-        # A slice streams only what it needs instead of downloading the whole snapshot.
-        streaming = d.max_articles is not None
-        ds = datasets.load_dataset(d.hf_path, d.hf_config, split="train", streaming=streaming)
-        task = progress.add_task(f"reading {d.hf_path}", total=d.max_articles if streaming else len(ds))
-        for row in ds:
+            # A slice streams only what it needs instead of downloading the whole snapshot.
+            streaming = d.max_articles is not None and not offline
+            ds = datasets.load_dataset(d.hf_path, d.hf_config, split="train", streaming=streaming)
+            rows, total = ds, (d.max_articles if streaming else len(ds))
+        task = progress.add_task(f"reading {d.hf_path}", total=total)
+        for row in rows:
             c["pages"] += 1
             if c["pages"] % 1000 == 0:  # not per row: millions of rows, each a lock and a sample in rich
                 progress.update(task, completed=c["pages"])
@@ -359,10 +383,58 @@ def _hf_rows(d: Any, c: Counter, progress) -> Iterator[Row]:
     except XLabError:
         raise
     except Exception as e:  # noqa: BLE001 - the library raises many types; the user needs one line
+        if offline and not files:  # datasets' own cache lacks it too
+            raise XLabError(_not_cached_message(d, offline)) from None
         if _is_network_error(e):
             raise XLabError(_hub_message(f"{type(e).__name__}")) from None
         first = (str(e).strip().splitlines() or [""])[0]
         raise XLabError(f"cannot load {d.hf_path} {d.hf_config} from the Hub: {type(e).__name__}: {first}") from None
+
+
+def _hub_parquet_files(d: Any, local_only: bool) -> Optional[list[Path]]:
+    """The ``train`` parquet files of ``d.hf_config`` in the Hub cache (fetched first unless
+    ``local_only``), in file order; None when the repository (or the cache) has none."""
+    from huggingface_hub import snapshot_download
+
+    cfg = d.hf_config
+    try:
+        root = snapshot_download(
+            repo_id=d.hf_path,
+            repo_type="dataset",
+            allow_patterns=[f"{cfg}/*.parquet", f"*/{cfg}/*.parquet"],
+            local_files_only=local_only,
+        )
+    except Exception as e:  # noqa: BLE001 - nothing cached (LocalEntryNotFoundError) and the like
+        if local_only or not _is_network_error(e):
+            return None
+        raise
+    found = sorted(p for p in Path(root).rglob("*.parquet") if p.parent.name == cfg)
+    train = [p for p in found if p.name.startswith("train")]
+    return train or found or None
+
+
+def _parquet_num_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _parquet_rows(files: list[Path]) -> Iterator[dict]:
+    """The rows of parquet files in order, as dicts of ``COLUMNS``, read in bounded memory."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer=True keeps every chunk read
+        for batch in pf.iter_batches(batch_size=1024, columns=list(COLUMNS)):
+            yield from batch.to_pylist()
+
+
+def _not_cached_message(d: Any, reason: str) -> str:
+    return (
+        f"cannot reach the Hugging Face Hub ({reason}) and the local cache lacks {d.hf_path} {d.hf_config}; "
+        f"download it once with network access, or use `xlab data download --source sample` (built-in "
+        f"Wikipedia sample) or `xlab data download --source dump --dump PATH` (a MediaWiki XML dump)"
+    )
 
 
 def _hub_message(reason: str) -> str:

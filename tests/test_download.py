@@ -199,13 +199,87 @@ def test_sample_file_checks(monkeypatch):
 
 
 # --------------------------------------------------------------------------------- hf source
-def test_hf_offline_fails_with_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(XLabError) as e:
-        download.run(make_cfg(tmp_path, "data.source=hf"))
-    msg = str(e.value)
-    assert "cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set)" in msg and "\n" not in msg
+def fake_hub_cache(root: Path, repo="wikimedia/wikipedia", config="20231101.en", files=2) -> list[dict]:
+    """The Hugging Face Hub cache as ``snapshot_download`` leaves it (``refs/main`` naming a
+    snapshot folder of parquet files); returns the rows it holds, in file order."""
+    import pyarrow as pa
+
+    repo_dir = root / f"datasets--{repo.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    folder = repo_dir / "snapshots" / commit / config
+    folder.mkdir(parents=True)
+    rows = []
+    for k in range(files):
+        part = [
+            {
+                "id": str(10 * k + i),
+                "url": f"https://x/{k}{i}",
+                "title": f"T{k}{i}",
+                "text": f"text {k} {i}" if i else " ",
+            }
+            for i in range(3)
+        ]
+        pq.write_table(pa.Table.from_pylist(part), folder / f"train-{k:05d}-of-{files:05d}.parquet")
+        rows += part
+    return rows
+
+
+def test_hf_offline_reads_the_local_cache(tmp_path, cli):
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE with the dataset in the Hub cache: the stage reads the
+    cached parquet files (it used to refuse because the variable was set)."""
+    rows = fake_hub_cache(tmp_path / "hub")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        env = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub"), var: "1"}
+        if var == "HF_DATASETS_OFFLINE":
+            env["HF_HUB_OFFLINE"] = "0"
+        cli(["data", "download", "--source", "hf", "--force"], cwd=tmp_path, env=env)
+        got = pq.read_table(tmp_path / "data/raw/wiki/articles.parquet").to_pylist()
+        assert got == [r for r in rows if r["text"].strip()]  # blank texts dropped, order kept
+    # A slice offline reads the cache too (online it would stream from the Hub).
+    cli(["data", "download", "--source", "hf", "--force", "-o", "data.max_articles=3"], cwd=tmp_path, env=env)
+    assert [r["id"] for r in pq.read_table(tmp_path / "data/raw/wiki/articles.parquet").to_pylist()] == ["1", "2", "11"]
+
+
+def test_hf_whole_dataset_reads_the_hub_cache_parquet_directly(tmp_path, monkeypatch):
+    """Online, the whole dataset is fetched into the Hub cache and read from there: no datasets
+    Arrow copy is built (load_dataset is not called)."""
+    import huggingface_hub
+
+    rows = fake_hub_cache(tmp_path / "hub", files=3)
+    snapshot = next((tmp_path / "hub").glob("datasets--*/snapshots/*"))
+    calls = []
+
+    def fake_snapshot(**kw):
+        calls.append(kw)
+        return str(snapshot)
+
+    monkeypatch.setattr(download, "hub_unreachable_reason", lambda timeout_s: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # importing it would fail
+    out = download.run(make_cfg(tmp_path, "data.source=hf"))
+    assert calls == [
+        {
+            "repo_id": "wikimedia/wikipedia",
+            "repo_type": "dataset",
+            "allow_patterns": ["20231101.en/*.parquet", "*/20231101.en/*.parquet"],
+            "local_files_only": False,
+        }
+    ]
+    assert read_rows(tmp_path) == [r for r in rows if r["text"].strip()]
+    assert (out["counts"]["articles"], out["counts"]["empty"]) == (6, 3)
+
+
+def test_hf_offline_without_the_cache_fails_with_one_line(tmp_path, cli):
+    env = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    p = cli(["data", "download", "--source", "hf"], cwd=tmp_path, check=False, env=env)  # HF_HUB_OFFLINE=1
+    msg = p.stderr.strip()
+    assert p.returncode == 2 and len(msg.splitlines()) == 1 and "Traceback" not in p.stderr
+    assert "cannot reach the Hugging Face Hub (HF_HUB_OFFLINE is set)" in msg
+    assert "local cache lacks wikimedia/wikipedia 20231101.en" in msg
     assert "--source sample" in msg and "--source dump --dump PATH" in msg
+    assert not (tmp_path / "data" / "raw" / "wiki").exists()
 
 
 def test_hub_probe(monkeypatch):
@@ -227,7 +301,9 @@ def test_hub_probe(monkeypatch):
 
 
 def fake_datasets(monkeypatch, load):
+    """The Hub reachable, its repository without parquet files: rows come from ``load``."""
     monkeypatch.setattr(download, "hub_unreachable_reason", lambda timeout_s: None)
+    monkeypatch.setattr(download, "_hub_parquet_files", lambda d, local_only: None)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
 
 
