@@ -1,6 +1,6 @@
 """The shard store: XLab's one contract between the data side and the training side.
 
-``format`` owns the layout (dtype, row packing, :class:`StoreManifest`, the ignore index),
+``format`` owns the format (dtype, the padded and packed row layouts, :class:`StoreManifest`, the ignore index),
 ``writer`` writes shards and small stores, ``reader`` opens a store (:class:`ShardStore`) and
 ``loader`` deals its rows into training batches (:class:`ShardLoader`).
 """
@@ -9,20 +9,25 @@ from xlab.store.format import (
     FORMAT,
     FORMAT_VERSION,
     IGNORE_INDEX,
+    LAYOUTS,
     MANIFEST,
     TOKENIZER_COPY,
     ShardEntry,
     SplitEntry,
     StoreManifest,
     TokenizerEntry,
+    pack,
     pack_articles,
+    pack_documents,
     read_npy_header,
     real_tokens,
+    row_counts,
+    split_layout,
     target_tokens,
     to_targets,
     token_dtype,
 )
-from xlab.store.loader import ShardLoader
+from xlab.store.loader import ShardLoader, document_ids
 from xlab.store.reader import ShardStore
 from xlab.store.writer import write_shard, write_store
 
@@ -30,6 +35,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "IGNORE_INDEX",
+    "LAYOUTS",
     "MANIFEST",
     "TOKENIZER_COPY",
     "ShardEntry",
@@ -38,9 +44,14 @@ __all__ = [
     "SplitEntry",
     "StoreManifest",
     "TokenizerEntry",
+    "document_ids",
+    "pack",
     "pack_articles",
+    "pack_documents",
     "read_npy_header",
     "real_tokens",
+    "row_counts",
+    "split_layout",
     "target_tokens",
     "to_targets",
     "token_dtype",

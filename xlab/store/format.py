@@ -8,6 +8,14 @@ up to 65,536 ids) or ``uint32``; a row is one training sequence: ``inputs = row[
 one token, so every token after ``<sos>`` is a target exactly once); the last window is padded
 with ``pad_id``. Targets at pad positions become :data:`IGNORE_INDEX`.
 
+That is the ``padded`` layout, the 0.2 format. A split can instead be ``packed``
+(:func:`pack_documents`): the articles' ``<sos> t1..tn <eos>`` sequences are concatenated and cut
+into windows every ``seq_len`` tokens, so rows hold several articles back to back and only the last
+row of a shard is padded. The tokens themselves mark the documents (each begins with ``<sos>``), so
+the format needs no side file; a target that is ``<sos>`` (the step from one article into the next)
+is ignored like a pad target. Only the train split is ever packed (:func:`split_layout`): evaluation
+splits stay padded so that validation and test losses mean the same thing for every store.
+
 The ``.npy`` header (dtype and shape) makes every shard self-describing, after llm.c's token files;
 the dtype follows the vocabulary size as in Megatron. :class:`StoreManifest` is the one place the
 manifest is built and parsed: encode, merge, :func:`~xlab.store.writer.write_store`, the reader,
@@ -29,6 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_COPY = "tokenizer.model"  # the store's own copy of its tokenizer
 IGNORE_INDEX = -100  # the loss's ignore index for targets at pad positions (torch's default)
+LAYOUTS = ("padded", "packed")
 ENCODE_HINT = "xlab data encode"
 
 
@@ -57,10 +66,110 @@ def target_tokens(articles: Sequence[Sequence[int]]) -> int:
     return sum(len(a) + 1 for a in articles)
 
 
-def to_targets(targets: np.ndarray, pad_id: int) -> np.ndarray:
-    """``targets`` (any integer shape) as int64 with :data:`IGNORE_INDEX` where the pad id is."""
+def to_targets(targets: np.ndarray, pad_id: int, sos_id: Optional[int] = None) -> np.ndarray:
+    """``targets`` (any integer shape) as int64 with :data:`IGNORE_INDEX` where the pad id is, and
+    where ``sos_id`` is when given (in a packed row the target after an article's ``<eos>`` is the
+    next article's ``<sos>``, which no context predicts; a padded row never has ``<sos>`` as target)."""
     t = np.asarray(targets).astype(np.int64, copy=False)
-    return np.where(t == pad_id, IGNORE_INDEX, t)
+    ignore = t == pad_id
+    if sos_id is not None:
+        ignore |= t == sos_id
+    return np.where(ignore, IGNORE_INDEX, t)
+
+
+def row_counts(rows: np.ndarray, *, layout: str, pad_id: int, sos_id: int, first: bool) -> tuple[int, int]:
+    """``(articles, target_tokens)`` of consecutive rows ``(n, seq_len + 1)`` of one shard of a split
+    of ``layout``; ``first``: ``rows[0]`` is the shard's first row. Targets are the non-pad, non-``<sos>``
+    tokens after column 0; articles are the ``<sos>`` tokens, counted once although consecutive packed
+    rows share a token."""
+    tail = rows[:, 1:]
+    sos_after = int(np.count_nonzero(tail == sos_id))
+    targets = int(np.count_nonzero(tail != pad_id)) - sos_after
+    if layout == "packed":
+        return sos_after + int(first and len(rows) > 0 and rows[0, 0] == sos_id), targets
+    return int(np.count_nonzero(rows[:, 0] == sos_id)), targets
+
+
+def split_layout(split: str, layout: str) -> str:
+    """The layout a store of ``layout`` gives ``split``: ``packed`` applies to ``train`` only.
+
+    Packing is a training-throughput choice; val, test and predict stay ``padded``, so every token of
+    an evaluation split is scored with the same context (the preceding tokens of its own window)
+    whichever layout the training rows use, and losses and bits per byte compare across stores.
+
+    Raises:
+        ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown shards.layout {layout!r}: use padded or packed")
+    return layout if split == "train" else "padded"
+
+
+def _framed(
+    ids: Sequence[Sequence[int]], *, sos_id: int, eos_id: int, vocab_size: int, extra: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, type]:
+    """``(flat, n, start, idt)``: the articles as one stream ``<sos> t <eos> <sos> ...`` with ``extra``
+    trailing slots (filled by the caller), their text lengths ``n`` and the offsets of their ``<sos>``.
+
+    Raises:
+        ValueError: an empty article or an id outside ``[0, vocab_size)`` (never wrapped).
+    """
+    n = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
+    if (n == 0).any():
+        raise ValueError("pack_articles: empty article (skip it before packing)")
+    total = int(n.sum())
+    # Ids and offsets in int32 while they fit (all practical stores): a quarter of the memory of
+    # Python ints, half of int64, for the few arrays of a unit's size below.
+    big = max(total + 2 * len(n) + extra, vocab_size) >= 2**31
+    idt = np.int64 if big else np.int32
+    parts = [np.asarray(a, dtype=np.int64) for a in ids]  # int64 first: a negative id must not wrap
+    text = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    del parts
+    if total and (text.min() < 0 or text.max() >= vocab_size):
+        bad = int(text.max() if text.max() >= vocab_size else text.min())
+        raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    text = text.astype(idt, copy=False)
+    full_len = n + 2
+    start = np.zeros(len(n), dtype=np.int64)  # offset of each article's <sos> in `flat`
+    np.cumsum(full_len[:-1], out=start[1:])
+    flat_len = int(full_len.sum())
+    flat = np.empty(flat_len + extra, dtype=idt)
+    is_text = np.ones(flat_len, dtype=bool)
+    is_text[start] = False
+    is_text[start + n + 1] = False
+    flat[:flat_len][is_text] = text
+    flat[start] = sos_id
+    flat[start + n + 1] = eos_id
+    return flat, n, start, idt
+
+
+def pack_documents(
+    ids: Sequence[Sequence[int]], seq_len: int, *, sos_id: int, eos_id: int, pad_id: int, vocab_size: int
+) -> np.ndarray:
+    """Pack tokenized articles back to back into fixed-length rows (the ``packed`` layout).
+
+    Args: as :func:`pack_articles`.
+
+    Returns:
+        ``(ceil((L - 1) / seq_len), seq_len + 1)`` array of :func:`token_dtype` (vocab_size), where
+        ``full`` is every article's ``[sos] + t + [eos]`` in order and ``L = len(full)``: row ``k`` holds
+        ``full[k * seq_len : k * seq_len + seq_len + 1]``, the last row padded. Every token of
+        ``full`` but the first is a target exactly once, as in the padded layout; rows are cut
+        without regard to article boundaries (an article continues in the next row).
+
+    Raises:
+        ValueError: an article is empty or an id is outside ``[0, vocab_size)``.
+    """
+    dtype = token_dtype(vocab_size)
+    row_len = seq_len + 1
+    if len(ids) == 0:
+        return np.empty((0, row_len), dtype=dtype)
+    flat, _, _, idt = _framed(ids, sos_id=sos_id, eos_id=eos_id, vocab_size=vocab_size, extra=row_len)
+    flat_len = len(flat) - row_len
+    flat[flat_len:] = pad_id
+    rows = -(-(flat_len - 1) // seq_len)
+    idx = (np.arange(rows, dtype=idt) * seq_len)[:, None] + np.arange(row_len, dtype=idt)[None, :]
+    return flat[idx].astype(dtype, copy=False)
 
 
 def pack_articles(
@@ -84,35 +193,12 @@ def pack_articles(
     """
     dtype = token_dtype(vocab_size)
     row_len = seq_len + 1
-    n = np.fromiter((len(a) for a in ids), dtype=np.int64, count=len(ids))
-    if len(n) == 0:
+    if len(ids) == 0:
         return np.empty((0, row_len), dtype=dtype)
-    if (n == 0).any():
-        raise ValueError("pack_articles: empty article (skip it before packing)")
-    total = int(n.sum())
-    # Ids and offsets in int32 while they fit (all practical stores): a quarter of the memory of
-    # Python ints, half of int64, for the few arrays of a unit's size below.
-    big = max(total + 2 * len(n) + row_len, vocab_size) >= 2**31
-    idt = np.int64 if big else np.int32
-    parts = [np.asarray(a, dtype=np.int64) for a in ids]  # int64 first: a negative id must not wrap
-    text = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    del parts
-    if total and (text.min() < 0 or text.max() >= vocab_size):
-        bad = int(text.max() if text.max() >= vocab_size else text.min())
-        raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
-    text = text.astype(idt, copy=False)
-    full_len = n + 2
-    start = np.zeros(len(n), dtype=np.int64)  # offset of each article's <sos> in `flat`
-    np.cumsum(full_len[:-1], out=start[1:])
-    flat_len = int(full_len.sum())
     # One padding window past the end so every gather below stays in bounds.
-    flat = np.full(flat_len + row_len, pad_id, dtype=idt)
-    is_text = np.ones(flat_len, dtype=bool)
-    is_text[start] = False
-    is_text[start + n + 1] = False
-    flat[:flat_len][is_text] = text
-    flat[start] = sos_id
-    flat[start + n + 1] = eos_id
+    flat, n, start, idt = _framed(ids, sos_id=sos_id, eos_id=eos_id, vocab_size=vocab_size, extra=row_len)
+    flat[len(flat) - row_len :] = pad_id
+    full_len = n + 2
 
     r = (n + seq_len) // seq_len  # rows per article: ceil((n + 1) / seq_len)
     art = np.repeat(np.arange(len(n)), r)  # article of each row
@@ -125,6 +211,20 @@ def pack_articles(
     rows = flat[idx]
     rows[idx >= row_end[:, None]] = pad_id
     return rows.astype(dtype, copy=False)
+
+
+def pack(ids: Sequence[Sequence[int]], seq_len: int, *, layout: str, **ids_kw: int) -> np.ndarray:
+    """Rows of ``ids`` in ``layout``: :func:`pack_articles` (``padded``) or :func:`pack_documents`
+    (``packed``); keyword ids as theirs (sos_id, eos_id, pad_id, vocab_size).
+
+    Raises:
+        ValueError: an unknown layout, an empty article or an id outside the vocabulary.
+    """
+    if layout == "padded":
+        return pack_articles(ids, seq_len, **ids_kw)
+    if layout == "packed":
+        return pack_documents(ids, seq_len, **ids_kw)
+    raise ValueError(f"unknown shards.layout {layout!r}: use padded or packed")
 
 
 def read_npy_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype, bool, int]:
@@ -187,6 +287,7 @@ class SplitEntry:
     text_chars: int = 0
     empty_articles: int = 0
     rejected_articles: int = 0
+    layout: str = "padded"  # one of LAYOUTS; see split_layout
     rejected: list = field(default_factory=list)
     shards: list[ShardEntry] = field(default_factory=list)
 
@@ -336,7 +437,11 @@ def _split_from_json(name: str, s: Any) -> SplitEntry:
                              "(listed twice, out of order, or outside the store)")  # fmt: skip
         shards.append(ShardEntry(file=sh["file"], rows=int(sh["rows"]), real_tokens=int(sh.get("real_tokens", 0)),
                                  sha256=str(sh.get("sha256", ""))))  # fmt: skip
-    entry = SplitEntry(**{k: int(s.get(k, 0)) for k in _COUNTS}, rejected=list(s.get("rejected", [])), shards=shards)
+    layout = s.get("layout", "padded")  # stores written before 0.6 are all padded
+    if layout not in LAYOUTS:
+        raise ValueError(f"split {name} has layout {layout!r}, not one of {', '.join(LAYOUTS)}")
+    entry = SplitEntry(**{k: int(s.get(k, 0)) for k in _COUNTS}, layout=layout, rejected=list(s.get("rejected", [])),
+                       shards=shards)  # fmt: skip
     for key in ("rows", "real_tokens"):
         total = sum(getattr(sh, key) for sh in shards)
         if getattr(entry, key) != total:

@@ -36,7 +36,15 @@ def make_batch(store: ShardStore, split: str, indices: np.ndarray, vocab_size: O
             f"(rows {int(idx.min())}..{int(idx.max())}); the store is damaged: run `xlab data validate`, "
             "then `xlab data encode --force`"
         )
-    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(to_targets(rows[:, 1:], store.pad_id))
+    return torch.from_numpy(rows[:, :-1]), torch.from_numpy(to_targets(rows[:, 1:], store.pad_id, store.sos_id))
+
+
+def document_ids(inputs, sos_id: int):
+    """Document index (B, T) int64 of every input position of packed rows ``inputs`` (B, T): the
+    number of ``<sos>`` tokens up to and including it, so a row that begins inside an article (its
+    tail, continued from the row before) has document 0 there. Non-decreasing along T, as
+    :meth:`xlab.model.Transformer.hidden` needs; computed on the inputs' device (no transfer)."""
+    return (inputs == sos_id).cumsum(dim=1)
 
 
 class ShardLoader:
@@ -63,8 +71,10 @@ class ShardLoader:
 
     Iterating yields the remaining batches of the current epoch, each ``(inputs, targets)``, both
     ``torch.int64`` of shape ``(batch_size, seq_len)``: ``inputs = row[:-1]``, ``targets = row[1:]``
-    with :data:`~xlab.store.format.IGNORE_INDEX` where the target is the pad id. After the last batch the epoch
-    advances and the position resets to 0.
+    with :data:`~xlab.store.format.IGNORE_INDEX` where the target is the pad id (or ``<sos>``: the
+    step into the next article of a packed row). After the last batch the epoch advances and the
+    position resets to 0. For a ``packed`` split (``self.packed``) the model also needs
+    :func:`document_ids` of the inputs, which the tokens themselves give.
 
     Raises:
         XLabError: unknown split, or a split too small for one batch per rank.
@@ -99,6 +109,7 @@ class ShardLoader:
         self.prefetch = max(1, int(prefetch))
         self.background = _is_cuda(device) if background is None else bool(background)
         self.num_rows = store.rows(split)
+        self.packed = store.layout(split) == "packed"
         self._len = self.num_rows // (self.batch_size * self.world_size)
         if self._len == 0:
             raise XLabError(

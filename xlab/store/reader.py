@@ -12,7 +12,16 @@ from typing import Any
 import numpy as np
 
 from xlab.errors import XLabError
-from xlab.store.format import ENCODE_HINT, FORMAT, FORMAT_VERSION, MANIFEST, StoreManifest, read_npy_header, token_dtype
+from xlab.store.format import (
+    ENCODE_HINT,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    StoreManifest,
+    read_npy_header,
+    row_counts,
+    token_dtype,
+)
 
 
 class ShardStore:
@@ -93,6 +102,11 @@ class ShardStore:
         if split not in self._splits:
             raise XLabError(f"split {split!r} not in shard store {self.path} (has {', '.join(self._splits)})")
         return self._splits[split]
+
+    def layout(self, split: str) -> str:
+        """``"padded"`` or ``"packed"``: how ``split``'s rows hold articles (see xlab/store/format.py)."""
+        self.split_info(split)  # an unknown split is refused
+        return self.info.splits[split].layout
 
     def rows(self, split: str) -> int:
         """Number of rows of ``split``."""
@@ -186,7 +200,7 @@ class ShardStore:
             entry, articles, targets = self.info.splits[split], 0, 0
             for sh in entry.shards:
                 p = self.path / sh.file
-                digest, real = hashlib.sha256(), 0
+                digest, real, first = hashlib.sha256(), 0, True
                 try:
                     _, _, _, offset = read_npy_header(p)
                     with open(p, "rb") as f:
@@ -197,8 +211,9 @@ class ShardStore:
                             if rows.size and int(rows.max()) >= self.vocab_size:
                                 raise bad(f"shard {p} holds token id {int(rows.max())} >= vocabulary {self.vocab_size}")
                             real += int(np.count_nonzero(rows != self.pad_id))
-                            articles += int(np.count_nonzero(rows[:, 0] == self.sos_id))
-                            targets += int(np.count_nonzero(rows[:, 1:] != self.pad_id))
+                            a, t = row_counts(rows, layout=entry.layout, pad_id=self.pad_id, sos_id=self.sos_id,
+                                              first=first)  # fmt: skip
+                            articles, targets, first = articles + a, targets + t, False
                 except (OSError, ValueError) as e:
                     raise bad(f"cannot read shard {p} ({e})") from None
                 if digest.hexdigest() != sh.sha256:

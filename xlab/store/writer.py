@@ -18,8 +18,9 @@ from xlab.store.format import (
     SplitEntry,
     StoreManifest,
     TokenizerEntry,
-    pack_articles,
+    pack,
     real_tokens,
+    split_layout,
     target_tokens,
     token_dtype,
 )
@@ -43,6 +44,7 @@ def write_store(
     tokenizer_bytes: Optional[bytes] = None,
     texts: Optional[dict[str, Sequence[str]]] = None,
     articles_per_shard: int = 1024,
+    layout: str = "padded",
 ) -> StoreManifest:
     """Write a complete store from already-tokenized articles.
 
@@ -56,12 +58,13 @@ def write_store(
         texts: split name -> the articles' texts, parallel to ``splits``, for ``text_bytes`` and
             ``text_chars`` (bits per byte); None: both 0.
         articles_per_shard: articles per shard file.
+        layout: ``padded`` or ``packed``; packing applies to the train split only (``split_layout``).
 
     Returns:
         The manifest written to ``path/manifest.json``.
 
     Raises:
-        ValueError: an id outside ``[0, tokenizer.vocab_size)``.
+        ValueError: an id outside ``[0, tokenizer.vocab_size)``, or an unknown layout.
     """
     path = Path(path)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -73,14 +76,13 @@ def write_store(
     for split, articles in splits.items():
         split_texts = (texts or {}).get(split)
         keep = [i for i, a in enumerate(articles) if len(a)]
-        entry = SplitEntry(empty_articles=len(articles) - len(keep))
+        entry = SplitEntry(empty_articles=len(articles) - len(keep), layout=split_layout(split, layout))
         for k, a in enumerate(range(0, max(len(keep), 1), articles_per_shard)):
             idx = keep[a : a + articles_per_shard]
             chunk = [articles[i] for i in idx]
+            ids_kw = {"sos_id": tok.sos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "vocab_size": tok.vocab_size}
             rows = (
-                pack_articles(
-                    chunk, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size
-                )
+                pack(chunk, seq_len, layout=entry.layout, **ids_kw)
                 if chunk
                 else np.empty((0, seq_len + 1), dtype=dtype)
             )
@@ -102,7 +104,7 @@ def write_store(
         dtype=dtype.name,
         tokenizer=tok,
         splits=out,
-        params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard)},
+        params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard), "layout": layout},
         stage="write_store",
         xlab_version=xlab.__version__,
     )

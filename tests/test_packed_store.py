@@ -1,0 +1,130 @@
+"""The packed layout of the shard store (xlab/store/format.py): articles back to back in rows, the
+same targets as the padded layout, document ids recovered from the tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xlab.store import (
+    IGNORE_INDEX,
+    ShardLoader,
+    ShardStore,
+    TokenizerEntry,
+    document_ids,
+    pack_articles,
+    pack_documents,
+    row_counts,
+    split_layout,
+    target_tokens,
+    write_store,
+)
+from xlab.store.loader import make_batch
+
+PAD, SOS, EOS, V = 0, 1, 2, 50
+TOK = TokenizerEntry(vocab_size=V, pad_id=PAD, sos_id=SOS, eos_id=EOS, unk_id=3)
+IDS = {"sos_id": SOS, "eos_id": EOS, "pad_id": PAD, "vocab_size": V}
+
+
+def articles(n: int, seed: int = 0, max_len: int = 30) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(4, V, rng.integers(1, max_len)).tolist() for _ in range(n)]
+
+
+def stream(rows: np.ndarray) -> np.ndarray:
+    """The token stream of consecutive overlapping rows, trailing padding dropped."""
+    s = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])
+    return s[: len(s) - int(np.argmax(s[::-1] != PAD))]
+
+
+@pytest.mark.parametrize("seq_len", [2, 7, 16, 64])
+def test_pack_documents_cuts_the_article_stream_into_overlapping_rows(seq_len):
+    arts = articles(23, seed=seq_len)
+    rows = pack_documents(arts, seq_len, **IDS)
+    full = np.concatenate([[SOS, *a, EOS] for a in arts])
+    assert rows.dtype == np.uint16 and rows.shape == (-(-(len(full) - 1) // seq_len), seq_len + 1)
+    assert np.array_equal(stream(rows), full)
+    assert np.array_equal(rows[1:, 0], rows[:-1, -1])  # consecutive rows share one token
+    assert not (rows[:-1] == PAD).any()  # padding only in the last row
+    assert int(np.count_nonzero(rows == PAD)) < seq_len + 1
+
+
+@pytest.mark.parametrize("seq_len", [4, 16])
+def test_both_layouts_give_the_same_targets(seq_len):
+    arts = articles(40, seed=1)
+    padded, packed = pack_articles(arts, seq_len, **IDS), pack_documents(arts, seq_len, **IDS)
+    counts = {}
+    for layout, rows in (("padded", padded), ("packed", packed)):
+        t = rows[:, 1:].reshape(-1)
+        t = t[(t != PAD) & (t != SOS)]
+        counts[layout] = np.bincount(t, minlength=V)
+        assert row_counts(rows, layout=layout, pad_id=PAD, sos_id=SOS, first=True) == (len(arts), target_tokens(arts))
+    assert np.array_equal(counts["padded"], counts["packed"])
+    assert len(packed) < len(padded)
+
+
+def test_pack_documents_refuses_what_pack_articles_refuses():
+    assert pack_documents([], 8, **IDS).shape == (0, 9)
+    with pytest.raises(ValueError, match="empty article"):
+        pack_documents([[5], []], 8, **IDS)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pack_documents([[5, V]], 8, **IDS)
+
+
+def test_only_the_train_split_is_packed():
+    assert [split_layout(s, "packed") for s in ("train", "val", "test", "predict")] == ["packed"] + ["padded"] * 3
+    assert split_layout("train", "padded") == "padded"
+    with pytest.raises(ValueError, match="shards.layout"):
+        split_layout("train", "dense")
+
+
+def test_document_ids_count_the_sos_tokens():
+    inputs = torch.tensor([[7, 8, EOS, SOS, 9, EOS, SOS, 5], [SOS, 4, 4, 4, 4, 4, 4, 4]])
+    assert document_ids(inputs, SOS).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1]]
+
+
+def test_a_packed_store_verifies_and_loads(tmp_path):
+    train, val = articles(60, seed=2), articles(10, seed=3)
+    m = write_store(tmp_path, {"train": train, "val": val}, seq_len=16, tokenizer=TOK, layout="packed",
+                    articles_per_shard=25)  # fmt: skip
+    assert m.splits["train"].layout == "packed" and m.splits["val"].layout == "padded"
+    store = ShardStore(tmp_path)
+    store.verify()
+    assert store.layout("train") == "packed" and store.layout("val") == "padded"
+    assert store.info.splits["train"].articles == 60
+    assert store.info.splits["train"].target_tokens == target_tokens(train)
+    x, y = make_batch(store, "train", np.arange(store.rows("train")))
+    # every target is scored once: the <sos> after an <eos> and the tail padding are ignored
+    assert int((y != IGNORE_INDEX).sum()) == target_tokens(train)
+    assert not (y == SOS).any() and ((x == EOS) & (y != IGNORE_INDEX)).sum() == 0
+    loader = ShardLoader(store, "train", 2, seed=0)
+    assert loader.packed and not ShardLoader(store, "val", 2).packed
+
+
+def test_verify_catches_a_wrong_article_count_in_a_packed_split(tmp_path):
+    import json
+
+    write_store(tmp_path, {"train": articles(30, seed=4)}, seq_len=8, tokenizer=TOK, layout="packed")
+    mpath = tmp_path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["splits"]["train"]["articles"] += 1
+    mpath.write_text(json.dumps(m))
+    from xlab.errors import XLabError
+
+    with pytest.raises(XLabError, match="articles"):
+        ShardStore(tmp_path).verify()
+
+
+def test_a_manifest_with_an_unknown_layout_is_refused(tmp_path):
+    import json
+
+    from xlab.errors import XLabError
+
+    write_store(tmp_path, {"train": articles(5)}, seq_len=8, tokenizer=TOK)
+    mpath = tmp_path / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["splits"]["train"]["layout"] = "dense"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(XLabError, match="layout"):
+        ShardStore(tmp_path)
