@@ -12,9 +12,14 @@ byte-identical for any number of worker processes, machines or interruptions:
   writes a small done-record in ``.work/``; a rerun skips units whose record and shard exist, so a
   run killed at any moment (even SIGKILL) is finished by running the same command again, and the
   worker processes die with it;
-- scale-out: with ``--num-shards N --shard-index I`` a machine encodes the units ``u`` with
-  ``u % N == I`` of every split; once all parts' folders are copied together, ``xlab data merge``
-  writes the manifest, which equals the one a single machine writes;
+- scale-out: with ``--num-shards N --shard-index I`` (or the part an existing launcher gives the
+  process: torchrun's ``RANK``/``WORLD_SIZE``, a Slurm job array's task id, see
+  :func:`part_from_env`) a process encodes the units ``u`` with ``u % N == I`` of every split. All
+  parts may write into one shared folder at once: the job record ``.work/job.json`` is created
+  once, atomically, by the first part, and a part of another job (other tokenizer, parameters,
+  inputs or number of parts) is refused without touching the folder. The last part to finish
+  writes the manifest, which equals the one a single process writes; parts encoded in separate
+  folders are copied together and ``xlab data merge`` writes it;
 - the manifest is written last, after every shard exists; a store whose manifest is absent is
   incomplete, and an outdated manifest is removed before any shard is rewritten.
 
@@ -24,10 +29,11 @@ rejects (``ValueError``) is skipped and reported with the article's id.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +51,15 @@ from pipelines.stage import (
 )
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
-from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from xlab.fsio import (
+    atomic_write_bytes,
+    atomic_write_json,
+    create_once,
+    exclusive_lock,
+    lock_path,
+    read_json,
+    sha256_file,
+)
 from xlab.tokenizer import LONG_TEXT
 
 if TYPE_CHECKING:
@@ -56,6 +70,81 @@ SUB_BATCH = 256  # articles tokenized at a time inside a unit (bounds the Python
 READ_BATCH = 1024  # parquet rows per streamed record batch
 MAX_ERRORS_KEPT = 1000  # rejected articles listed in the manifest per split (all are counted)
 SPLIT_FIX = "xlab data split --force"
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def part_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, str] | None:
+    """The part of the work an existing launcher gave this process, read from its environment.
+
+    - torchrun (any of ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set): part ``RANK`` of
+      ``WORLD_SIZE`` (the global rank, so the parts of several nodes do not overlap);
+    - a Slurm job array (``SLURM_ARRAY_TASK_ID`` set): part ``SLURM_ARRAY_TASK_ID -
+      SLURM_ARRAY_TASK_MIN`` (MIN taken as 0 when absent) of ``SLURM_ARRAY_TASK_COUNT``.
+
+    torchrun's variables win when both are set: Slurm sets its own in every job, also when
+    torchrun (started by ``srun`` or inside an array task) is what manages the processes.
+
+    Args:
+        env: the environment to read (default ``os.environ``).
+
+    Returns:
+        ``(num_parts, index, source)``, ``source`` naming the variables read (for the line that
+        says where the part came from), or None when neither launcher's variables are set.
+
+    Raises:
+        XLabError: a variable that is not an integer, a missing one (e.g. ``LOCAL_RANK`` without
+            ``RANK``), a count below 1 or an index outside ``[0, count)`` (a Slurm array with a
+            step, such as ``--array=0-9:2``, has gaps and gives such indices).
+    """
+    env = os.environ if env is None else env
+
+    def number(name: str, launcher: str) -> int:
+        v = env.get(name)
+        if v is None:
+            raise XLabError(f"{launcher}: {name} is not set; cannot tell which encode part this process is")
+        try:
+            return int(v.strip())
+        except ValueError:
+            raise XLabError(f"{launcher}: {name}={v!r} is not an integer") from None
+
+    if any(k in env for k in TORCHRUN_VARS):
+        count, index = number("WORLD_SIZE", "torchrun"), number("RANK", "torchrun")
+        source = f"torchrun: RANK={index}, WORLD_SIZE={count}"
+        hint = ""
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        task = number("SLURM_ARRAY_TASK_ID", "Slurm job array")
+        count = number("SLURM_ARRAY_TASK_COUNT", "Slurm job array")
+        low = number("SLURM_ARRAY_TASK_MIN", "Slurm job array") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        index = task - low
+        source = f"Slurm job array: SLURM_ARRAY_TASK_ID={task}"
+        source += f", SLURM_ARRAY_TASK_MIN={low}" if "SLURM_ARRAY_TASK_MIN" in env else ""
+        source += f", SLURM_ARRAY_TASK_COUNT={count}"
+        hint = "; submit a contiguous array (sbatch --array=0-<N-1>, no step)"
+    else:
+        return None
+    if count < 1 or not 0 <= index < count:
+        raise XLabError(f"encode part {index} of {count} is not a part ({source}){hint}")
+    return count, index, source
+
+
+def choose_part(
+    num_shards: int | None, shard_index: int | None, env: Mapping[str, str] | None = None
+) -> tuple[int, int, str | None]:
+    """The part ``(num_parts, index, source)`` this process encodes: the explicit
+    ``--num-shards/--shard-index`` when either is given (the other defaulting to 1 or 0), else the
+    launcher's (:func:`part_from_env`), else the whole store ``(1, 0, None)``. ``source`` says where
+    the part came from (None for the whole store by default).
+
+    Raises:
+        XLabError: bad launcher variables (see :func:`part_from_env`).
+    """
+    if num_shards is not None or shard_index is not None:
+        n, i = 1 if num_shards is None else num_shards, 0 if shard_index is None else shard_index
+        return n, i, "--num-shards/--shard-index"
+    found = part_from_env(env)
+    return found if found is not None else (1, 0, None)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -171,8 +260,9 @@ def _split_files(cfg: DictConfig) -> dict[str, Path]:
     return files
 
 
-def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path) -> dict:
-    """Everything that determines the store's bytes: parameters, input hashes, unit counts."""
+def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path, parts: int = 1) -> dict:
+    """The job record: everything that determines the store's bytes (parameters, input hashes,
+    unit counts) and how the work is divided (``parts``)."""
     from xlab.store import FORMAT_VERSION, token_dtype
 
     a = int(cfg.shards.articles_per_shard)
@@ -190,6 +280,7 @@ def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path) -> 
         "articles": articles,
         "dtype": token_dtype(tok.vocab_size).name,
         "tokenizer_file": str(tok_path),
+        "parts": int(parts),
         "tokenizer": {
             "vocab_size": int(tok.vocab_size),
             "pad_id": int(tok.pad_id),
@@ -198,6 +289,33 @@ def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path) -> 
             "unk_id": int(tok.unk_id),
         },
     }
+
+
+def _same_job(a: dict | None, b: dict, parts: bool = True) -> bool:
+    """Whether two job records describe the same store bytes (and, with ``parts``, the same division
+    of the work). The tokenizer's path is left out: its sha256 is what identifies it, and the
+    machines sharing a folder may see the file under other paths."""
+    if a is None:
+        return False
+    skip = {"tokenizer_file"} if parts else {"tokenizer_file", "parts"}
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def _disagreement(rec: dict, job: dict) -> str:
+    """What differs between the recorded job ``rec`` and this part's ``job``, in a few words."""
+    said = []
+    r_in, j_in = rec.get("inputs") or {}, job["inputs"]
+    if r_in.get("tokenizer") != j_in["tokenizer"]:
+        said.append(f"tokenizer sha256 {str(r_in.get('tokenizer'))[:12]} there, {j_in['tokenizer'][:12]} here")
+    for k, v in job["params"].items():
+        if (rec.get("params") or {}).get(k) != v:
+            said.append(f"{k} {(rec.get('params') or {}).get(k)} there, {v} here")
+    changed = [s for s in SPLITS if (r_in.get("splits") or {}).get(s) != j_in["splits"][s]]
+    if changed:
+        said.append(f"other {'/'.join(changed)} split file(s)")
+    if rec.get("parts") != job["parts"]:
+        said.append(f"{rec.get('parts')} parts there, {job['parts']} here")
+    return "; ".join(said) or "other settings"
 
 
 def _done(out: Path, split: str, unit: int) -> bool:
@@ -248,17 +366,21 @@ def run(
         cfg: XLab configuration (uses ``shards.seq_len``, ``shards.articles_per_shard``,
             ``shards.num_proc``, the paths and ``data.name``).
         force: redo the stage (this part's units) even if up to date.
-        num_shards, shard_index: encode only the units ``u % num_shards == shard_index``; with
-            ``num_shards > 1`` no manifest is written (``xlab data merge`` does that). A part run
-            on a complete store that is up to date changes nothing (without ``force``).
+        num_shards, shard_index: encode only the units ``u % num_shards == shard_index`` (see
+            :func:`choose_part` for the part a launcher gives). Parts may run at once in one
+            folder; the part that finds every unit of every part done writes the manifest (parts
+            in separate folders: ``xlab data merge`` once they are copied together). A part run on
+            a complete store that is up to date changes nothing (without ``force``); with
+            ``force`` a part redoes its own units.
         tokenizer_loader: ``path -> tokenizer`` (picklable; tests pass a stand-in).
 
     Returns:
         The store manifest (dict) when the store is complete, else a summary of this part.
 
     Raises:
-        XLabError: missing splits or tokenizer, bad part options, a store of other parameters
-            being merged.
+        XLabError: missing splits or tokenizer, bad part options, a part of a job other than the
+            one recorded in the folder (other tokenizer, parameters, inputs or number of parts:
+            nothing is changed then).
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise XLabError(
@@ -267,17 +389,17 @@ def run(
     out = stage_paths(cfg).shards
     if num_shards == 1:
         with output_lock(out, "encode"):
-            return _run(cfg, force, 1, 0, tokenizer_loader)
+            return _run(cfg, force, tokenizer_loader)
     # Parts of one store may run at once (one lock each); the whole-store lock is shared among them
     # and keeps a whole-store encode or a merge out while any part runs.
     with output_lock(out, "encode", shared=True), output_lock(out, "encode", f"part-{shard_index}-of-{num_shards}"):
-        return _run(cfg, force, num_shards, shard_index, tokenizer_loader)
+        return _run_part(cfg, force, num_shards, shard_index, tokenizer_loader)
 
 
-def _run(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokenizer_loader: Callable) -> dict:
-    paths = stage_paths(cfg)
+def _inputs(cfg: DictConfig, tokenizer_loader: Callable) -> tuple[dict[str, Path], Path, Any]:
+    """The split files, the tokenizer's path and the loaded tokenizer (XLabError when missing)."""
     split_files = _split_files(cfg)
-    tok_path = paths.tokenizer
+    tok_path = stage_paths(cfg).tokenizer
     if not tok_path.is_file():
         raise XLabError(f"tokenizer not found ({tok_path}); run `xlab tokenizer train` first")
     try:
@@ -286,49 +408,138 @@ def _run(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokeni
         raise XLabError(
             f"{tok_path} is not a usable XLab tokenizer ({e}); run `xlab tokenizer train --force`"
         ) from None
-    out = paths.shards
+    return split_files, tok_path, tok
+
+
+def _run(cfg: DictConfig, force: bool, tokenizer_loader: Callable) -> dict:
+    """The whole store in one process (it holds the store's exclusive lock)."""
+    split_files, tok_path, tok = _inputs(cfg, tokenizer_loader)
+    out = stage_paths(cfg).shards
     job = _job(cfg, tok, split_files, tok_path)
     mpath = out / "manifest.json"
     build = out.parent / f".{out.name}.rebuild"  # where a complete store is rebuilt (see below)
     if not force and _up_to_date(out, job):
         shutil.rmtree(build, ignore_errors=True)  # a killed --force rebuild the user did not rerun
+        skipped("encode", mpath)
+        return read_json(mpath)
+    if not mpath.exists() and _up_to_date(build, job):  # a rebuild killed between its two renames
+        _swap(build, out)
+        return read_json(mpath)
+    if mpath.exists():
+        # Never damage a complete store, even an outdated one: build the new one beside it and
+        # swap the folders when it is complete (a failure or Ctrl-C leaves the old one in place).
+        _encode(build, job, cfg, split_files, tok_path, tokenizer_loader, False, 1, 0)  # resumes a killed rebuild
+        manifest = _finalize(build, job, shown=out)
+        _swap(build, out)
+        return manifest
+    _encode(out, job, cfg, split_files, tok_path, tokenizer_loader, force, 1, 0)
+    return _finalize(out, job)
+
+
+def _job_lock(out: Path):
+    """The short critical sections the parts of one store take in turn: creating or checking the
+    job record, and deciding who writes the manifest."""
+    return exclusive_lock(lock_path(out, "job"), f"{out} (encode job record)", wait=None)
+
+
+def _run_part(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokenizer_loader: Callable) -> dict:
+    """One part of the store; other parts of the same job may be running into the same folder."""
+    split_files, tok_path, tok = _inputs(cfg, tokenizer_loader)
+    out = stage_paths(cfg).shards
+    job = _job(cfg, tok, split_files, tok_path, parts=num_shards)
+    mpath = out / "manifest.json"
+
+    def complete() -> dict:
         # A complete store made from these very inputs and parameters already holds every unit of
         # every part (a unit's bytes depend only on its articles), so a part run has nothing to add;
         # redoing it would first have to remove the manifest and the other parts' shards.
-        if num_shards == 1:
-            skipped("encode", mpath)
-        else:
-            console.print(
-                f"[bold]encode[/bold]: the store {out} is already complete and up to date "
-                f"(it holds part {shard_index} of {num_shards}); nothing to do. Use --force to "
-                f"re-encode it from scratch as a part folder."
-            )
+        console.print(
+            f"[bold]encode[/bold]: the store {out} is already complete and up to date "
+            f"(it holds part {shard_index} of {num_shards}); nothing to do. Use --force to "
+            f"re-encode it from scratch in parts."
+        )
         return read_json(mpath)
 
-    if num_shards == 1:
-        if not mpath.exists() and _up_to_date(build, job):  # a rebuild killed between its two renames
-            _swap(build, out)
-            return read_json(mpath)
-        if mpath.exists():
-            # Never damage a complete store, even an outdated one: build the new one beside it and
-            # swap the folders when it is complete (a failure or Ctrl-C leaves the old one in place).
-            _encode(build, job, cfg, split_files, tok_path, tokenizer_loader, False, 1, 0)  # resumes a killed rebuild
-            manifest = _finalize(build, job, shown=out)
-            _swap(build, out)
-            return manifest
-    n_mine = _encode(out, job, cfg, split_files, tok_path, tokenizer_loader, force, num_shards, shard_index)
+    if not force and _up_to_date(out, job):
+        shutil.rmtree(out.parent / f".{out.name}.rebuild", ignore_errors=True)  # a killed whole-store rebuild
+        return complete()
+    with _job_lock(out):
+        if _join(out, job, force) == "complete":
+            return complete()
+    n_mine = _encode_units(out, job, cfg, split_files, tok_path, tokenizer_loader, force, num_shards, shard_index)
+    with _job_lock(out):
+        return _finish_part(out, job, shard_index, n_mine)
 
-    if num_shards == 1:
-        return _finalize(out, job)
+
+def _join(out: Path, job: dict, force: bool) -> str:
+    """Join the job recorded in ``out``, or record this one when there is none; under the job lock.
+
+    Returns "joined" (the record is this job's), "created" (this part recorded the job, after
+    clearing what an earlier job left) or "complete" (the store was completed meanwhile).
+
+    Raises:
+        XLabError: the folder holds another job's record; nothing is changed.
+    """
+    work = out / WORK
+    rec = read_manifest(work / "job.json")
+    if rec is not None and not _same_job(rec, job):
+        raise XLabError(
+            f"{out} holds another encode job ({_disagreement(rec, job)}); run this part with the "
+            f"recorded settings, or stop every part of that job and remove {work} to start this one"
+        )
+    for p in [*out.glob(".*.tmp"), *work.glob(".*.tmp")]:  # a killed job-lock holder's temporaries
+        p.unlink(missing_ok=True)
+    if rec is not None:
+        if (out / "manifest.json").is_file():  # the last part was killed between manifest and clean-up
+            if not force and _up_to_date(out, job):
+                shutil.rmtree(work, ignore_errors=True)
+                return "complete"
+            (out / "manifest.json").unlink()  # the store is about to change: it is no longer complete
+        return "joined"
+    if not force and (out / "manifest.json").is_file() and _up_to_date(out, job):
+        return "complete"  # the last part finished (and removed the record) since we looked
+    # No record: nothing in the folder belongs to this job (an outdated store, a store being redone,
+    # a record removed by hand), and no stale shard may linger beside the new ones. Only the creator
+    # clears, under the lock, before the record exists: a part that joins never sees this.
+    (out / "manifest.json").unlink(missing_ok=True)
+    for s in SPLITS:
+        shutil.rmtree(out / s, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    data = (json.dumps(job, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    if not create_once(work / "job.json", data):  # only without a working lock (another creator won)
+        rec = read_manifest(work / "job.json")
+        if not _same_job(rec, job):
+            raise XLabError(f"{out} holds another encode job ({_disagreement(rec or {}, job)}); another part won")
+        return "joined"
+    return "created"
+
+
+def _finish_part(out: Path, job: dict, shard_index: int, n_mine: int) -> dict:
+    """After this part's units: write the manifest when every part's units are done (this part
+    finished last), else say which parts are still to come; under the job lock."""
+    num_shards = job["parts"]
+    if (out / "manifest.json").is_file() and not (out / WORK / "job.json").exists():
+        console.print(
+            f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete; the store {out} is complete",
+            soft_wrap=True,
+        )
+        return read_json(out / "manifest.json")  # another part, finishing at the same time, wrote it
     left = [
         i
         for i in range(num_shards)
         if not all(_done(out, s, u) for s in SPLITS for u in range(i, job["units"][s], num_shards))
     ]
+    if not left:
+        console.print(
+            f"[bold]encode[/bold]: part {shard_index} of {num_shards} finished last; writing the manifest",
+            soft_wrap=True,
+        )
+        return _finalize(out, job)
     console.print(
-        f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete "
-        f"({n_mine} units in {out}); parts not yet here: {left or 'none'}. "
-        f"Copy every part's folder into one, then run `xlab data merge`."
+        f"[bold]encode[/bold]: part {shard_index} of {num_shards} complete ({n_mine} units in {out}); "
+        f"parts not done yet: {left}. The last part to finish writes the manifest (parts encoded in "
+        f"separate folders: copy them into one, then run `xlab data merge`).",
+        soft_wrap=True,
     )
     return {"part": shard_index, "num_shards": num_shards, "units": n_mine, "parts_missing": left}
 
@@ -344,13 +555,12 @@ def _encode(
     num_shards: int,
     shard_index: int,
 ) -> int:
-    """Encode this part's units that are not done yet into ``out`` (resuming a killed run); return
-    the number of units of this part."""
+    """Encode every unit not done yet into ``out``, a folder this process holds alone (resuming a
+    killed run of the same job, whatever its number of parts); return the number of units."""
     # From here the store is being changed: first make sure no manifest claims it is complete.
     (out / "manifest.json").unlink(missing_ok=True)
     work = out / WORK
-    old = read_manifest(work / "job.json")
-    if old != job:
+    if not _same_job(read_manifest(work / "job.json"), job, parts=False):
         # No record of this job (other parameters or inputs, or a finished store being redone):
         # nothing in the folder can be reused, and no stale shard may linger beside the new ones.
         for s in SPLITS:
@@ -359,7 +569,28 @@ def _encode(
     for p in out.glob("**/.*.tmp"):  # temporaries of a killed run
         p.unlink(missing_ok=True)
     atomic_write_json(work / "job.json", job)
+    return _encode_units(out, job, cfg, split_files, tok_path, tokenizer_loader, force, num_shards, shard_index)
 
+
+def _encode_units(
+    out: Path,
+    job: dict,
+    cfg: DictConfig,
+    split_files: dict[str, Path],
+    tok_path: Path,
+    tokenizer_loader: Callable,
+    force: bool,
+    num_shards: int,
+    shard_index: int,
+) -> int:
+    """Encode the units of part ``shard_index`` that are not done yet (the job is recorded in
+    ``out``); return the number of units of this part. Touches only this part's files."""
+    work = out / WORK
+    if num_shards > 1:  # a killed run's temporaries of this part's units (other parts' are in use)
+        for d in [out / s for s in SPLITS] + [work / s for s in SPLITS]:
+            for p in d.glob(".*.tmp"):
+                if p.name[1:7].isdigit() and int(p.name[1:7]) % num_shards == shard_index:
+                    p.unlink(missing_ok=True)
     a = job["params"]["articles_per_shard"]
     mine = {s: [u for u in range(job["units"][s]) if u % num_shards == shard_index] for s in SPLITS}
     if force:
@@ -479,7 +710,8 @@ def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:
     if missing:
         raise XLabError(
             f"{len(missing)} unit(s) not encoded yet (e.g. {', '.join(missing[:3])}); run the "
-            f"missing `xlab data encode --num-shards N --shard-index I` parts, then `xlab data merge`"
+            f"missing `xlab data encode --num-shards N --shard-index I` parts (the last one to finish "
+            f"writes the manifest)"
         )
     tok_src = Path(job["tokenizer_file"])
     tok_bytes = tok_src.read_bytes()

@@ -102,17 +102,30 @@ def data_split(
 @data_app.command("encode")
 def data_encode(
     num_proc: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores).")] = None,
-    num_shards: Annotated[int, typer.Option(help="Partition the work into N parts (several machines).")] = 1,
-    shard_index: Annotated[int, typer.Option(help="Which part this machine encodes, 0..N-1.")] = 0,
+    num_shards: Annotated[
+        Optional[int],
+        typer.Option(help="Partition the work into N parts (default: torchrun's or a Slurm job array's, else 1)."),
+    ] = None,
+    shard_index: Annotated[
+        Optional[int],
+        typer.Option(help="Which part this process encodes, 0..N-1 (default: torchrun's RANK or the array task)."),
+    ] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
-    """Encode the splits into memory-mapped .npy token shards (shards/<name>/)."""
-    cfg = _cfg(config, set_, {"shards.num_proc": num_proc})
-    from pipelines import encode
+    """Encode the splits into memory-mapped .npy token shards (shards/<name>/).
 
-    encode.run(cfg, force=force, num_shards=num_shards, shard_index=shard_index)
+    Under torchrun or as a Slurm job array each process encodes its part into the same folder; the
+    last part to finish writes the manifest."""
+    from pipelines import encode
+    from pipelines.stage import console
+
+    n, i, source = encode.choose_part(num_shards, shard_index)  # bad launcher variables: exit 2 first
+    cfg = _cfg(config, set_, {"shards.num_proc": num_proc})
+    if source is not None:
+        console.print(f"[bold]encode[/bold]: part {i} of {n} (from {source})", soft_wrap=True)  # one line
+    encode.run(cfg, force=force, num_shards=n, shard_index=i)
 
 
 @data_app.command("merge")
