@@ -1,9 +1,12 @@
 """``xlab stats``: statistics of a shard store and its tokenizer, as tables (and a histogram).
 
-Per split: articles, sequences (rows), real tokens, padding fraction (of target positions),
-characters and UTF-8 bytes per text token, article length in tokens (mean, median, std, p99).
-Article lengths are read from the rows themselves: an article starts at a row whose first token
-is ``<sos>``, and an article of ``n`` tokens has ``n + 1`` non-pad targets (``t1..tn``, ``<eos>``).
+Per split: layout, articles, sequences (rows), real tokens, padding fraction (of target positions:
+the slots a step computes but the loss ignores), the sequences the split would need packed
+(``shards.layout=packed``) and the share of them packing saves, characters and UTF-8 bytes per text
+token, article length in tokens (mean, median, std, p99). Article lengths are read from the rows
+themselves: in a padded split an article starts at a row whose first token is ``<sos>``, in a packed
+one at every ``<sos>`` of the shard's token stream; an article of ``n`` tokens has ``n + 1`` targets
+(``t1..tn``, ``<eos>``).
 Vocabulary: learned pieces, single characters, byte pieces, and the fraction of text tokens that
 are byte-fallback pieces, measured on a seeded random sample of training rows.
 Also the add-one-smoothed unigram cross entropy of val under train counts: the loss a model must
@@ -71,18 +74,46 @@ def unigram_baseline(store, fit_split: str = "train", eval_split: str = "val") -
     return float(-(ev * logp).sum() / ev.sum())
 
 
+def _packed_lengths(rows, sos_id: int, pad_id: int):
+    """Article lengths (text tokens) of one packed shard's rows: the gaps between its ``<sos>`` tokens
+    in the shard's token stream (rows overlap by one token), less ``<sos>`` and ``<eos>``."""
+    import numpy as np
+
+    stream = np.concatenate([rows[0], rows[1:, 1:].ravel()])
+    end = len(stream) - int(np.argmax(stream[::-1] != pad_id)) if (stream != pad_id).any() else 0
+    starts = np.flatnonzero(stream[:end] == sos_id)
+    return (np.append(starts[1:], end) - starts - 2).astype(np.int64)
+
+
+def shard_lengths(store, split: str) -> Iterator:
+    """``(articles,)`` int64 article lengths in text tokens (``<sos>``/``<eos>`` excluded), one array
+    per non-empty shard of ``split``, in store order."""
+    import numpy as np
+
+    packed = store.layout(split) == "packed"
+    for arr in _chunks(store, split):
+        rows = np.asarray(arr)
+        if packed:
+            yield _packed_lengths(rows, store.sos_id, store.pad_id)
+            continue
+        starts = rows[:, 0] == store.sos_id
+        article = np.cumsum(starts) - 1  # article index of each row within the shard
+        targets = np.count_nonzero(rows[:, 1:] != store.pad_id, axis=1)
+        yield np.bincount(article, weights=targets).astype(np.int64) - 1
+
+
 def article_lengths(store, split: str):
     """``(articles,)`` int64 lengths in text tokens (``<sos>``/``<eos>`` excluded) of ``split``."""
     import numpy as np
 
-    out = []
-    for arr in _chunks(store, split):
-        rows = np.asarray(arr)
-        starts = rows[:, 0] == store.sos_id
-        article = np.cumsum(starts) - 1  # article index of each row within the shard
-        targets = np.count_nonzero(rows[:, 1:] != store.pad_id, axis=1)
-        out.append(np.bincount(article, weights=targets).astype(np.int64) - 1)
+    out = list(shard_lengths(store, split))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def packed_rows(lengths, seq_len: int) -> int:
+    """Rows the articles of one shard (``lengths`` in text tokens) take in the packed layout: their
+    ``sum(n + 2)``-token stream cut every ``seq_len`` tokens (:func:`xlab.store.pack_documents`)."""
+    return -(-(int(lengths.sum()) + 2 * len(lengths) - 1) // seq_len) if len(lengths) else 0
 
 
 def split_stats(store, split: str) -> dict:
@@ -90,8 +121,10 @@ def split_stats(store, split: str) -> dict:
     import numpy as np
 
     info = store.split_info(split)
-    lengths = article_lengths(store, split)
+    per_shard = list(shard_lengths(store, split))
+    lengths = np.concatenate(per_shard) if per_shard else np.zeros(0, dtype=np.int64)
     rows = store.rows(split)
+    n_packed = sum(packed_rows(n, store.seq_len) for n in per_shard)
     text_tokens = int(lengths.sum())
     target_positions = rows * store.seq_len
     targets = text_tokens + len(lengths)
@@ -102,6 +135,9 @@ def split_stats(store, split: str) -> dict:
         "real_tokens": int(info.get("real_tokens", 0)),
         "target_tokens": targets,
         "padding_fraction": (target_positions - targets) / target_positions if target_positions else float("nan"),
+        "layout": store.layout(split),
+        "packed_sequences": n_packed,
+        "packing_saves": 1 - n_packed / rows if rows else 0.0,
         "chars_per_token": info.get("text_chars", 0) / text_tokens if text_tokens else float("nan"),
         "bytes_per_token": info.get("text_bytes", 0) / text_tokens if text_tokens else float("nan"),
         "length_mean": float(lengths.mean()) if len(lengths) else float("nan"),
@@ -182,19 +218,26 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
     per = {s: split_stats(store, s) for s in store.splits}
 
     t = Table(title=f"shard store {path} (seq_len {store.seq_len}, {store.dtype}, vocab {store.vocab_size:,})")
-    for c in ("split", "articles", "sequences", "real tokens", "padding", "chars/tok", "bytes/tok"):
-        t.add_column(c, justify="left" if c == "split" else "right")
+    cols = ("split", "layout", "articles", "sequences", "real tokens", "padding", "packed", "chars/tok", "bytes/tok")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("split", "layout") else "right")
     for s, d in per.items():
         t.add_row(
             s,
+            d["layout"],
             f"{d['articles']:,}",
             f"{d['sequences']:,}",
             f"{d['real_tokens']:,}",
             f"{d['padding_fraction']:.1%}",
+            f"{d['packed_sequences']:,} (-{d['packing_saves']:.1%})",
             f"{d['chars_per_token']:.2f}",
             f"{d['bytes_per_token']:.2f}",
         )
     console.print(t)
+    console.print(
+        "padding: target slots the loss ignores; packed: the sequences the split needs with "
+        "shards.layout=packed (train only) and the share of steps that saves"
+    )
     t = Table(title="article length (tokens)")
     for c in ("split", "mean", "median", "std", "p99"):
         t.add_column(c, justify="left" if c == "split" else "right")

@@ -10,6 +10,11 @@ every id below the vocabulary size, and the row structure of the format (xlab/st
   last token of the full row before it), and a shard ends with a complete article;
 - the manifest's row and real-token counts.
 
+A ``packed`` split (articles back to back) has its own structure: every row overlaps the one before
+by one token, the shard's stream starts with ``<sos>``, every later ``<sos>`` follows an ``<eos>``
+and every ``<eos>`` is followed by ``<sos>`` or by the padding of the shard's last row, the only row
+that may hold padding.
+
 Also the tokenizer's sha256 (``tokenizers/<name>.model`` and the store's copy) against the manifest.
 Exit code 0 when everything holds, else 1 with every problem listed by file and row.
 """
@@ -81,13 +86,56 @@ def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos
     )
 
 
-def check_shard(path: Path, entry: dict, store, counts: dict | None = None) -> list[str]:
-    """Every problem of one shard, as ``"<file> ..."`` lines; adds the shard's ``articles`` (rows that
-    start with ``<sos>``) and ``target_tokens`` (non-pad targets) to ``counts`` when given."""
+def _packed_row_problems(rows, start: int, prev_last, *, last_row: int, vocab_size: int, pad: int, sos: int,
+                         eos: int, found: dict) -> None:  # fmt: skip
+    """:func:`_row_problems` for a ``packed`` shard whose last row is file row ``last_row``."""
+    import numpy as np
+
+    r = rows.astype(np.int64)
+    n = len(r)
+
+    def add(kind, mask):
+        idx = np.flatnonzero(mask)
+        if len(idx):
+            found[kind].extend((idx + start).tolist())
+
+    too_big = r >= vocab_size
+    if too_big.any():
+        bad_rows = np.flatnonzero(too_big.any(1))
+        found[f"token id >= vocabulary size {vocab_size} (largest {int(r[bad_rows].max())})"].extend(
+            (bad_rows + start).tolist()
+        )
+    is_pad = r == pad
+    add(
+        "padding followed by a token (padding must end the row)", (np.logical_or.accumulate(is_pad, 1) != is_pad).any(1)
+    )
+    add("no target token (the row's targets are all padding)", is_pad[:, 1:].all(1))
+    add("padding before the shard's last row (a packed split pads only its end)",
+        is_pad.any(1) & (np.arange(n) + start < last_row))  # fmt: skip
+    first_pad = np.argmax(is_pad, 1)
+    before = r[np.arange(n), np.maximum(first_pad - 1, 0)]
+    add("padding not preceded by <eos>", is_pad.any(1) & (first_pad > 0) & (before != eos))
+    add("<sos> not preceded by <eos>", ((r[:, 1:] == sos) & (r[:, :-1] != eos)).any(1))
+    add("<eos> followed by neither <sos> nor padding", ((r[:, :-1] == eos) & (r[:, 1:] != sos) & ~is_pad[:, 1:]).any(1))
+    prev = np.empty_like(r)
+    if n > 1:
+        prev[1:] = r[:-1]
+    if prev_last is None:
+        add("the shard does not begin with <sos>", (np.arange(n) == 0) & (r[:, 0] != sos))
+        check = np.arange(n) > 0
+    else:
+        prev[0] = prev_last.astype(np.int64)
+        check = np.ones(n, dtype=bool)
+    add("the row does not continue the previous one (rows overlap by one token)", check & (prev[:, -1] != r[:, 0]))
+
+
+def check_shard(path: Path, entry: dict, store, counts: dict | None = None, layout: str = "padded") -> list[str]:
+    """Every problem of one shard of a split of ``layout``, as ``"<file> ..."`` lines; adds the shard's
+    ``articles`` and ``target_tokens`` (:func:`xlab.store.row_counts`) to ``counts`` when given."""
     import numpy as np
 
     from xlab.fsio import sha256_file
-    from xlab.store import read_npy_header
+    from xlab.store import read_npy_header, row_counts
 
     name = entry["file"]
     if not path.is_file():
@@ -115,18 +163,14 @@ def check_shard(path: Path, entry: dict, store, counts: dict | None = None) -> l
         chunk = np.asarray(arr[a : a + CHUNK_ROWS])
         real += int(np.count_nonzero(chunk != store.pad_id))
         if counts is not None:
-            counts["articles"] += int(np.count_nonzero(chunk[:, 0] == store.sos_id))
-            counts["target_tokens"] += int(np.count_nonzero(chunk[:, 1:] != store.pad_id))
-        _row_problems(
-            chunk,
-            a,
-            prev_last,
-            vocab_size=store.vocab_size,
-            pad=store.pad_id,
-            sos=store.sos_id,
-            eos=store.eos_id,
-            found=found,
-        )
+            arts, targets = row_counts(chunk, layout=layout, pad_id=store.pad_id, sos_id=store.sos_id, first=a == 0)
+            counts["articles"] += arts
+            counts["target_tokens"] += targets
+        ids = {"vocab_size": store.vocab_size, "pad": store.pad_id, "sos": store.sos_id, "eos": store.eos_id}
+        if layout == "packed":
+            _packed_row_problems(chunk, a, prev_last, last_row=shape[0] - 1, found=found, **ids)
+        else:
+            _row_problems(chunk, a, prev_last, found=found, **ids)
         prev_last = chunk[-1]
     if prev_last is not None and not ((prev_last == store.pad_id).any() or prev_last[-1] == store.eos_id):
         found["the shard ends inside an article (last row has no <eos>)"].append(shape[0] - 1)
@@ -202,7 +246,7 @@ def run(cfg: DictConfig, shards_dir=None) -> int:
     checked_rows = 0
     with unit_progress("shards", console) as bar:
         for split, e in bar.track(entries, description="validate"):
-            problems.extend(check_shard(path / e["file"], e, store, counts[split]))
+            problems.extend(check_shard(path / e["file"], e, store, counts[split], store.layout(split)))
             checked_rows += int(e["rows"])
     for s in store.splits:
         info = store.split_info(s)

@@ -128,3 +128,49 @@ def test_a_manifest_with_an_unknown_layout_is_refused(tmp_path):
     mpath.write_text(json.dumps(m))
     with pytest.raises(XLabError, match="layout"):
         ShardStore(tmp_path)
+
+
+def _stores(tmp_path, arts, seq_len=16, per_shard=25):
+    for layout in ("padded", "packed"):
+        write_store(tmp_path / layout, {"train": arts}, seq_len=seq_len, tokenizer=TOK, layout=layout,
+                    articles_per_shard=per_shard)  # fmt: skip
+    return ShardStore(tmp_path / "padded"), ShardStore(tmp_path / "packed")
+
+
+def test_stats_read_the_same_articles_from_both_layouts_and_predict_the_packed_rows(tmp_path):
+    from pipelines.stats import article_lengths, split_stats
+
+    arts = articles(70, seed=5, max_len=40)
+    padded, packed = _stores(tmp_path, arts)
+    want = np.array([len(a) for a in arts])
+    assert np.array_equal(article_lengths(padded, "train"), want)
+    assert np.array_equal(article_lengths(packed, "train"), want)
+    sp, sk = split_stats(padded, "train"), split_stats(packed, "train")
+    assert sp["packed_sequences"] == sk["sequences"] == sk["packed_sequences"] == packed.rows("train")
+    assert sp["packing_saves"] == pytest.approx(1 - packed.rows("train") / padded.rows("train"))
+    assert sk["padding_fraction"] < sp["padding_fraction"]
+    assert sp["target_tokens"] == sk["target_tokens"] == target_tokens(arts)
+
+
+def test_validate_accepts_a_packed_shard_and_finds_its_damage(tmp_path):
+    from collections import Counter
+
+    from pipelines.validate import check_shard
+
+    _, store = _stores(tmp_path, articles(40, seed=6), per_shard=100)
+    entry = store.split_info("train")["shards"][0]
+    path = store.path / entry["file"]
+    counts = Counter()
+    assert check_shard(path, entry, store, counts, "packed") == []
+    assert counts == {"articles": 40, "target_tokens": store.info.splits["train"].target_tokens}
+    rows = np.load(path)
+    rows[2, 0] = 7 if rows[2, 0] != 7 else 8  # breaks the overlap with row 1
+    r, c = np.argwhere(rows[:, 1:-1] == SOS)[-1]  # a <sos> inside a late row (not its overlap column)
+    rows[r, c + 1] = 9  # replaced: its <eos> is now followed by a text token
+    rows[4, -3:] = PAD  # padding before the last row
+    np.save(path, rows)
+    text = "\n".join(check_shard(path, entry, store, None, "packed"))
+    assert "sha256" in text
+    assert "rows 2, 5: the row does not continue" in text  # row 5: row 4 now ends in padding
+    assert r > 5 and f"row {r}: <eos> followed by neither" in text
+    assert "row 4" in text and "padding before the shard's last row" in text
