@@ -245,7 +245,16 @@ def _sample_rows(summaries: Path, dump: Path, stats: dict[str, Counter], num_pro
 
 
 def _dump_rows(path: Path, c: Counter, num_proc: int, progress) -> Iterator[Row]:
-    """Articles of a MediaWiki XML dump, cleaned in ``num_proc`` processes, in dump order."""
+    """Articles of a MediaWiki XML dump, cleaned in ``num_proc`` processes, in dump order.
+
+    A multistream dump with its index beside it (:func:`wikitext.multistream_index`) is read by
+    :func:`_multistream_rows`: decompression and parsing run in the workers too. Otherwise one
+    reader here decompresses and parses, and the workers clean.
+    """
+    index = wikitext.multistream_index(path)
+    if index is not None:
+        yield from _multistream_rows(path, index, c, num_proc, progress)
+        return
     try:
         raw = open(path, "rb")
     except OSError as e:
@@ -282,6 +291,83 @@ def _dump_rows(path: Path, c: Counter, num_proc: int, progress) -> Iterator[Row]
         raise XLabError(f"cannot read dump {path}: {e}") from None
     finally:
         raw.close()
+
+
+def _multistream_rows(path: Path, index: Path, c: Counter, num_proc: int, progress) -> Iterator[Row]:
+    """Articles of a multistream dump, each piece of streams decompressed, parsed and cleaned in
+    one of ``num_proc`` processes; the same rows, in the same order, as the serial reader gives.
+
+    The index gives the offset of every bz2 stream (about 100 pages each); consecutive streams are
+    grouped into pieces of about 1 MiB of compressed bytes, at most ``2 * num_proc`` in flight.
+    """
+    import xml.etree.ElementTree as ET
+
+    try:
+        size = path.stat().st_size
+        offsets = wikitext.stream_offsets(index, size)
+    except OSError as e:
+        raise XLabError(f"cannot read the dump index {index}: {e}") from None
+    except ValueError as e:
+        raise XLabError(f"{e}; remove or replace the index to read the dump serially") from None
+    task = progress.add_task(f"cleaning {path.name} ({len(offsets):,} streams)", total=size)
+    keys = ("pages", "non_articles", "redirects", "articles_read", "parse_errors", "empty")
+    try:
+        for counts, end, rows in _ordered_map(_clean_pieces, _pieces(str(path), offsets, size), num_proc):
+            for k in keys:
+                c[k] += counts[k]
+            yield from rows
+            progress.update(task, completed=end)
+    except ET.ParseError as e:
+        raise XLabError(f"{path} is not a readable MediaWiki XML dump: {e}") from None
+    except (OSError, EOFError, ValueError) as e:  # an offset that is no stream start, a truncated file
+        raise XLabError(f"cannot read dump {path} with its index {index.name}: {e}") from None
+
+
+def _pieces(path: str, offsets: list[int], size: int, target: int = 1 << 20) -> Iterator[list]:
+    """Tasks of :func:`_clean_pieces`: ``[(path, start, end)]`` byte ranges of whole streams,
+    about ``target`` compressed bytes each, in file order."""
+    bounds = [*offsets, size]
+    start = 0
+    for i in range(1, len(bounds)):
+        if bounds[i] - start >= target or i == len(bounds) - 1:
+            yield [(path, start, bounds[i])]
+            start = bounds[i]
+
+
+def _clean_pieces(tasks: list[tuple[str, int, int]]) -> list[tuple[Counter, int, list[Row]]]:
+    """Decompress, parse and clean byte ranges of whole bz2 streams of a multistream dump.
+
+    Returns one ``(counts, end, rows)`` per range: the counts the serial reader keeps, the range's
+    end (progress) and its article rows in order. A top-level function so that workers can run it.
+    """
+    import bz2
+
+    out = []
+    for path, start, end in tasks:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        c: Counter = Counter()
+        articles = []
+        for page in wikitext.iter_stream_pages(bz2.decompress(data)):
+            c["pages"] += 1
+            if page.ns != 0:
+                c["non_articles"] += 1
+            elif page.redirect:
+                c["redirects"] += 1
+            else:
+                c["articles_read"] += 1
+                articles.append((page.id, page.title, page.text))
+        rows = []
+        for pid, title, text in wikitext.clean_batch(articles):
+            if text is None:
+                c["parse_errors"] += 1
+            elif not text:
+                c["empty"] += 1
+            else:
+                rows.append((pid, wikitext.page_url(title), title, text))
+        out.append((c, end, rows))
+    return out
 
 
 def _batches(items: Iterable[tuple[str, str, str]], max_chars: int = 1 << 18, max_items: int = 64):

@@ -174,6 +174,77 @@ def iter_dump_pages(source: BinaryIO | str | Path) -> Iterator[DumpPage]:
             raw.close()
 
 
+def multistream_index(dump: Path) -> Optional[Path]:
+    """The index beside a multistream dump, or None.
+
+    Wikimedia publishes ``<wiki>-<date>-pages-articles-multistream.xml.bz2`` with
+    ``<wiki>-<date>-pages-articles-multistream-index.txt.bz2`` beside it; any ``X.xml.bz2`` with an
+    ``X-index.txt.bz2`` (or an uncompressed ``X-index.txt``) beside it counts.
+    """
+    name = dump.name
+    if not name.endswith(".xml.bz2"):
+        return None
+    stem = name[: -len(".xml.bz2")]
+    for suffix in ("-index.txt.bz2", "-index.txt"):
+        index = dump.with_name(stem + suffix)
+        if index.is_file():
+            return index
+    return None
+
+
+def stream_offsets(index: Path, dump_size: int) -> list[int]:
+    """The byte offsets at which the bz2 streams of a multistream dump start, from its index.
+
+    Each line of the index is ``offset:page_id:title``; the ~100 pages of one stream share its
+    offset. The result starts with 0 (the stream holding ``<siteinfo>``, which the index does not
+    list) and is strictly increasing.
+
+    Raises:
+        ValueError: a line without a decimal offset, offsets out of order or beyond ``dump_size``.
+    """
+    offsets = [0]
+    opener = bz2.open if index.name.endswith(".bz2") else open
+    with opener(index, "rb") as f:
+        for n, line in enumerate(f, 1):
+            head, sep, _ = line.partition(b":")
+            if not sep or not head.isdigit():
+                if not line.strip():
+                    continue
+                raise ValueError(f"{index} line {n}: not offset:page_id:title")
+            off = int(head)
+            if off != offsets[-1]:
+                if off < offsets[-1] or off >= dump_size:
+                    raise ValueError(f"{index} line {n}: offset {off} out of order or beyond the dump")
+                offsets.append(off)
+    return offsets
+
+
+def iter_stream_pages(xml: bytes) -> Iterator[DumpPage]:
+    """The pages of one decompressed piece of a multistream dump, in order.
+
+    A piece holds whole ``<page>`` elements without a root; the first also opens ``<mediawiki>``
+    and holds ``<siteinfo>``, the last closes ``</mediawiki>``. Both are cut off and the pages are
+    parsed inside a root element of their own (pages read by :func:`_local` name, so the dump's
+    namespace does not matter).
+
+    Raises:
+        xml.etree.ElementTree.ParseError: malformed XML.
+    """
+    start = xml.find(b"<mediawiki")
+    if start >= 0:  # the header: keep what follows <siteinfo>...</siteinfo>
+        first = xml.find(b"<page", start)
+        xml = xml[first:] if first >= 0 else b""
+    end = xml.rfind(b"</mediawiki>")
+    if end >= 0:
+        xml = xml[:end]
+    if not xml.strip():
+        return
+    root = ET.fromstring(b"<pages>" + xml + b"</pages>")
+    for elem in root:
+        if _local(elem.tag) == "page":
+            yield _page(elem)
+
+
 def clean_batch(pages: list[tuple[str, str, str]]) -> list[tuple[str, str, Optional[str]]]:
     """Clean ``[(id, title, wikitext), ...]`` into ``[(id, title, text), ...]``, in order.
 

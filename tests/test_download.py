@@ -134,6 +134,90 @@ def test_dump_source_errors(tmp_path):
     assert not (tmp_path / "data/raw/wiki").exists()  # a failed run leaves nothing behind
 
 
+def write_multistream(dump: Path, xml: bytes, pages_per_stream: int = 2) -> Path:
+    """``dump`` as Wikimedia's multistream dumps are made: the header (``<siteinfo>``), then
+    ``pages_per_stream`` pages per bz2 stream, then ``</mediawiki>``, concatenated; beside it the
+    index ``offset:page_id:title`` of every page. Returns the index's path."""
+    import re
+
+    first = xml.index(b"  <page>")
+    end = xml.rindex(b"</mediawiki>")
+    pages = re.findall(rb"  <page>.*?</page>\n", xml[first:end], re.DOTALL)
+    assert b"".join(pages) == xml[first:end]
+    streams = [xml[:first]] + [
+        b"".join(pages[i : i + pages_per_stream]) for i in range(0, len(pages), pages_per_stream)
+    ]
+    streams.append(xml[end:])
+    index_lines, out, offset = [], [], 0
+    for k, data in enumerate(streams):
+        if 0 < k < len(streams) - 1:
+            for page in re.findall(rb"<page>.*?</page>", data, re.DOTALL):
+                pid = re.search(rb"<id>(\d+)</id>", page).group(1).decode()
+                title = re.search(rb"<title>(.*?)</title>", page).group(1).decode()
+                index_lines.append(f"{offset}:{pid}:{title}\n")
+        out.append(bz2.compress(data))
+        offset += len(out[-1])
+    dump.write_bytes(b"".join(out))
+    index = dump.with_name(dump.name.replace(".xml.bz2", "-index.txt.bz2"))
+    index.write_bytes(bz2.compress("".join(index_lines).encode()))
+    assert bz2.decompress(dump.read_bytes()) == xml  # one serial reader sees the same XML
+    return index
+
+
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_multistream_dump_with_index_gives_the_serial_readers_output(tmp_path, monkeypatch, num_proc):
+    """With its index beside it a multistream dump is read in parallel pieces of streams; the
+    parquet file is byte-identical to the serial reader's, and so are the counts."""
+    # Pages of several sources in one dump, so that order and every count are exercised.
+    xml = FIXTURE.read_bytes()
+    head, body = xml[: xml.index(b"  <page>")], xml[xml.index(b"  <page>") : xml.rindex(b"</mediawiki>")]
+    many = body + body.replace(b"<id>1", b"<id>2") + body.replace(b"<id>1", b"<id>3")
+    xml = head + many + b"</mediawiki>\n"
+    dump = tmp_path / "multi" / "enwiki-pages-articles-multistream.xml.bz2"
+    dump.parent.mkdir()
+    index = write_multistream(dump, xml)
+    assert wikitext.multistream_index(dump) == index
+    assert len(wikitext.stream_offsets(index, dump.stat().st_size)) == 1 + 9  # header + 18 pages / 2
+    serial = tmp_path / "serial" / dump.name
+    serial.parent.mkdir()
+    serial.write_bytes(dump.read_bytes())  # no index beside it
+    assert wikitext.multistream_index(serial) is None
+
+    runs = {}
+    for kind, path in (("serial", serial), ("parallel", dump)):
+        root = tmp_path / kind
+        seen = []
+        real = download._pieces
+
+        def pieces(*a, _real=real, _seen=seen, **k):
+            for p in _real(*a, **{**k, "target": 1}):  # one stream per piece: many pieces
+                _seen.append(p)
+                yield p
+
+        monkeypatch.setattr(download, "_pieces", pieces)
+        cfg = make_cfg(root, "data.source=dump", f"data.dump_path={path}", f"data.num_proc={num_proc}")
+        out = download.run(cfg)
+        runs[kind] = ((root / "data/raw/wiki/articles.parquet").read_bytes(), out["counts"], len(seen))
+    assert runs["parallel"][0] == runs["serial"][0]
+    assert runs["parallel"][1] == runs["serial"][1]
+    assert runs["serial"][2] == 0 and runs["parallel"][2] == 10  # the header, then 9 streams (the last with the footer)
+    assert runs["parallel"][1]["articles"] == 6 and runs["parallel"][1]["pages"] == 18
+
+
+def test_multistream_with_a_bad_index_is_one_clear_error(tmp_path, monkeypatch):
+    real = download._pieces
+    monkeypatch.setattr(download, "_pieces", lambda *a, **k: real(*a, **{**k, "target": 1}))
+    dump = tmp_path / "x-multistream.xml.bz2"
+    index = write_multistream(dump, FIXTURE.read_bytes())
+    index.write_bytes(bz2.compress(b"7:101:Alpha Centauri\n"))  # 7 is no stream start
+    with pytest.raises(XLabError, match="cannot read dump .* with its index x-multistream-index.txt.bz2"):
+        download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={dump}", "data.num_proc=1"))
+    index.write_bytes(bz2.compress(b"garbage\n"))
+    with pytest.raises(XLabError, match="line 1: not offset:page_id:title; remove or replace the index"):
+        download.run(make_cfg(tmp_path, "data.source=dump", f"data.dump_path={dump}", "data.num_proc=1"))
+    assert not (tmp_path / "data/raw/wiki").exists()
+
+
 # ----------------------------------------------------------------------------- sample source
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):
