@@ -128,6 +128,11 @@ class Position(Choice):
     rope = "rope"
 
 
+class Layout(Choice):
+    padded = "padded"  # one article per row window, the rest padded (the 0.2 format)
+    packed = "packed"  # train rows pack articles back to back; attention is masked per article
+
+
 class Attention(Choice):
     sdpa = "sdpa"  # torch scaled_dot_product_attention (FlashAttention kernels on CUDA)
     flash_attn = "flash_attn"  # the flash-attn package
@@ -144,6 +149,11 @@ class Precision(Choice):
 class Optimizer(Choice):
     adamw = "adamw"  # AdamW on every parameter
     muon = "muon"  # Muon on the blocks' weight matrices, AdamW on the rest
+
+
+class Parallel(Choice):
+    ddp = "ddp"  # DistributedDataParallel: every rank holds the whole model and optimizer state
+    fsdp = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded over ranks
 
 
 class LRSchedule(Choice):
@@ -191,6 +201,7 @@ class TokenizerConfig:
 class ShardsConfig:
     seq_len: int = setting(128, ge=2)  # tokens per training sequence; each row stores seq_len + 1 tokens
     articles_per_shard: int = setting(2048, ge=1)  # articles per shard file (the unit of parallel, resumable encoding)
+    layout: Layout = Layout.padded  # packed: train rows hold articles back to back (document masks)
     num_proc: Optional[int] = setting(None, ge=1)  # None: all cores
 
 
@@ -258,6 +269,7 @@ class TrainConfig:
     run_name: str = "demo"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto
+    parallel: Parallel = Parallel.ddp  # under torchrun; a single process uses no wrapper either way
     batch_size: int = setting(32, ge=1)  # sequences per optimizer step per process (before accumulation)
     grad_accum: int = setting(1, ge=1)
     epochs: int = setting(1, ge=1)

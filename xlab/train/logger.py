@@ -238,9 +238,8 @@ class RunLogger:
         self.print(
             f"[bold]train[/bold] {self.run_dir}: {trainer.model.num_parameters() / 1e6:.2f}M parameters "
             f"({trainer.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
-            f"{t.optimizer}, {info.world_size} process(es) on {trainer.device}"
-            + (_threads_note() if trainer.device.type == "cpu" else "")
-            + ", "
+            f"{t.optimizer}, {info.world_size} process(es){' (FSDP)' if getattr(trainer, 'fsdp', False) else ''} "
+            f"on {trainer.device}" + (_threads_note() if trainer.device.type == "cpu" else "") + ", "
             f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {trainer.store.seq_len} tokens per step, "
             f"steps {trainer.step}->{self.total_steps}" + (" (resumed)" if trainer.ckpt else "")
         )

@@ -89,6 +89,50 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
+class ShardedMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` for matrices sharded by FSDP2 (DTensors split on dim 0 over ranks).
+
+    Newton-Schulz needs the whole matrix. Torch's Muon does run on DTensors, but every matmul of its
+    five iterations then reduces bf16 partial products across ranks, and the result drifts from the
+    one-process update (a few bf16 ulps per element, measured at 2 ranks). Here the momentum update
+    stays on each rank's shard (elementwise, exact), the update is gathered whole
+    (``full_tensor()``, one all-gather per matrix per step), orthogonalised on every rank with torch's
+    own routine, and each rank applies its own rows: the same arithmetic as one process. This is the
+    gather-then-orthogonalise scheme of Muon under ZeRO/FSDP (Jordan et al. 2024; Moonlight, Liu et
+    al. 2025, arXiv:2502.16982). Hyperparameters, state (``momentum_buffer``) and ``state_dict``
+    layout are ``torch.optim.Muon``'s; the step follows torch's ``_single_tensor_muon``.
+
+    Raises:
+        ValueError: a parameter that is not 2-D (as torch's Muon).
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        for group in self.param_groups:
+            lr, wd, momentum = float(group["lr"]), group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.ndim != 2:
+                    raise ValueError("Param gradient must be a 2D matrix")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                sharded = isinstance(update, DTensor)
+                whole = update.full_tensor() if sharded else update  # (rows, cols)
+                ortho = _zeropower_via_newtonschulz(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if sharded:  # this rank's rows; every rank computed the same whole matrix
+                    ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None)
+                p.mul_(1 - lr * wd)
+                p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
 def _adamw(groups: list[dict], t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for ``device`` (CUDA, and CPU since torch 2.4)."""
     try:
@@ -104,7 +148,8 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> t
 
     ``adamw``: AdamW over :func:`param_groups` with ``t.lr``, ``t.beta1``, ``t.beta2``,
     ``t.weight_decay``. ``muon``: :class:`MuonAdamW`, Muon (``t.muon_lr``, ``t.muon_momentum``,
-    Nesterov, 5 Newton-Schulz steps in bf16) over :func:`muon_params` and AdamW as above over the rest.
+    Nesterov, 5 Newton-Schulz steps in bf16) over :func:`muon_params` and AdamW as above over the rest;
+    :class:`ShardedMuon` when the matrices are FSDP2 shards.
 
     Raises:
         XLabError: ``muon`` on a torch without ``torch.optim.Muon`` (before 2.9), or a model without
@@ -120,7 +165,10 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> t
     taken = {id(p) for p in matrices}
     rest = [g | {"params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, t.weight_decay)]
     scale = t.muon_lr / t.lr
-    muon = torch.optim.Muon(
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in matrices)  # under FSDP2 (xlab.train.parallel)
+    muon = (ShardedMuon if sharded else torch.optim.Muon)(
         matrices,
         lr=t.muon_lr,
         weight_decay=t.weight_decay / scale,

@@ -1,4 +1,5 @@
-"""The training loop: one process, or DistributedDataParallel under ``torchrun``.
+"""The training loop: one process, or DistributedDataParallel or FSDP2 (``train.parallel``) under
+``torchrun``.
 
 What a step does (``train.grad_accum`` micro-batches per optimizer step, per process):
 
@@ -7,7 +8,9 @@ What a step does (``train.grad_accum`` micro-batches per optimizer step, per pro
    back-propagated (times the number of processes, because DDP averages gradients). The step's
    gradient is therefore that of the mean loss over every non-pad target of the step, whatever the
    accumulation or the number of processes, and a micro-batch of padding contributes exactly 0.
-   Gradient all-reduce runs only on the last micro-batch (``no_sync`` on the others).
+   Gradient all-reduce runs only on the last micro-batch (``no_sync`` on the others). FSDP2
+   (:mod:`xlab.train.parallel`) averages over ranks the same way and reduce-scatters only on the
+   last micro-batch too (``set_requires_gradient_sync``).
 3. Clip the gradient norm, set the learning rate from the schedule (a function of the step only),
    take an AdamW step (weight decay on matrices only, not on biases, norms or embeddings).
 
@@ -41,7 +44,7 @@ from omegaconf import DictConfig
 from xlab import distributed as xdist
 from xlab import loss as xloss
 from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
-from xlab.config import stage_paths, to_dict
+from xlab.config import Parallel, stage_paths, to_dict
 from xlab.device import autocast_factory, resolve_device
 from xlab.distributed import DistInfo, all_reduce_sum
 from xlab.errors import XLabError, first_line
@@ -52,6 +55,14 @@ from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
 from xlab.train.mfu import mfu, peak_flops
 from xlab.train.optim import build_optimizer, load_optimizer_state
+from xlab.train.parallel import (
+    fsdp_wrap,
+    full_model_state,
+    full_norm,
+    full_optimizer_state,
+    load_full_model_state,
+    shard_optimizer_state,
+)
 from xlab.train.resume import reconcile, start_checkpoint, take_store_settings
 from xlab.train.schedule import lr_at
 from xlab.train.signals import Interrupt
@@ -184,6 +195,11 @@ class Trainer:
         # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(t.seed)
         self.model = build_model(self.cfg).to(device)
+        self.autocast = autocast_factory(t.precision, device)
+        # FSDP replaces the parameters by their shards: the optimizer is built over those.
+        self.fsdp = info.distributed and Parallel.parse(t.parallel, "train.parallel") == Parallel.fsdp
+        if self.fsdp:
+            fsdp_wrap(self.model, device, bf16=self.autocast is not None)
         self.optimizer = build_optimizer(self.model, t, device)
         self.loader = ShardLoader(
             self.store,
@@ -216,23 +232,27 @@ class Trainer:
 
         loss_module: nn.Module = LossModule(self.model, int(t.loss_chunk_tokens))
         self.ddp = None
-        if info.distributed:
+        if info.distributed and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
             loss_module = self.ddp
         self.loss_module = torch.compile(loss_module) if t.compile else loss_module
-        self.autocast = autocast_factory(t.precision, device)
         self.flops_per_token = float(self.model.flops_per_token(self.store.seq_len))
         self.has_val = "val" in self.store.splits and self.store.rows("val") > 0
 
     # ----------------------------------------------------------------------------- state
     def state(self, rank_rng: Optional[list] = None) -> dict:
         """The training checkpoint's contents: the keys :mod:`xlab.checkpoint` documents, plus
-        ``elapsed_s`` (the run's wall seconds so far, so a resumed run's ``time`` continues)."""
+        ``elapsed_s`` (the run's wall seconds so far, so a resumed run's ``time`` continues).
+        Under FSDP a collective (every rank calls it; the whole state is on rank 0)."""
+        if self.fsdp:
+            model, optimizer = full_model_state(self.model), full_optimizer_state(self.optimizer)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "step": self.step,
             "total_steps": self.total_steps,
             "loader": self.loader.state_dict(),
@@ -254,8 +274,12 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         try:
-            self.model.load_state_dict(ckpt["model"])
-            load_optimizer_state(self.optimizer, ckpt["optimizer"])
+            if self.fsdp:
+                load_full_model_state(self.model, ckpt["model"])
+                load_optimizer_state(self.optimizer, shard_optimizer_state(self.optimizer, ckpt["optimizer"]))
+            else:
+                self.model.load_state_dict(ckpt["model"])
+                load_optimizer_state(self.optimizer, ckpt["optimizer"])
             self.step = int(ckpt["step"])
             self.loader.load_state_dict(ckpt["loader"])
             self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
@@ -294,6 +318,8 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.float64, device=dev)
         for i, (x, y) in enumerate(micro):
             sync = self.ddp is None or i == len(micro) - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
             with nullcontext() if sync else self.ddp.no_sync(), self.autocast() if self.autocast else nullcontext():
                 ls, c, _ = self.loss_module(x, y)
             (ls * scale).backward()
@@ -301,7 +327,7 @@ class Trainer:
             correct += c.double()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = float(t.grad_clip) if t.grad_clip and t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
         stats = torch.stack([loss_sum, correct, grad_norm.double().to(dev)])
         all_reduce_sum(stats[:2])
         loss_sum_v, correct_v, gn = (float(v) for v in stats.tolist())
@@ -406,8 +432,9 @@ class Trainer:
                         best_name, dropped = self.keeper.rank(self.step, m["loss"])
                 if self.step % t.checkpoint_every == 0 or at_end or stop or best_name:
                     rank_rng = self.keeper.gather_rank_rng()  # collective: every rank takes part
+                    state = self.state(rank_rng)  # so is gathering the shards under FSDP
                     if info.is_main:
-                        last_ckpt = self.keeper.save(self.state(rank_rng), best_name, dropped)
+                        last_ckpt = self.keeper.save(state, best_name, dropped)
                 if stop:
                     interrupted, signalled = True, r["stop"]
                     break
