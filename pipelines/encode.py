@@ -201,10 +201,12 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
     """
     import numpy as np
 
-    from xlab.store import pack_articles, real_tokens, target_tokens, write_shard
+    from xlab.store import pack, real_tokens, split_layout, target_tokens, write_shard
 
     tok, seq_len, out = _W["tok"], _W["seq_len"], Path(_W["out"])
-    parts = []
+    layout = split_layout(split, _W["layout"])
+    ids_kw = {"sos_id": tok.sos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "vocab_size": tok.vocab_size}
+    parts, packed = [], []  # padded: rows per sub-batch; packed: the unit's articles, cut at the end
     rec = {
         "articles": 0,
         "empty": 0,
@@ -232,12 +234,15 @@ def _encode_unit(split: str, unit: int, ids: list, texts: list) -> dict:
                 rec["text_bytes"] += len(t.encode("utf-8", "surrogatepass"))
                 good.append(enc)
         if good:
-            rows = pack_articles(
-                good, seq_len, sos_id=tok.sos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vocab_size=tok.vocab_size
-            )
-            parts.append(rows)
+            if layout == "packed":  # one stream per unit, so padding ends the shard and nowhere else
+                packed.extend(good)
+            else:
+                parts.append(pack(good, seq_len, layout=layout, **ids_kw))
             rec["articles"] += len(good)
             rec["target_tokens"] += target_tokens(good)
+    if packed:
+        parts = [pack(packed, seq_len, layout=layout, **ids_kw)]
+        del packed
     dtype = np.dtype(_W["dtype"])
     rows = np.concatenate(parts) if parts else np.empty((0, seq_len + 1), dtype=dtype)
     rec["rows"] = int(rows.shape[0])
@@ -272,6 +277,8 @@ def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path, par
         articles[s] = n
         units[s] = math.ceil(n / a)
     params = {"seq_len": int(cfg.shards.seq_len), "articles_per_shard": a, "format_version": FORMAT_VERSION}
+    if cfg.shards.layout != "padded":  # absent when padded, so stores encoded before 0.6 stay up to date
+        params["layout"] = str(cfg.shards.layout)
     inputs = {"tokenizer": tok.sha256, "splits": {s: sha256_file(p) for s, p in split_files.items()}}
     return {
         "params": params,
@@ -604,7 +611,8 @@ def _encode_units(
     # Tokenizer threads per process: the cores divided among the processes (one process with all
     # cores' threads avoids the pool altogether).
     threads = max(1, (os.cpu_count() or 1) // num_proc)
-    settings = {"seq_len": job["params"]["seq_len"], "out": str(out), "dtype": job["dtype"], "threads": threads}
+    settings = {"seq_len": job["params"]["seq_len"], "out": str(out), "dtype": job["dtype"], "threads": threads,
+                "layout": job["params"].get("layout", "padded")}  # fmt: skip
     units = (u for s in SPLITS if todo[s] for u in _iter_units(split_files[s], s, todo[s], a))
     # The bar counts articles, not units: a split's last unit is shorter, and an article is the
     # unit of the download and split stages' rates too.
@@ -703,7 +711,7 @@ def _up_to_date(out: Path, job: dict) -> bool:
 def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:
     """Write the store manifest from the done-records (every unit must be done); print a summary
     naming ``shown`` (default ``out``): where the store will be once swapped into place."""
-    from xlab.store import MANIFEST, TOKENIZER_COPY, ShardEntry, SplitEntry, StoreManifest, TokenizerEntry
+    from xlab.store import MANIFEST, TOKENIZER_COPY, ShardEntry, SplitEntry, StoreManifest, TokenizerEntry, split_layout
 
     work = out / WORK
     missing = [f"{s}/{u:06d}" for s in SPLITS for u in range(job["units"][s]) if not _done(out, s, u)]
@@ -721,7 +729,7 @@ def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:
         raise XLabError(f"{tok_src} changed since encoding began; run `xlab data encode --force`")
     splits = {}
     for s in SPLITS:
-        entry = SplitEntry()
+        entry = SplitEntry(layout=split_layout(s, job["params"].get("layout", "padded")))
         for u in range(job["units"][s]):
             rec = read_json(work / s / f"{u:06d}.json")
             entry.add_shard(
