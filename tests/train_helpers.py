@@ -20,7 +20,9 @@ def make_texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(words, weights, k=rng.randint(5, 60))) + "." for _ in range(n)]
 
 
-def make_store(root: Path, *, seq_len: int = 16, n_train: int = 120, n_val: int = 20, vocab: int = 300) -> Path:
+def make_store(
+    root: Path, *, seq_len: int = 16, n_train: int = 120, n_val: int = 20, vocab: int = 300, layout: str = "padded"
+) -> Path:
     """Write a shard store under ``root/store`` (train and val splits) and return its path.
 
     It is written by :func:`xlab.store.write_store`, the same manifest builder as ``xlab data encode``,
@@ -36,6 +38,7 @@ def make_store(root: Path, *, seq_len: int = 16, n_train: int = 120, n_val: int 
         tokenizer=TokenizerEntry.of(tok, root / "tok.model"),
         tokenizer_bytes=(root / "tok.model").read_bytes(),
         texts=texts,
+        layout=layout,
     )
     return store
 

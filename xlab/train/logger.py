@@ -240,7 +240,7 @@ class RunLogger:
             f"({trainer.model.num_parameters(non_embedding=True) / 1e6:.2f}M non-embedding), "
             f"{t.optimizer}, {info.world_size} process(es){' (FSDP)' if getattr(trainer, 'fsdp', False) else ''} "
             f"on {trainer.device}" + (_threads_note() if trainer.device.type == "cpu" else "") + ", "
-            f"{t.batch_size}x{t.grad_accum}x{info.world_size} rows of {trainer.store.seq_len} tokens per step, "
+            f"{t.batch_size}x{t.grad_accum}x{info.world_size} {'packed ' if trainer.loader.packed else ''}rows of {trainer.store.seq_len} tokens per step, "
             f"steps {trainer.step}->{self.total_steps}" + (" (resumed)" if trainer.ckpt else "")
         )
         if trainer.changed:

@@ -50,7 +50,7 @@ from xlab.distributed import DistInfo, all_reduce_sum
 from xlab.errors import XLabError, first_line
 from xlab.evaluate import evaluate, metrics, split_batches
 from xlab.fsio import exclusive_lock, lock_path, sha256_bytes, sha256_file
-from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore
+from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore, document_ids
 from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
 from xlab.train.mfu import mfu, peak_flops
@@ -71,14 +71,20 @@ from xlab.train.signals import Interrupt
 class LossModule(nn.Module):
     """The summed chunked loss of ``model`` as one module's forward, so DDP and torch.compile wrap it
     whole: DDP's gradient hooks are armed by its ``forward``, and the loss calls ``model.hidden`` and
-    the fused head directly. ``forward(inputs, targets)`` returns :func:`xlab.loss.model_loss`."""
+    the fused head directly. ``forward(inputs, targets)`` returns :func:`xlab.loss.model_loss`.
 
-    def __init__(self, model: nn.Module, chunk_tokens: int):
+    ``sos_id``: the rows are packed (``shards.layout=packed``); each input row's documents are found
+    from its ``<sos>`` tokens (:func:`xlab.store.document_ids`, on the device) and masked apart."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int, sos_id: Optional[int] = None):
         super().__init__()
-        self.model, self.chunk_tokens = model, chunk_tokens
+        self.model, self.chunk_tokens, self.sos_id = model, chunk_tokens, sos_id
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
-        return xloss.model_loss(self.model, inputs, targets, self.chunk_tokens)
+        if self.sos_id is None:
+            return xloss.model_loss(self.model, inputs, targets, self.chunk_tokens)
+        doc_ids = document_ids(inputs, self.sos_id)
+        return xloss.model_loss(self.model, inputs, targets, self.chunk_tokens, doc_ids=doc_ids)
 
 
 def train(
@@ -230,7 +236,8 @@ class Trainer:
         if self.ckpt is not None:
             self._restore(self.ckpt)
 
-        loss_module: nn.Module = LossModule(self.model, int(t.loss_chunk_tokens))
+        sos_id = self.store.sos_id if self.loader.packed else None
+        loss_module: nn.Module = LossModule(self.model, int(t.loss_chunk_tokens), sos_id)
         self.ddp = None
         if info.distributed and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
