@@ -62,20 +62,22 @@ def clean_wikitext(wikitext: Optional[str]) -> str:
 
     if not wikitext or not wikitext.strip():
         return ""
+    from mwparserfromhell.nodes import Tag, Wikilink
+
     code = mwparserfromhell.parse(wikitext)
     parts = []
     for section in code.get_sections(flat=True, include_lead=True, include_headings=True):
         # Collect first, then edit: editing a node list while iterating over it skips nodes.
-        for link in section.filter_wikilinks(recursive=True):
+        for parent, link in _walk(section, Wikilink):
             title = str(link.title)
             if _MEDIA_LINK.match(title):
-                _remove(section, link)
+                _remove(parent, link)
             elif _CATEGORY_PREFIX.match(title):
                 # Keep the category's name (or its sort text) in place, without the prefix.
                 link.text = _CATEGORY_PREFIX.sub("", link.__strip__() or "")
-        for tag in section.filter_tags(recursive=True):
+        for parent, tag in _walk(section, Tag):
             if str(tag.tag).strip().lower() in _DROPPED_TAGS:
-                _remove(section, tag)
+                _remove(parent, tag)
         text = _tidy(_LEFTOVER_REF.sub("", _MAGIC_WORD.sub("", section.strip_code())))
         if text:
             parts.append(text)
@@ -89,12 +91,36 @@ def _tidy(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def _remove(section, node) -> None:
-    """Remove ``node`` from ``section``; a node nested in one already removed is gone already."""
-    try:
-        section.remove(node)
-    except ValueError:
-        pass
+def _walk(code, kind: type) -> list:
+    """``(parent, node)`` for every node of type ``kind`` under ``code``, in the order of
+    ``code.filter(recursive=True, forcetype=kind)``; ``parent`` is the Wikicode whose node list
+    holds ``node``."""
+    out: list = []
+
+    def visit(c) -> None:
+        for node in c.nodes:
+            if isinstance(node, kind):
+                out.append((c, node))
+            for child in node.__children__():
+                visit(child)
+
+    visit(code)
+    return out
+
+
+def _remove(parent, node) -> None:
+    """Remove ``node`` from the node list of ``parent``, where :func:`_walk` found it.
+
+    ``Wikicode.remove(node)`` searches the whole section for the node first, which made removing
+    a page's references and tables quadratic in its size (40 % of the cleaning time). A node nested
+    in one already removed is popped from its detached parent, which is never printed: the text
+    is the same as when it is skipped.
+    """
+    nodes = parent.nodes
+    for i, n in enumerate(nodes):
+        if n is node:
+            nodes.pop(i)
+            return
 
 
 def page_url(title: str, lang: str = "en") -> str:
