@@ -298,7 +298,7 @@ def _multistream_rows(path: Path, index: Path, c: Counter, num_proc: int, progre
     one of ``num_proc`` processes; the same rows, in the same order, as the serial reader gives.
 
     The index gives the offset of every bz2 stream (about 100 pages each); consecutive streams are
-    grouped into pieces of about 1 MiB of compressed bytes, at most ``2 * num_proc`` in flight.
+    grouped into pieces of about 256 KiB of compressed bytes (a few seconds of cleaning each), at most ``2 * num_proc`` in flight.
     """
     import xml.etree.ElementTree as ET
 
@@ -323,9 +323,9 @@ def _multistream_rows(path: Path, index: Path, c: Counter, num_proc: int, progre
         raise XLabError(f"cannot read dump {path} with its index {index.name}: {e}") from None
 
 
-def _pieces(path: str, offsets: list[int], size: int, target: int = 1 << 20) -> Iterator[list]:
+def _pieces(path: str, offsets: list[int], size: int, target: int = 1 << 18) -> Iterator[list]:
     """Tasks of :func:`_clean_pieces`: ``[(path, start, end)]`` byte ranges of whole streams,
-    about ``target`` compressed bytes each, in file order."""
+    about ``target`` compressed bytes each (small enough to balance the workers), in file order."""
     bounds = [*offsets, size]
     start = 0
     for i in range(1, len(bounds)):
