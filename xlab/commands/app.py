@@ -116,8 +116,7 @@ def data_encode(
 ):
     """Encode the splits into memory-mapped .npy token shards (shards/<name>/).
 
-    Under torchrun or as a Slurm job array each process encodes its part into the same folder; the
-    last part to finish writes the manifest."""
+    Under torchrun or a Slurm job array each process encodes its part; the last one writes the manifest."""
     from pipelines import encode
     from pipelines.stage import console
 
