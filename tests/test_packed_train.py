@@ -3,10 +3,12 @@ trains, evaluates on the (padded) val split and resumes exactly."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from train_helpers import make_cfg, make_store, read_metrics
 
 import xlab.train.trainer as trainer_mod
+from xlab.errors import XLabError
 from xlab.store import ShardStore, document_ids
 from xlab.train import train
 
@@ -56,3 +58,27 @@ def test_packed_training_learns_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert a[-1]["loss"] < a[0]["loss"]
     assert full["val_loss"] == rest["val_loss"] and full["val_loss"] < a[0]["loss"]
+
+
+def _files(run_dir):
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("other", [{"layout": "packed"}, {"seq_len": 24}])
+def test_resume_on_a_store_with_other_rows_is_refused_and_touches_nothing(tmp_path, other):
+    first = make_store(tmp_path / "a")
+    second = make_store(tmp_path / "b", **other)  # the same texts and tokenizer, other rows
+    cfg = make_cfg(tmp_path / "runs", "train.max_steps=3", "train.eval_every=100")
+    train(cfg, shards_dir=first)
+    before = _files(tmp_path / "runs" / "t")
+    want = "layout padded there, packed here" if "layout" in other else "seq len 16 there, 24 here"
+    with pytest.raises(XLabError, match=f"trained on another store \\({want}.*\\); resume with --shards {first} "):
+        train(make_cfg(tmp_path / "runs", "train.max_steps=6"), shards_dir=second, resume=True)
+    assert _files(tmp_path / "runs" / "t") == before
+
+
+def test_flex_training_on_cpu_is_refused_before_the_run_folder_exists(tmp_path):
+    store = make_store(tmp_path)
+    with pytest.raises(XLabError, match="flex trains only on CUDA"):
+        train(make_cfg(tmp_path / "runs", "model.attention=flex"), shards_dir=store)
+    assert not (tmp_path / "runs" / "t").exists()

@@ -40,6 +40,36 @@ def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_
     return None
 
 
+def store_record(store) -> dict:
+    """What a checkpoint records of the store its run trains on: rows of how many tokens, which
+    layout, how many train rows (the loader's position counts batches of those rows)."""
+    return {"seq_len": int(store.seq_len), "layout": store.layout("train"), "train_rows": int(store.rows("train"))}
+
+
+def check_store(ckpt: Optional[dict], store, last: Path) -> None:
+    """Refuse to resume ``ckpt`` on a store whose rows differ from its run's (another ``seq_len``
+    would exceed the model's ``max_len`` or shift every position; another layout or row count would
+    make the loader's saved position point into other data). Checkpoints from before 0.6 record only
+    ``seq_len`` (in their configuration).
+
+    Raises:
+        XLabError: one line naming what differs and the store the run trained on.
+    """
+    if ckpt is None:
+        return
+    was = dict(ckpt.get("store") or {})
+    was.setdefault("seq_len", (ckpt.get("config", {}).get("shards") or {}).get("seq_len"))
+    now = store_record(store)
+    differ = [f"{k.replace('_', ' ')} {was[k]} there, {now[k]} here" for k in now if was.get(k) is not None
+              and was[k] != now[k]]  # fmt: skip
+    if differ:
+        raise XLabError(
+            f"cannot resume {last} on the shard store at {store.path}: its run trained on another store "
+            f"({'; '.join(differ)}); resume with --shards {ckpt.get('shards', '<its store>')} or start a new "
+            "run with --run-name"
+        )
+
+
 def reconcile(
     cfg: DictConfig, ckpt: Optional[dict], run_dir: Path, *, vocab_size: int, max_len: int
 ) -> tuple[DictConfig, list[str]]:
@@ -81,13 +111,18 @@ def reconcile(
     return cfg, changed
 
 
-def take_store_settings(cfg: DictConfig, *, seq_len: int, vocab_size: int) -> list[str]:
-    """Set ``shards.seq_len`` and ``tokenizer.vocab_size`` of ``cfg`` to the store's (the trainer can
-    apply no other: the rows are what the store holds), so the saved configuration says what was
-    used; return a notice for each setting that said otherwise."""
+def take_store_settings(cfg: DictConfig, *, seq_len: int, vocab_size: int, layout: str = "padded") -> list[str]:
+    """Set ``shards.seq_len``, ``shards.layout`` (the train split's) and ``tokenizer.vocab_size`` of
+    ``cfg`` to the store's (the trainer can apply no other: the rows are what the store holds), so the
+    saved configuration says what was used; return a notice for each setting that said otherwise."""
     notes = []
-    for key, section, value in (("seq_len", cfg.shards, seq_len), ("vocab_size", cfg.tokenizer, vocab_size)):
-        if int(section[key]) != int(value):
+    store = (
+        ("seq_len", cfg.shards, seq_len),
+        ("layout", cfg.shards, layout),
+        ("vocab_size", cfg.tokenizer, vocab_size),
+    )
+    for key, section, value in store:
+        if str(section[key]) != str(value):
             notes.append(f"{key} {section[key]} -> {value} (the shard store's)")
-            section[key] = int(value)
+            section[key] = value
     return notes

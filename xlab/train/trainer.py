@@ -63,7 +63,7 @@ from xlab.train.parallel import (
     load_full_model_state,
     shard_optimizer_state,
 )
-from xlab.train.resume import reconcile, start_checkpoint, take_store_settings
+from xlab.train.resume import check_store, reconcile, start_checkpoint, store_record, take_store_settings
 from xlab.train.schedule import lr_at
 from xlab.train.signals import Interrupt
 
@@ -190,10 +190,18 @@ class Trainer:
         self.run_dir = paths.run
         self.keeper = CheckpointKeeper(self.run_dir / "checkpoints", cfg.train.keep_best, info, device)
         self.ckpt = start_checkpoint(self.keeper.dir, resume, self.tok_sha, self.store.path)
+        check_store(self.ckpt, self.store, self.keeper.dir / "last.pt")
         self.cfg, self.changed = reconcile(
             cfg, self.ckpt, self.run_dir, vocab_size=self.store.vocab_size, max_len=self.store.seq_len
         )
-        self.notes = take_store_settings(self.cfg, seq_len=self.store.seq_len, vocab_size=self.store.vocab_size)
+        self.notes = take_store_settings(
+            self.cfg, seq_len=self.store.seq_len, vocab_size=self.store.vocab_size, layout=self.store.layout("train")
+        )
+        if self.cfg.model.attention == "flex" and device.type != "cuda":  # refused before the run folder exists
+            raise XLabError(
+                "model.attention=flex trains only on CUDA (torch's FlexAttention has no CPU backward); "
+                "use model.attention=sdpa on CPU"
+            )
         t = self.cfg.train
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -268,6 +276,7 @@ class Trainer:
             "tokenizer": tokenizer_bytes_tensor(self.tok_bytes),
             "tokenizer_sha256": self.tok_sha,
             "shards": str(self.store.path),
+            "store": store_record(self.store),
             "best": list(self.keeper.best),
             "rank_rng": rank_rng or [],
             "log_window": self.window.state_dict(),
