@@ -3,6 +3,7 @@ trains, evaluates on the (padded) val split and resumes exactly."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from train_helpers import make_cfg, make_store, read_metrics
@@ -82,3 +83,40 @@ def test_flex_training_on_cpu_is_refused_before_the_run_folder_exists(tmp_path):
     with pytest.raises(XLabError, match="flex trains only on CUDA"):
         train(make_cfg(tmp_path / "runs", "model.attention=flex"), shards_dir=store)
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_evaluating_a_packed_split_masks_its_documents(tmp_path):
+    from xlab.checkpoint import load_model
+    from xlab.evaluate import evaluate_checkpoint
+    from xlab.loss import model_loss
+    from xlab.store.loader import make_batch
+
+    store_path = make_store(tmp_path, layout="packed", n_train=40)
+    train(make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100"), shards_dir=store_path)
+    ckpt = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
+    got = evaluate_checkpoint(ckpt, split="train", shards_dir=store_path)
+    model, _, _ = load_model(ckpt)
+    store = ShardStore(store_path)
+    x, y = make_batch(store, "train", np.arange(store.rows("train")))
+    with torch.no_grad():
+        masked, _, n = model_loss(model, x, y, doc_ids=document_ids(x, store.sos_id))
+        plain, _, _ = model_loss(model, x, y)
+    assert got["loss"] == pytest.approx(masked.item() / int(n), rel=1e-5)
+    assert abs(plain.item() - masked.item()) / int(n) > 1e-4  # the mask matters on these rows
+
+
+def test_a_flash_attn_checkpoint_is_served_by_sdpa_where_flash_attn_cannot_run(tmp_path, capsys):
+    from xlab.checkpoint import load_checkpoint, load_model
+
+    store = make_store(tmp_path)
+    train(make_cfg(tmp_path / "runs", "train.max_steps=1", "train.eval_every=100"), shards_dir=store)
+    src = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(src)
+    ckpt["config"]["model"]["attention"] = "flash_attn"  # what a CUDA run with flash-attn saves
+    torch.save(ckpt, tmp_path / "flash.pt")
+    model, cfg, _ = load_model(tmp_path / "flash.pt")
+    assert cfg.model.attention == "sdpa" and "flash_attn, which cannot run here" in capsys.readouterr().err
+    want, _, _ = load_model(src)
+    x = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x), want(x))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -264,7 +265,23 @@ def _known_settings(d: dict, schema: dict, top: bool = True) -> dict:
     return out
 
 
-def _config_and_model(cfg_dict: Any, where: Path):
+def _inference_backend(cfg: DictConfig, where: Path, device: Any) -> None:
+    """A model trained with ``attention=flash_attn`` is served by ``sdpa`` where flash-attn cannot run
+    (not installed, or a CPU device): the backend holds no weights and computes the same attention,
+    so a checkpoint from a GPU run still evaluates, generates and exports on a laptop (with a note)."""
+    import importlib.util
+
+    if cfg.model.attention != "flash_attn":
+        return
+    cpu = str(device).startswith("cpu")
+    if cpu or importlib.util.find_spec("flash_attn") is None:
+        print(f"note: {where} was trained with model.attention=flash_attn, which cannot run here "
+              f"({'a CPU device' if cpu else 'flash-attn is not installed'}); using sdpa (the same attention)",
+              file=sys.stderr)  # fmt: skip
+        cfg.model.attention = "sdpa"
+
+
+def _config_and_model(cfg_dict: Any, where: Path, device: Any = "cpu"):
     """``(cfg, model)`` from a stored configuration dict; XLabError if it is not a usable one.
 
     Settings that this XLab no longer has (e.g. a data option dropped since the run) are ignored
@@ -282,6 +299,7 @@ def _config_and_model(cfg_dict: Any, where: Path):
 
             schema = OmegaConf.to_container(OmegaConf.structured(XLabConfig))
             cfg = from_dict(_known_settings(cfg_dict, schema))
+        _inference_backend(cfg, where, device)
         model = build_model(cfg)
     except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
         raise XLabError(f"{where} holds an unusable configuration: {first_line(e)}") from None
@@ -306,7 +324,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         for p in (cfg_path, w_path, tok_path):
             if not p.is_file():
                 raise XLabError(f"{path} is not an XLab export folder (missing {p.name})")
-        cfg, model = _config_and_model(_read_export_json(cfg_path), cfg_path)
+        cfg, model = _config_and_model(_read_export_json(cfg_path), cfg_path, device)
         from safetensors.torch import load_model as st_load
 
         try:
@@ -325,7 +343,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         }
     else:
         ckpt = load_checkpoint(path)
-        cfg, model = _config_and_model(ckpt["config"], path)
+        cfg, model = _config_and_model(ckpt["config"], path, device)
         try:
             model.load_state_dict(ckpt["model"])
         except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes

@@ -54,7 +54,14 @@ def split_batches(
         yield inputs.to(device), targets.to(device)
 
 
-def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: int = 8192, autocast: Any = None) -> dict:
+def evaluate(
+    model: Any,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    chunk_tokens: int = 8192,
+    autocast: Any = None,
+    sos_id: Optional[int] = None,
+) -> dict:
     """Summed loss statistics of ``model`` over ``batches``, in evaluation mode and without gradients.
 
     Args:
@@ -63,6 +70,8 @@ def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: in
             :data:`~xlab.store.format.IGNORE_INDEX` count for nothing.
         chunk_tokens: positions whose logits are computed at once.
         autocast: a context manager factory for mixed precision (None: full precision).
+        sos_id: the batches are packed rows (a ``packed`` split): each row's documents are found from
+            its ``<sos>`` tokens and masked apart, as in training (:func:`xlab.store.document_ids`).
 
     Returns:
         ``{"loss_sum": float (nats), "correct": int, "count": int}`` summed in fp64 over the batches of
@@ -72,6 +81,7 @@ def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: in
     import torch
 
     from xlab.loss import model_loss
+    from xlab.store.loader import document_ids
 
     was_training = model.training
     model.eval()
@@ -82,7 +92,11 @@ def evaluate(model: Any, batches: Iterable[tuple[Any, Any]], *, chunk_tokens: in
         with torch.no_grad():
             for inputs, targets in batches:
                 with autocast() if autocast else nullcontext():
-                    ls, c, n = model_loss(model, inputs, targets, chunk_tokens)
+                    if sos_id is None:
+                        ls, c, n = model_loss(model, inputs, targets, chunk_tokens)
+                    else:
+                        doc_ids = document_ids(inputs, sos_id)
+                        ls, c, n = model_loss(model, inputs, targets, chunk_tokens, doc_ids=doc_ids)
                 loss_sum += float(ls.double())
                 correct += int(c)
                 count += int(n)
@@ -201,6 +215,7 @@ def evaluate_checkpoint(
             batches,
             chunk_tokens=int(cfg.train.loss_chunk_tokens),
             autocast=autocast_factory(cfg.train.precision, dev),
+            sos_id=store.sos_id if store.layout(split) == "packed" else None,
         )
     if sums["count"] == 0:
         raise XLabError(f"split {split} of {store.path} has no target tokens (only padding); nothing to evaluate")
