@@ -122,6 +122,13 @@ def part_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int, str] 
         source += f", SLURM_ARRAY_TASK_MIN={low}" if "SLURM_ARRAY_TASK_MIN" in env else ""
         source += f", SLURM_ARRAY_TASK_COUNT={count}"
         hint = "; submit a contiguous array (sbatch --array=0-<N-1>, no step)"
+        # A stepped or sparse array (--array=0-30:2, --array=1,5,9) numbers its tasks with gaps: task
+        # ids minus the first are then not 0..COUNT-1, some parts would never run and others twice.
+        step = number("SLURM_ARRAY_TASK_STEP", "Slurm job array") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        high = number("SLURM_ARRAY_TASK_MAX", "Slurm job array") if "SLURM_ARRAY_TASK_MAX" in env else None
+        if step != 1 or (high is not None and high - low + 1 != count):
+            raise XLabError(f"encode parts need a contiguous Slurm job array, this one has gaps ({source}, "
+                            f"SLURM_ARRAY_TASK_STEP={step}, SLURM_ARRAY_TASK_MAX={high}){hint}")  # fmt: skip
     else:
         return None
     if count < 1 or not 0 <= index < count:
@@ -314,9 +321,11 @@ def _disagreement(rec: dict, job: dict) -> str:
     r_in, j_in = rec.get("inputs") or {}, job["inputs"]
     if r_in.get("tokenizer") != j_in["tokenizer"]:
         said.append(f"tokenizer sha256 {str(r_in.get('tokenizer'))[:12]} there, {j_in['tokenizer'][:12]} here")
-    for k, v in job["params"].items():
-        if (rec.get("params") or {}).get(k) != v:
-            said.append(f"{k} {(rec.get('params') or {}).get(k)} there, {v} here")
+    # the layout is recorded only when packed: absent means padded
+    there, here = ({"layout": "padded", **(p or {})} for p in (rec.get("params"), job["params"]))
+    for k in sorted(set(there) | set(here)):
+        if there.get(k) != here.get(k):
+            said.append(f"{k} {there.get(k)} there, {here.get(k)} here")
     changed = [s for s in SPLITS if (r_in.get("splits") or {}).get(s) != j_in["splits"][s]]
     if changed:
         said.append(f"other {'/'.join(changed)} split file(s)")

@@ -59,6 +59,26 @@ def test_part_from_env(env, part):
         ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "5"}, None),  # fine: 4 of 5
         ({"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_COUNT": "5"}, "contiguous array"),  # --array=0-9:2
         ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "2"}, "part -1 of 2"),
+        # --array=0-30:2 as Slurm describes it: task 2 alone would pass as part 2 of 16
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "2",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_MAX": "30",
+                "SLURM_ARRAY_TASK_STEP": "2",
+                "SLURM_ARRAY_TASK_COUNT": "16",
+            },
+            "contiguous Slurm job array",
+        ),
+        (
+            {
+                "SLURM_ARRAY_TASK_ID": "5",
+                "SLURM_ARRAY_TASK_MIN": "1",
+                "SLURM_ARRAY_TASK_MAX": "9",
+                "SLURM_ARRAY_TASK_COUNT": "3",
+            },
+            "has gaps",
+        ),  # --array=1,5,9
         ({"SLURM_ARRAY_TASK_ID": "1"}, "SLURM_ARRAY_TASK_COUNT is not set"),
         ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2.0"}, "not an integer"),
     ],
@@ -282,6 +302,7 @@ def test_a_part_killed_mid_run_and_relaunched_completes_the_store(corpus, tmp_pa
         ({"more": ("-o", "shards.seq_len=9")}, "seq_len 16 there, 9 here"),
         ({"more": ("-o", "paths.tokenizer_dir=other")}, "tokenizer sha256"),
         ({"count": 2}, "3 parts there, 2 here"),
+        ({"more": ("-o", "shards.layout=packed")}, "layout padded there, packed here"),
     ],
 )
 def test_a_part_of_another_job_is_refused_and_the_store_untouched(corpus, tmp_path, change, words):
