@@ -218,25 +218,42 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
     per = {s: split_stats(store, s) for s in store.splits}
 
     t = Table(title=f"shard store {path} (seq_len {store.seq_len}, {store.dtype}, vocab {store.vocab_size:,})")
-    cols = ("split", "layout", "articles", "sequences", "real tokens", "padding", "packed", "chars/tok", "bytes/tok")
-    for c in cols:
+    for c in ("split", "articles", "sequences", "real tokens", "padding", "chars/tok", "bytes/tok"):
+        t.add_column(c, justify="left" if c == "split" else "right")
+
+    def pct(x: float) -> str:  # an empty split has no fractions
+        return "—" if math.isnan(x) else f"{x:.1%}"
+
+    def num(x: float) -> str:
+        return "—" if math.isnan(x) else f"{x:.2f}"
+
+    for s, d in per.items():
+        t.add_row(
+            s,
+            f"{d['articles']:,}",
+            f"{d['sequences']:,}",
+            f"{d['real_tokens']:,}",
+            pct(d["padding_fraction"]),
+            num(d["chars_per_token"]),
+            num(d["bytes_per_token"]),
+        )
+    console.print(t)
+    t = Table(title="layout: padding and what packing saves")
+    for c in ("split", "layout", "padding", "sequences", "packed", "change"):
         t.add_column(c, justify="left" if c in ("split", "layout") else "right")
     for s, d in per.items():
         t.add_row(
             s,
             d["layout"],
-            f"{d['articles']:,}",
+            pct(d["padding_fraction"]),
             f"{d['sequences']:,}",
-            f"{d['real_tokens']:,}",
-            f"{d['padding_fraction']:.1%}",
-            f"{d['packed_sequences']:,} (-{d['packing_saves']:.1%})",
-            f"{d['chars_per_token']:.2f}",
-            f"{d['bytes_per_token']:.2f}",
+            f"{d['packed_sequences']:,}",
+            f"{-d['packing_saves']:+.1%}" if d["sequences"] else "—",
         )
     console.print(t)
     console.print(
-        "padding: target slots the loss ignores; packed: the sequences the split needs with "
-        "shards.layout=packed (train only) and the share of steps that saves"
+        "padding: target slots the loss ignores; packed: the sequences with shards.layout=packed "
+        "(which packs train only), and the change in sequences, i.e. in steps per epoch"
     )
     t = Table(title="article length (tokens)")
     for c in ("split", "mean", "median", "std", "p99"):
