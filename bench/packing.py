@@ -186,7 +186,9 @@ def main() -> None:
     print(f"step: padded {step['padded'] * 1e3:.0f} ms, packed {step['packed'] * 1e3:.0f} ms; real target tokens/s: "
           f"padded {tps['padded']:,.0f}, packed {tps['packed']:,.0f} -> {ratio:.2f}x (target >= 1.25x)")  # fmt: skip
 
-    res = {k: train_and_score(k, path, args, out, env) for k, path in (("padded", padded_path), ("packed", packed_path))}
+    res = {
+        k: train_and_score(k, path, args, out, env) for k, path in (("padded", padded_path), ("packed", packed_path))
+    }
     # equal wall time: the packed run at the padded run's steps x (padded / packed step time)
     at = args.steps * step["padded"] / step["packed"]
     if at >= args.steps:
@@ -195,8 +197,10 @@ def main() -> None:
     else:
         packed_bpb, how = interpolate(res["packed"]["curve"], at), f"val subset, at step {at:.0f} of its curve"
         padded_bpb = res["padded"]["curve"][-1][1]
-    print(f"val after {args.steps} steps (whole val): padded {res['padded']['val_loss']:.4f} nats / "
-          f"{res['padded']['val_bpb']:.4f} bpb, packed {res['packed']['val_loss']:.4f} / {res['packed']['val_bpb']:.4f}")
+    print(
+        f"val after {args.steps} steps (whole val): padded {res['padded']['val_loss']:.4f} nats / "
+        f"{res['padded']['val_bpb']:.4f} bpb, packed {res['packed']['val_loss']:.4f} / {res['packed']['val_bpb']:.4f}"
+    )
     print(f"equal wall time ({how}): padded {padded_bpb:.4f} bpb, packed {packed_bpb:.4f} bpb "
           f"({packed_bpb / padded_bpb - 1:+.1%}); train wall: padded {res['padded']['train_wall_s']:.0f} s, "
           f"packed {res['packed']['train_wall_s']:.0f} s")  # fmt: skip
