@@ -496,7 +496,35 @@ def _hub_parquet_files(d: Any, local_only: bool) -> Optional[list[Path]]:
         raise
     found = sorted(p for p in Path(root).rglob("*.parquet") if p.parent.name == cfg)
     train = [p for p in found if p.name.startswith("train")]
-    return train or found or None
+    files = train or found or None
+    _check_complete(files or [], d)
+    return files
+
+
+def _check_complete(files: list[Path], d: Any) -> None:
+    """Refuse a cached snapshot that lacks some of its ``NAME-<k>-of-<n>.parquet`` files (an
+    interrupted download read offline would otherwise give a silently truncated corpus).
+
+    Raises:
+        XLabError: one line naming a missing file.
+    """
+    import re
+
+    parts: dict[tuple[str, int], set[int]] = {}
+    for p in files:
+        m = re.fullmatch(r"(.*)-(\d+)-of-(\d+)\.parquet", p.name)
+        if m:
+            parts.setdefault((m[1], int(m[3])), set()).add(int(m[2]))
+    for (stem, n), have in parts.items():
+        missing = sorted(set(range(n)) - have)
+        if missing:
+            width = len(str(n - 1).zfill(5))
+            first = f"{stem}-{missing[0]:0{width}d}-of-{n:0{width}d}.parquet"
+            raise XLabError(
+                f"the Hugging Face cache holds {len(have)} of the {n} parquet files of {d.hf_path} {d.hf_config} "
+                f"(missing {first}{' and more' if len(missing) > 1 else ''}): an interrupted download; "
+                "rerun online to complete it"
+            )
 
 
 def _parquet_num_rows(path: Path) -> int:

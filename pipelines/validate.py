@@ -199,7 +199,8 @@ def _text_count_problems(store, split: str, parquet: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     n_bytes = n_chars = n_empty = 0
-    for batch in pq.ParquetFile(parquet).iter_batches(batch_size=4096, columns=["id", "text"]):
+    # pre_buffer=False: the default keeps every column chunk read until the file is closed
+    for batch in pq.ParquetFile(parquet, pre_buffer=False).iter_batches(batch_size=4096, columns=["id", "text"]):
         for i, t in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             if not t or t.isspace():
                 n_empty += 1  # (non-blank text always has tokens: the codec falls back to bytes)

@@ -508,3 +508,15 @@ def test_sigkill_of_download_leaves_no_worker_processes(tmp_path):
 
     assert_children_die(children, "the killed download")
     assert not (tmp_path / "data/raw/wiki").exists()
+
+
+def test_hf_offline_refuses_a_cache_missing_some_of_its_files(tmp_path, cli):
+    """A snapshot interrupted mid-download (file 1 of 3 missing) used to be read as the whole
+    dataset: a silently truncated corpus, then recorded as up to date."""
+    fake_hub_cache(tmp_path / "hub", files=3)
+    next((tmp_path / "hub").rglob("train-00001-of-00003.parquet")).unlink()
+    env = {"HF_HOME": str(tmp_path / "home"), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    p = cli(["data", "download", "--source", "hf"], cwd=tmp_path, check=False, env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "holds 2 of the 3 parquet files" in p.stderr and "missing train-00001-of-00003.parquet" in p.stderr
+    assert not (tmp_path / "data" / "raw" / "wiki").exists()
