@@ -278,7 +278,9 @@ def _inference_backend(cfg: DictConfig, where: Path, device: Any) -> None:
         print(f"note: {where} was trained with model.attention=flash_attn, which cannot run here "
               f"({'a CPU device' if cpu else 'flash-attn is not installed'}); using sdpa (the same attention)",
               file=sys.stderr)  # fmt: skip
-        cfg.model.attention = "sdpa"
+        from xlab.config import Attention
+
+        cfg.model.attention = Attention.sdpa
 
 
 def _config_and_model(cfg_dict: Any, where: Path, device: Any = "cpu"):

@@ -124,5 +124,5 @@ def take_store_settings(cfg: DictConfig, *, seq_len: int, vocab_size: int, layou
     for key, section, value in store:
         if str(section[key]) != str(value):
             notes.append(f"{key} {section[key]} -> {value} (the shard store's)")
-            section[key] = value
+            section[key] = type(section[key])(value)  # the declared type (an int, or the Layout choice)
     return notes
