@@ -16,7 +16,7 @@ Three measurements, each a ratio within this run:
 
 Targets (issue 13): packed >= 1.25x the real target tokens per second, and lower val bits per byte
 after equal wall time. Needs the demo data stages (``make demo``, or download, split, tokenizer train,
-encode); the packed store is written under ``--out``.
+encode); both stores are encoded from them under ``--out``.
 
 Usage: python bench/packing.py [--steps 200] [--threads 2] [--rounds 6] [--out runs/packing-bench]
 """
@@ -154,15 +154,17 @@ def main() -> None:
     from xlab.config import load_config, stage_paths
     from xlab.store import ShardStore
 
-    padded_path = stage_paths(load_config()).shards
-    try:
-        padded = ShardStore(padded_path)
-    except Exception as e:  # noqa: BLE001 - one line for a missing demo store
-        sys.exit(f"bench/packing.py needs the demo store ({e}); run `make demo` or the data stages first")
-    packed_path = out / "shards" / padded_path.name
-    sh([sys.executable, "-m", "xlab", "data", "encode", "-o", f"paths.shards_dir={out / 'shards'}",
-        "-o", "shards.layout=packed"], out / "results" / "encode.log", env)  # fmt: skip
-    packed = ShardStore(packed_path)
+    paths = stage_paths(load_config())
+    if not (paths.splits / "train.parquet").is_file() or not paths.tokenizer.is_file():
+        sys.exit("bench/packing.py needs the demo's splits and tokenizer; run `make demo` or the data stages first")
+    stores = {}
+    for layout in ("padded", "packed"):  # the demo's own splits and tokenizer, encoded both ways
+        root = out / f"shards-{layout}"
+        sh([sys.executable, "-m", "xlab", "data", "encode", "-o", f"paths.shards_dir={root}",
+            "-o", f"shards.layout={layout}"], out / "results" / "encode.log", env)  # fmt: skip
+        stores[layout] = root / paths.shards.name
+    padded_path, packed_path = stores["padded"], stores["packed"]
+    padded, packed = ShardStore(padded_path), ShardStore(packed_path)
     share = {"padded": real_share(padded), "packed": real_share(packed)}
     rows = {"padded": padded.rows("train"), "packed": packed.rows("train")}
     print(f"train rows: padded {rows['padded']:,}, packed {rows['packed']:,} ({rows['packed'] / rows['padded']:.3f}x); "

@@ -88,7 +88,8 @@ def test_round_trip_and_paths():
     again = from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
     p = stage_paths(cfg)
-    assert str(p.raw) == "data/raw/tiny" and str(p.shards) == "shards/tiny"
+    assert str(p.raw) == "data/raw/tiny" and str(p.shards) == "shards/tiny-packed"  # the demo packs
+    assert str(stage_paths(load_config([], ["data.name=tiny", "shards.layout=padded"])).shards) == "shards/tiny"
     assert str(p.tokenizer) == "tokenizers/tiny.model" and str(p.tokenizer_manifest) == "tokenizers/tiny.json"
     assert str(p.run) == "runs/r1"
 
@@ -291,14 +292,24 @@ RECIPE_MODEL = (
 
 
 def _recipe(cfg) -> dict:
-    return {**{k: str(cfg.model[k]) for k in RECIPE_MODEL}, "optimizer": str(cfg.train.optimizer)}
+    return {
+        **{k: str(cfg.model[k]) for k in RECIPE_MODEL},
+        "optimizer": str(cfg.train.optimizer),
+        "layout": str(cfg.shards.layout),
+    }
 
 
 def test_recipe_files_layer_as_documented():
     from xlab.config import ModelConfig, TrainConfig
 
     conf = ROOT / "conf"
-    v02 = {**{k: str(getattr(ModelConfig(), k)) for k in RECIPE_MODEL}, "optimizer": str(TrainConfig().optimizer)}
+    from xlab.config import ShardsConfig
+
+    v02 = {
+        **{k: str(getattr(ModelConfig(), k)) for k in RECIPE_MODEL},
+        "optimizer": str(TrainConfig().optimizer),
+        "layout": str(ShardsConfig().layout),
+    }
     modern = _recipe(load_config([conf / "recipe" / "modern.yaml"]))
     assert modern != v02
     # conf/xlab.yaml stays the 0.2 release's recipe whatever the demo defaults carry

@@ -66,8 +66,9 @@ def test_every_command(work, cli):
     assert "round trip: exact" in shown and "byte" in shown
 
     cli(["data", "encode"] + TINY, cwd=work)
-    manifest = json.loads((work / "shards/wiki/manifest.json").read_text())
+    manifest = json.loads((work / "shards/wiki-packed/manifest.json").read_text())  # the demo packs its rows
     assert manifest["seq_len"] == 32 and manifest["dtype"] == "uint16"
+    assert manifest["splits"]["train"]["layout"] == "packed" and manifest["splits"]["val"]["layout"] == "padded"
     assert manifest["splits"]["train"]["rows"] > 0
     assert cli(["data", "validate"] + TINY, cwd=work).returncode == 0
     cli(["stats", "--plot", work / "lengths.png"] + TINY, cwd=work)

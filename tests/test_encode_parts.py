@@ -21,6 +21,7 @@ from conftest import ROOT
 from test_encode import config, store_bytes, write_corpus
 
 from pipelines import encode as enc
+from xlab.config import SPLITS
 from xlab.errors import XLabError
 from xlab.fsio import create_once
 
@@ -181,7 +182,8 @@ def fresh(corpus, tmp_path) -> Path:
 
 def cli_args(root: Path, *more: str) -> list[str]:
     o = [f"paths.data_dir={root / 'data'}", f"paths.tokenizer_dir={root / 'tokenizers'}",
-         f"paths.shards_dir={root / 'shards'}", "shards.seq_len=16", "shards.articles_per_shard=7"]  # fmt: skip
+         f"paths.shards_dir={root / 'shards'}", "shards.seq_len=16", "shards.articles_per_shard=7",
+         "shards.layout=padded"]  # fmt: skip
     return ["data", "encode", "--num-proc", "1", *[a for x in o for a in ("-o", x)], *more]
 
 
@@ -302,7 +304,6 @@ def test_a_part_killed_mid_run_and_relaunched_completes_the_store(corpus, tmp_pa
         ({"more": ("-o", "shards.seq_len=9")}, "seq_len 16 there, 9 here"),
         ({"more": ("-o", "paths.tokenizer_dir=other")}, "tokenizer sha256"),
         ({"count": 2}, "3 parts there, 2 here"),
-        ({"more": ("-o", "shards.layout=packed")}, "layout padded there, packed here"),
     ],
 )
 def test_a_part_of_another_job_is_refused_and_the_store_untouched(corpus, tmp_path, change, words):
@@ -325,3 +326,11 @@ def test_bad_launcher_variables_exit_2_in_one_line(tmp_path, cli):
         and r.stderr.strip() == "error: encode part 1 of 1 is not a part (torchrun: RANK=1, WORLD_SIZE=1)"
     )
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_job_that_differs_in_layout_says_so():
+    """A layout absent from a job's parameters means padded (it is recorded only when packed)."""
+    rec = {"params": {"seq_len": 16}, "inputs": {"tokenizer": "ab", "splits": {s: "x" for s in SPLITS}}, "parts": 1}
+    job = {**rec, "params": {"seq_len": 16, "layout": "packed"}}
+    assert enc._disagreement(rec, job) == "layout padded there, packed here"
+    assert enc._disagreement(rec, {**rec, "params": {"seq_len": 16, "layout": "padded"}}) == "other settings"

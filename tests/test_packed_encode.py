@@ -18,14 +18,14 @@ def test_packed_encode_is_sound_deterministic_and_keeps_the_targets(tmp_path, ca
     cfg = config(tmp_path / "b", layout="packed")
     packed = encode(cfg)
     assert validate.run(cfg) == 0
-    store = ShardStore(tmp_path / "b/shards/wiki")
+    store = ShardStore(tmp_path / "b/shards/wiki-packed")
     assert [store.layout(s) for s in store.splits] == ["packed", "padded", "padded", "padded"]
     for s in store.splits:
         for key in ("articles", "target_tokens", "text_bytes", "text_chars", "empty_articles"):
             assert packed["splits"][s][key] == padded["splits"][s][key], (s, key)
     assert packed["splits"]["train"]["rows"] < padded["splits"]["train"]["rows"]
     # val/test/predict are the padded layout's exact bytes: evaluation is the same for both stores
-    a, b = store_bytes(tmp_path / "a/shards/wiki"), store_bytes(tmp_path / "b/shards/wiki")
+    a, b = store_bytes(tmp_path / "a/shards/wiki"), store_bytes(tmp_path / "b/shards/wiki-packed")
     assert all(a[f] == b[f] for f in a if f.split("/")[0] in ("val", "test", "predict"))
     # within a shard, padding only ends the last row
     for p in store.shard_paths("train"):
@@ -38,23 +38,26 @@ def test_packed_encode_is_sound_deterministic_and_keeps_the_targets(tmp_path, ca
     write_corpus(tmp_path / "c")
     for i in (1, 0, 2):  # parts in any order (the last one writes the manifest): the same bytes
         encode(config(tmp_path / "c", layout="packed"), num_shards=3, shard_index=i)
-    assert store_bytes(tmp_path / "c/shards/wiki") == one
+    assert store_bytes(tmp_path / "c/shards/wiki-packed") == one
 
 
-def test_changing_the_layout_re_encodes(tmp_path, capsys):
+def test_each_layout_is_its_own_store_beside_the_other(tmp_path, capsys):
     write_corpus(tmp_path)
     encode(config(tmp_path))
     m = encode(config(tmp_path, layout="packed"))
-    assert "up to date" not in capsys.readouterr().out
     assert m["splits"]["train"]["layout"] == "packed" and m["params"]["layout"] == "packed"
-    m = encode(config(tmp_path))
-    assert m["splits"]["train"]["layout"] == "padded" and "layout" not in m["params"]
+    padded = ShardStore(tmp_path / "shards/wiki")  # still there, untouched
+    assert padded.layout("train") == "padded" and "layout" not in padded.manifest["params"]
+    capsys.readouterr()
+    encode(config(tmp_path))
+    encode(config(tmp_path, layout="packed"))
+    assert capsys.readouterr().out.count("up to date") == 2
 
 
 def test_a_packed_row_holds_whole_articles_back_to_back(tmp_path):
     write_corpus(tmp_path, n=20)
     encode(config(tmp_path, layout="packed"))
-    store = ShardStore(tmp_path / "shards/wiki")
+    store = ShardStore(tmp_path / "shards/wiki-packed")
     tok = CharTokenizer.load(tmp_path / "tokenizers/wiki.model")
     import pyarrow.parquet as pq
 

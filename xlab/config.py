@@ -457,13 +457,16 @@ class StagePaths:
 
 
 def stage_paths(cfg: DictConfig) -> StagePaths:
-    """The :class:`StagePaths` of a configuration."""
+    """The :class:`StagePaths` of a configuration. A packed store is ``shards/<name>-packed``, beside
+    the padded ``shards/<name>``: the two recipes' stores coexist, and a run never trains on the
+    other layout's rows because another recipe encoded them last."""
     name = cfg.data.name
     p = cfg.paths
+    store = name if str(cfg.shards.get("layout", "padded")) == "padded" else f"{name}-{cfg.shards.layout}"
     return StagePaths(
         raw=Path(p.data_dir) / "raw" / name,
         splits=Path(p.data_dir) / "splits" / name,
         tokenizer=Path(p.tokenizer_dir) / f"{name}.model",
-        shards=Path(p.shards_dir) / name,
+        shards=Path(p.shards_dir) / store,
         run=Path(p.runs_dir) / cfg.train.run_name,
     )
