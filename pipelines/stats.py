@@ -44,14 +44,15 @@ def _chunks(store, split: str) -> Iterator:
 
 
 def target_counts(store, split: str):
-    """``(vocab_size,)`` int64 counts of the non-pad target tokens of ``split``."""
+    """``(vocab_size,)`` int64 counts of the target tokens of ``split`` (pad and ``<sos>`` excluded)."""
     import numpy as np
 
     counts = np.zeros(store.vocab_size, dtype=np.int64)
     for arr in _chunks(store, split):
         for a in range(0, len(arr), CHUNK_ROWS):
             t = np.asarray(arr[a : a + CHUNK_ROWS, 1:]).ravel()
-            counts += np.bincount(t[t != store.pad_id], minlength=store.vocab_size)
+            # <sos> is a target only in packed rows, where it is ignored: not a target either way
+            counts += np.bincount(t[(t != store.pad_id) & (t != store.sos_id)], minlength=store.vocab_size)
     return counts
 
 

@@ -174,3 +174,15 @@ def test_validate_accepts_a_packed_shard_and_finds_its_damage(tmp_path):
     assert "rows 2, 5: the row does not continue" in text  # row 5: row 4 now ends in padding
     assert r > 5 and f"row {r}: <eos> followed by neither" in text
     assert "row 4" in text and "padding before the shard's last row" in text
+
+
+def test_the_unigram_baseline_is_the_same_for_both_layouts(tmp_path):
+    from pipelines.stats import target_counts, unigram_baseline
+
+    arts = {"train": articles(50, seed=7), "val": articles(12, seed=8)}
+    for layout in ("padded", "packed"):
+        write_store(tmp_path / layout, arts, seq_len=8, tokenizer=TOK, layout=layout, articles_per_shard=20)
+    padded, packed = ShardStore(tmp_path / "padded"), ShardStore(tmp_path / "packed")
+    assert np.array_equal(target_counts(padded, "train"), target_counts(packed, "train"))
+    assert target_counts(packed, "train")[SOS] == 0
+    assert unigram_baseline(padded) == unigram_baseline(packed)
