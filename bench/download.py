@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def load() -> str:
@@ -35,33 +36,9 @@ def load() -> str:
 def baseline_clean(source: str) -> str:
     """XLab 0.5's cleaner: the same rules, nodes removed with ``section.remove`` (a search of the
     whole section per removal)."""
-    import mwparserfromhell
+    from test_wikitext import reference_clean  # the rules with Wikicode.remove, as the tests define them
 
-    from pipelines import wikitext as w
-
-    if not source or not source.strip():
-        return ""
-    parts = []
-    for section in mwparserfromhell.parse(source).get_sections(flat=True, include_lead=True, include_headings=True):
-        for link in section.filter_wikilinks(recursive=True):
-            title = str(link.title)
-            if w._MEDIA_LINK.match(title):
-                try:
-                    section.remove(link)
-                except ValueError:
-                    pass
-            elif w._CATEGORY_PREFIX.match(title):
-                link.text = w._CATEGORY_PREFIX.sub("", link.__strip__() or "")
-        for tag in section.filter_tags(recursive=True):
-            if str(tag.tag).strip().lower() in w._DROPPED_TAGS:
-                try:
-                    section.remove(tag)
-                except ValueError:
-                    pass
-        text = w._tidy(w._LEFTOVER_REF.sub("", w._MAGIC_WORD.sub("", section.strip_code())))
-        if text:
-            parts.append(text)
-    return "\n\n".join(parts)
+    return reference_clean(source)
 
 
 def bench_cleaner(rounds: int) -> float:
