@@ -17,7 +17,7 @@ help:
 	@echo "make test   - set up, then run the test suite"
 	@echo "make test-fast - the suite without the slow end-to-end and torchrun tests"
 	@echo "make lint   - ruff check and ruff format --check"
-	@echo "make bench  - run the benchmarks in bench/ (all but the recipe ablation)"
+	@echo "make bench  - run the benchmarks in bench/ (all but the recipe ablation; about 40 minutes on 2 cores)"
 	@echo "make bench-recipe - the recipe ablation (about an hour on 2 cores)"
 
 setup: $(STAMP)
