@@ -41,6 +41,7 @@ K key/value heads, D = C // H head size, V vocabulary size.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -308,7 +309,9 @@ def attention(
         if dropout_p > 0:
             raise XLabError("model.attention=flex has no attention dropout: set model.dropout=0 or use sdpa")
         block = docs.block_mask(H) if docs is not None else _causal_block_mask(T, S, q.device)
-        y = _flex_attention()(q, k, v, block_mask=block, enable_gqa=K != H)  # (B, H, T, D)
+        with warnings.catch_warnings():  # eager flex on CPU is the known reference path, not a mistake
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            y = _flex_attention()(q, k, v, block_mask=block, enable_gqa=K != H)  # (B, H, T, D)
         return y.transpose(1, 2)
 
     mask = None  # bool (T, S) or (B, 1, T, S), True = may attend; None with is_causal when T == S, or T == 1
