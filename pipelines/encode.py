@@ -145,10 +145,13 @@ def choose_part(
     the part came from (None for the whole store by default).
 
     Raises:
-        XLabError: bad launcher variables (see :func:`part_from_env`).
+        XLabError: bad launcher variables (see :func:`part_from_env`), or an explicit index outside
+            ``0..num_shards - 1``.
     """
     if num_shards is not None or shard_index is not None:
         n, i = 1 if num_shards is None else num_shards, 0 if shard_index is None else shard_index
+        if n < 1 or not 0 <= i < n:  # refused here, before the part is announced
+            raise XLabError(f"--shard-index must be in [0, --num-shards) and --num-shards >= 1 (got {i} of {n})")
         return n, i, "--num-shards/--shard-index"
     found = part_from_env(env)
     return found if found is not None else (1, 0, None)

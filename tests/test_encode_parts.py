@@ -334,3 +334,9 @@ def test_a_job_that_differs_in_layout_says_so():
     job = {**rec, "params": {"seq_len": 16, "layout": "packed"}}
     assert enc._disagreement(rec, job) == "layout padded there, packed here"
     assert enc._disagreement(rec, {**rec, "params": {"seq_len": 16, "layout": "padded"}}) == "other settings"
+
+
+def test_an_explicit_part_outside_the_parts_is_refused_before_it_is_announced(tmp_path, cli):
+    r = cli(["data", "encode", "--num-shards", "2", "--shard-index", "5"], cwd=tmp_path, check=False, env={})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "error: --shard-index must be in [0, --num-shards) and --num-shards >= 1 (got 5 of 2)"

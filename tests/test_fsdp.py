@@ -26,8 +26,8 @@ COMMON = (
     "model.tie_embeddings=true",
     f"train.max_steps={STEPS}",
     "train.grad_accum=2",
-    "train.eval_every=100",
-    "train.eval_batches=null",
+    "train.eval_every=2",  # a mid-run evaluation: each forward pass is a collective under FSDP
+    "train.eval_batches=3",  # 2 batches on rank 0, 1 on rank 1: it hung until every rank got as many
 )
 # Run in each worker after training: the head is still the embedding's parameter, and both are shards.
 CHECK_TIE = """

@@ -120,3 +120,19 @@ def test_a_flash_attn_checkpoint_is_served_by_sdpa_where_flash_attn_cannot_run(t
     x = torch.randint(3, 300, (2, 16))
     with torch.no_grad():
         assert torch.equal(model(x), want(x))
+
+
+def test_every_rank_gets_as_many_evaluation_batches_and_the_extra_one_counts_nothing(tmp_path):
+    """FSDP's forward is a collective: ranks with unequal shares of the val batches hung."""
+    from xlab.evaluate import split_batches
+    from xlab.store import IGNORE_INDEX
+
+    store = ShardStore(make_store(tmp_path))
+    n = -(-store.rows("val") // 4)
+    assert n % 2 == 1  # an odd number of batches of 4 rows: two ranks' shares differ by one
+    shares = [list(split_batches(store, "val", 4, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == (n + 1) // 2
+    x, y = shares[1][-1]
+    assert x.shape == (1, store.seq_len) and (y == IGNORE_INDEX).all()
+    real = sum(int((y != IGNORE_INDEX).sum()) for share in shares for _, y in share)
+    assert real == store.info.splits["val"].target_tokens

@@ -35,6 +35,9 @@ def split_batches(
     Unlike the training loader the last, incomplete batch is kept, so a whole-split evaluation sees
     every target. Batch ``k`` (of ``ceil(rows / batch_size)``, or the first ``max_batches``) goes to
     rank ``k % world_size``. Targets at pad positions are :data:`~xlab.store.format.IGNORE_INDEX`.
+    Every rank gets the same number of batches: a rank whose share is one short ends with a batch of
+    one padding row whose targets are all ignored (it adds nothing to the sums), because under FSDP
+    each forward pass is a collective (an all-gather per block) that every rank must join.
 
     Raises:
         XLabError: a row holds a token id ``>= vocab_size`` (default the store's), which the model's
@@ -48,7 +51,16 @@ def split_batches(
     n_batches = math.ceil(n / batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    for k in range(rank, n_batches, world_size):
+    per_rank = math.ceil(n_batches / world_size)
+    for k in range(rank, per_rank * world_size, world_size):
+        if k >= n_batches:  # this rank's share is one short: a batch that counts for nothing
+            import torch
+
+            from xlab.store.format import IGNORE_INDEX
+
+            inputs = torch.full((1, store.seq_len), store.pad_id, dtype=torch.int64)
+            yield inputs.to(device), torch.full_like(inputs, IGNORE_INDEX).to(device)
+            continue
         idx = np.arange(k * batch_size, min(n, (k + 1) * batch_size), dtype=np.int64)
         inputs, targets = make_batch(store, split, idx, vocab_size)
         yield inputs.to(device), targets.to(device)

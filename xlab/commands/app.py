@@ -7,11 +7,17 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
+# Redirected to a file or a pipe, rich lays tables out in 80 columns and cuts wider numbers to "1,816,9…";
+# logs get 120 (set before any console exists; a COLUMNS of the user's own wins).
+if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+    os.environ["COLUMNS"] = "120"
+
+import typer  # noqa: E402 - after COLUMNS: Typer's and rich's consoles read it when created
 
 from xlab.commands.plot import plot as plot_command
 from xlab.errors import Terminated, XLabError, first_line
@@ -138,7 +144,10 @@ def data_merge(config: ConfigOpt = None, set_: SetOpt = None):
 
 @data_app.command("validate")
 def data_validate(
-    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
+    shards: Annotated[
+        Optional[Path],
+        typer.Option(help="Shard store folder (default: shards/<name>, shards/<name>-packed when packed)."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
@@ -184,7 +193,10 @@ def tokenizer_show(
 # ---------------------------------------------------------------------------------------- stats
 @app.command("stats")
 def stats(
-    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
+    shards: Annotated[
+        Optional[Path],
+        typer.Option(help="Shard store folder (default: shards/<name>, shards/<name>-packed when packed)."),
+    ] = None,
     plot: Annotated[
         Optional[Path], typer.Option(help="Draw the article-length histogram per split to this PNG.")
     ] = None,
@@ -201,7 +213,10 @@ def stats(
 # ------------------------------------------------------------------------------------- training
 @app.command("train")
 def train(
-    shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: shards/<name>).")] = None,
+    shards: Annotated[
+        Optional[Path],
+        typer.Option(help="Shard store folder (default: shards/<name>, shards/<name>-packed when packed)."),
+    ] = None,
     run_name: Annotated[Optional[str], typer.Option(help="Run folder name under runs/.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from runs/<run>/checkpoints/last.pt.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default: the configured epochs).")] = None,
