@@ -1,6 +1,5 @@
 """Layered configuration: code defaults < conf/defaults.yaml < -c files < -o overrides."""
 
-import os
 import subprocess
 import sys
 
@@ -331,8 +330,20 @@ def test_recipe_files_layer_as_documented():
 
 def test_output_to_a_file_or_pipe_gets_tables_120_columns_wide():
     """rich cut wider numbers to "1,816,9…" in 80 columns when the output was a log file."""
-    code = "import os, xlab.commands.app; print(os.environ.get('COLUMNS'))"
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    run = lambda e: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, check=True)  # noqa: E731
-    assert run(env).stdout.strip() == "120"
-    assert run({**env, "COLUMNS": "60"}).stdout.strip() == "60"  # the user's own width wins
+    import io
+
+    from xlab.commands.app import wide_logs
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    env = {}
+    wide_logs(io.StringIO(), env)
+    assert env == {"COLUMNS": "120"}
+    env = {"COLUMNS": "60"}
+    wide_logs(io.StringIO(), env)
+    assert env == {"COLUMNS": "60"}  # the user's own width wins
+    env = {}
+    wide_logs(Tty(), env)
+    assert env == {}  # a terminal keeps its width

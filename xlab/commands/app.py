@@ -12,12 +12,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-# Redirected to a file or a pipe, rich lays tables out in 80 columns and cuts wider numbers to "1,816,9…";
-# logs get 120 (set before any console exists; a COLUMNS of the user's own wins).
-if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-    os.environ["COLUMNS"] = "120"
-
-import typer  # noqa: E402 - after COLUMNS: Typer's and rich's consoles read it when created
+import typer
 
 from xlab.commands.plot import plot as plot_command
 from xlab.errors import Terminated, XLabError, first_line
@@ -364,6 +359,15 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
+def wide_logs(stream=None, environ=None) -> None:
+    """Give output redirected to a file or a pipe 120 columns: rich lays it out in 80 and cuts wider
+    table cells to "1,816,9…". A ``COLUMNS`` of the user's own wins; rich reads it at every print."""
+    stream = sys.stdout if stream is None else stream
+    environ = os.environ if environ is None else environ
+    if not stream.isatty() and "COLUMNS" not in environ:
+        environ["COLUMNS"] = "120"
+
+
 def main() -> None:
     """Entry point of the installed ``xlab`` command: every error is one line on stderr.
 
@@ -374,6 +378,7 @@ def main() -> None:
 
     # SIGTERM stops a stage the way Ctrl-C does (cleanly, so a rerun resumes); training saves first.
     signal.signal(signal.SIGTERM, _terminate)
+    wide_logs()
     try:
         code = app(prog_name="xlab", standalone_mode=False)
     except Terminated:
