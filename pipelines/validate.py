@@ -35,14 +35,13 @@ CHUNK_ROWS = 65536  # rows checked at a time (bounded memory)
 MAX_ROWS_LISTED = 100  # per problem kind and file; the rest are counted
 
 
-def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos: int, eos: int, found: dict) -> None:
-    """Add ``{kind: [row numbers]}`` for a chunk of rows starting at file row ``start``.
-
-    ``prev_last`` is the last row of the previous chunk (None at the top of the file)."""
+def _rows_and_common_problems(rows, start: int, *, vocab_size: int, pad: int, found: dict):
+    """The checks both layouts share (ids below the vocabulary, padding only at a row's tail, a target
+    in every row), added to ``found``; returns the rows as int64, their pad mask and the ``add(kind,
+    row_mask)`` that records further problems at file row numbers."""
     import numpy as np
 
     r = rows.astype(np.int64)
-    n, width = r.shape
 
     def add(kind, mask):
         idx = np.flatnonzero(mask)
@@ -59,6 +58,17 @@ def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos
         "padding followed by a token (padding must end the row)", (np.logical_or.accumulate(is_pad, 1) != is_pad).any(1)
     )
     add("no target token (the row's targets are all padding)", is_pad[:, 1:].all(1))
+    return r, is_pad, add
+
+
+def _row_problems(rows, start: int, prev_last, *, vocab_size: int, pad: int, sos: int, eos: int, found: dict) -> None:
+    """Add ``{kind: [row numbers]}`` for a chunk of rows starting at file row ``start``.
+
+    ``prev_last`` is the last row of the previous chunk (None at the top of the file)."""
+    import numpy as np
+
+    r, is_pad, add = _rows_and_common_problems(rows, start, vocab_size=vocab_size, pad=pad, found=found)
+    n = len(r)
     add("<sos> after column 0", (r[:, 1:] == sos).any(1))
     eos_mid = (r[:, :-1] == eos) & ~is_pad[:, 1:]
     add("a token after <eos> (only padding may follow it)", eos_mid.any(1))
@@ -91,25 +101,8 @@ def _packed_row_problems(rows, start: int, prev_last, *, last_row: int, vocab_si
     """:func:`_row_problems` for a ``packed`` shard whose last row is file row ``last_row``."""
     import numpy as np
 
-    r = rows.astype(np.int64)
+    r, is_pad, add = _rows_and_common_problems(rows, start, vocab_size=vocab_size, pad=pad, found=found)
     n = len(r)
-
-    def add(kind, mask):
-        idx = np.flatnonzero(mask)
-        if len(idx):
-            found[kind].extend((idx + start).tolist())
-
-    too_big = r >= vocab_size
-    if too_big.any():
-        bad_rows = np.flatnonzero(too_big.any(1))
-        found[f"token id >= vocabulary size {vocab_size} (largest {int(r[bad_rows].max())})"].extend(
-            (bad_rows + start).tolist()
-        )
-    is_pad = r == pad
-    add(
-        "padding followed by a token (padding must end the row)", (np.logical_or.accumulate(is_pad, 1) != is_pad).any(1)
-    )
-    add("no target token (the row's targets are all padding)", is_pad[:, 1:].all(1))
     add("padding before the shard's last row (a packed split pads only its end)",
         is_pad.any(1) & (np.arange(n) + start < last_row))  # fmt: skip
     first_pad = np.argmax(is_pad, 1)
