@@ -3,7 +3,7 @@
 Importing ``xlab`` is cheap (no torch); heavy modules are imported where they are used.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def load_model(path, device="cpu"):
