@@ -244,6 +244,20 @@ def _sample_rows(summaries: Path, dump: Path, stats: dict[str, Counter], num_pro
     yield from _dump_rows(dump, stats.setdefault("gensim-dump", Counter()), num_proc, progress)
 
 
+def _is_article(page: Any, c: Counter) -> bool:
+    """Count a dump page in ``c`` (pages, and non_articles, redirects or articles_read); True for an
+    article (namespace 0, not a redirect)."""
+    c["pages"] += 1
+    if page.ns != 0:
+        c["non_articles"] += 1
+    elif page.redirect:
+        c["redirects"] += 1
+    else:
+        c["articles_read"] += 1
+        return True
+    return False
+
+
 def _dump_rows(path: Path, c: Counter, num_proc: int, progress) -> Iterator[Row]:
     """Articles of a MediaWiki XML dump, cleaned in ``num_proc`` processes, in dump order.
 
@@ -267,13 +281,7 @@ def _dump_rows(path: Path, c: Counter, num_proc: int, progress) -> Iterator[Row]
 
         def articles() -> Iterator[tuple[str, str, str]]:
             for page in wikitext.iter_dump_pages(stream):
-                c["pages"] += 1
-                if page.ns != 0:
-                    c["non_articles"] += 1
-                elif page.redirect:
-                    c["redirects"] += 1
-                else:
-                    c["articles_read"] += 1
+                if _is_article(page, c):
                     yield page.id, page.title, page.text
                 progress.update(task, completed=raw.tell())
 
@@ -350,13 +358,7 @@ def _clean_pieces(tasks: list[tuple[str, int, int]]) -> list[tuple[Counter, int,
         c: Counter = Counter()
         articles = []
         for page in wikitext.iter_stream_pages(bz2.decompress(data)):
-            c["pages"] += 1
-            if page.ns != 0:
-                c["non_articles"] += 1
-            elif page.redirect:
-                c["redirects"] += 1
-            else:
-                c["articles_read"] += 1
+            if _is_article(page, c):
                 articles.append((page.id, page.title, page.text))
         rows = []
         for pid, title, text in wikitext.clean_batch(articles):

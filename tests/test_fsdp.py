@@ -4,15 +4,11 @@ format, and a run stopped and resumed equals an uninterrupted one exactly."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_cfg, make_store, read_metrics
+from train_helpers import make_cfg, make_store, read_metrics, torchrun_train
 
 from xlab.checkpoint import build_model, load_checkpoint
 from xlab.config import from_dict
@@ -51,32 +47,7 @@ def store(tmp_path_factory):
 
 def torchrun(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False) -> str:
     """Run ``xlab.train.train`` in 2 gloo processes; return their stdout."""
-    script = tmp_path / "worker.py"
-    script.write_text(
-        textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(TESTS)!r})
-        import torch
-        torch.set_num_threads(1)
-        from train_helpers import make_cfg
-        from xlab.train import train
-        """)
-        + CHECK_TIE
-        + textwrap.dedent(f"""
-        train(make_cfg({str(runs)!r}, *{overrides!r}), shards_dir={str(store)!r}, resume={resume!r},
-              stop_after={stop_after!r})
-        """)
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return torchrun_train(tmp_path, store, runs, *overrides, stop_after=stop_after, resume=resume, preamble=CHECK_TIE)
 
 
 def tensors(obj, prefix=""):

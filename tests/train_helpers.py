@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 from xlab.config import load_config
@@ -69,3 +73,39 @@ def make_cfg(runs_dir: Path, *overrides: str):
 def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def torchrun_train(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False,
+                   preamble: str = "") -> str:  # fmt: skip
+    """Run ``xlab.train.train`` with :func:`make_cfg` ``(runs, *overrides)`` in 2 gloo processes
+    under torchrun (``preamble``: code each worker runs first); return their stdout.
+
+    Raises:
+        AssertionError: the launch failed (with the tail of its output), or took over 240 s.
+    """
+    script = Path(tmp_path) / "worker.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        import torch
+        torch.set_num_threads(1)
+        from train_helpers import make_cfg
+        from xlab.train import train
+        """)
+        + preamble
+        + textwrap.dedent(f"""
+        train(make_cfg({str(runs)!r}, *{overrides!r}), shards_dir={str(store)!r}, resume={resume!r},
+              stop_after={stop_after!r})
+        """)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
