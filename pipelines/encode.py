@@ -38,7 +38,6 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import xlab
 from pipelines.stage import (
     console,
     die_with_parent,
@@ -61,6 +60,7 @@ from xlab.fsio import (
     sha256_file,
 )
 from xlab.tokenizer import LONG_TEXT
+from xlab.version import __version__
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -767,7 +767,7 @@ def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:
         params=job["params"],
         inputs=job["inputs"],
         stage="encode",
-        xlab_version=xlab.__version__,
+        xlab_version=__version__,
     ).to_json()
     atomic_write_json(out / MANIFEST, manifest)
     shutil.rmtree(work, ignore_errors=True)

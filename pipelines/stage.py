@@ -20,9 +20,9 @@ from typing import Any
 
 from rich.console import Console
 
-import xlab
 from xlab.errors import XLabError, first_line
 from xlab.fsio import atomic_write_json, exclusive_lock, lock_path, read_json
+from xlab.version import __version__
 
 console = Console(stderr=False, highlight=False)
 
@@ -111,7 +111,7 @@ def is_up_to_date(manifest_path: Path, params: dict, inputs: dict, outputs: Iter
     same = (
         m.get("params") == _jsonable(params)
         and m.get("inputs") == _jsonable(inputs)
-        and m.get("xlab_version") == xlab.__version__
+        and m.get("xlab_version") == __version__
     )
     return same and all(Path(p).exists() for p in outputs)
 
@@ -122,7 +122,7 @@ def write_manifest(
     """Write a stage manifest atomically and return it."""
     m = {
         "stage": stage,
-        "xlab_version": xlab.__version__,
+        "xlab_version": __version__,
         "params": _jsonable(params),
         "inputs": _jsonable(inputs),
         "counts": _jsonable(counts),

@@ -2,11 +2,12 @@
 
 Layers, lowest first (a module imports its own layer and the ones below it; the three apps do
 not import one another, except that train imports evaluate):
-  ground    xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed, xlab.progress
+  ground    xlab.version, xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed, xlab.progress
   core      xlab.tokenizer, xlab.store, xlab.model, xlab.loss, xlab.checkpoint
   apps      xlab.evaluate, xlab.train, xlab.generate (train may import evaluate: it evaluates),
             xlab.plot (it reads run folders, it imports no other app)
-  commands  xlab.commands and the entry modules (xlab.__main__, xlab.cli)
+  commands  xlab.commands and the entry modules (xlab.__main__, xlab.cli), and the package root
+            ``xlab`` (the public face: it re-exports; nothing inside XLab imports it)
 ``pipelines`` (the data side) may import the ground floor, the tokenizer and the store only.
 """
 
@@ -18,10 +19,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUND = {"xlab", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed", "xlab.progress"}
+GROUND = {"xlab.version", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed", "xlab.progress"}
 CORE = {"xlab.tokenizer", "xlab.store", "xlab.model", "xlab.loss", "xlab.checkpoint"}
 APPS = {"xlab.evaluate", "xlab.train", "xlab.generate", "xlab.plot"}
-COMMANDS = {"xlab.commands", "xlab.__main__", "xlab.cli"}
+COMMANDS = {"xlab", "xlab.commands", "xlab.__main__", "xlab.cli"}
 PIPELINES_MAY_USE = GROUND | {"xlab.tokenizer", "xlab.store"}
 APPS_LAYER = 2  # its rooms are independent of one another (train -> evaluate aside)
 
@@ -48,8 +49,10 @@ def imports(path: Path, module: str) -> set[str]:
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}
+            subs = {f"{node.module}.{a.name}" for a in node.names}
+            out |= subs
+            if not all(_exists(m) for m in subs):  # a name from the module itself, not a submodule
+                out.add(node.module)
     return {m for m in out if m.split(".")[0] in ("xlab", "pipelines") and _exists(m)}
 
 
@@ -75,6 +78,8 @@ def violations(module: str, targets: set[str]) -> list[str]:
         return [
             f"xlab -> {t} (the facade reaches the core only)" for t in sorted(targets) if room(t) not in GROUND | CORE
         ]
+    if "xlab" in targets:
+        bad.append(f"{module} -> xlab (import xlab.version or the room itself, never the public face)")
     for t in sorted(targets):
         theirs = room(t)
         if mine == "pipelines":
@@ -105,6 +110,7 @@ def test_the_rule_catches_an_import_the_wrong_way():
     assert violations("xlab.plot", {"xlab.train.logger"})  # the plot reads files, not the trainer
     assert violations("xlab.store.reader", {"xlab.plot"})  # core -> apps
     assert not violations("xlab.commands.app", {"pipelines.encode", "xlab.train"})
+    assert violations("pipelines.stage", {"xlab"})  # the package root is the public face only
     assert not violations("xlab.train.trainer", {"xlab.evaluate", "xlab.store.loader"})
 
 

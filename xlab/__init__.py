@@ -1,9 +1,13 @@
 """XLab: a data-pipeline-first lab for training transformer language models on Wikipedia.
 
+This module is the public face only: the release number and :func:`load_model`. Modules inside
+XLab import :mod:`xlab.version` instead of the package root, so imports keep running one way.
 Importing ``xlab`` is cheap (no torch); heavy modules are imported where they are used.
 """
 
-__version__ = "0.6.0"
+from xlab.version import __version__
+
+__all__ = ["__version__", "load_model"]
 
 
 def load_model(path, device="cpu"):

@@ -33,9 +33,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import xlab
 from xlab.errors import XLabError, first_line
 from xlab.fsio import atomic_dir, atomic_path, atomic_write_json, publish_mode, sha256_bytes
+from xlab.version import __version__
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -98,7 +98,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     import torch
 
     path = Path(path)
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "xlab_version": xlab.__version__, **state}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, "xlab_version": __version__, **state}
     try:
         with atomic_path(path) as tmp:
             torch.save(full, tmp)
@@ -416,7 +416,7 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
             tmp / "meta.json",
             {
                 "format": "xlab-export",
-                "xlab_version": xlab.__version__,
+                "xlab_version": __version__,
                 "step": step,
                 "shards": ckpt.get("shards"),
                 "tokenizer_sha256": sha256_bytes(tok_bytes),

@@ -97,7 +97,7 @@ def write_store(
                 text_chars=sum(len(t) for t in chunk_texts),
             )
         out[split] = entry
-    import xlab
+    from xlab.version import __version__
 
     manifest = StoreManifest(
         seq_len=int(seq_len),
@@ -106,7 +106,7 @@ def write_store(
         splits=out,
         params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard), "layout": layout},
         stage="write_store",
-        xlab_version=xlab.__version__,
+        xlab_version=__version__,
     )
     manifest.write(path)
     return manifest
