@@ -328,12 +328,13 @@ def interpolate(curve: list, step: float) -> float:
 
 def param_counts(arch: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
     """(total, non-embedding) parameters of each variant's model."""
-    from xlab.config import load_config
+    from xlab.config import ModelConfig, load_config
     from xlab.model import Transformer
 
     out = {}
     for name, o in arch.items():
-        m = Transformer(load_config([BASE], list(o)).model)
+        cfg = load_config([BASE], list(o))
+        m = Transformer(ModelConfig.of(cfg.model, vocab_size=cfg.tokenizer.vocab_size, max_len=cfg.shards.seq_len))
         out[name] = (m.num_parameters(), m.num_parameters(non_embedding=True))
     return out
 

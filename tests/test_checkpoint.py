@@ -91,6 +91,7 @@ def test_export_and_load_model_both_forms(tmp_path, trained):
         "config.yaml",
         "meta.json",
         "model.safetensors",
+        "model_config.json",
         "tokenizer.model",
     ]
     umask = os.umask(0)

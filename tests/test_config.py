@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from xlab.config import from_dict, load_config, stage_paths, to_dict
+from xlab.config import ModelConfig, from_dict, load_config, stage_paths, to_dict
 from xlab.errors import XLabError
 
 
@@ -133,15 +133,13 @@ def test_modern_extra_builds_a_model_that_runs():
     cfg = load_config(
         [ROOT / "conf" / "extra" / "modern.yaml"],
         [
-            "model.vocab_size=64",
-            "model.max_len=16",
             "model.d_model=32",
             "model.n_heads=4",
             "model.d_ff=64",
             "model.n_layers=2",
         ],
     )
-    model = Transformer(cfg.model)
+    model = Transformer(ModelConfig.of(cfg.model, vocab_size=64, max_len=16))
     logits = model(torch.randint(0, 64, (2, 16)))
     assert logits.shape == (2, 16, 64)
     assert model.cfg.position == "rope" and model.cfg.n_kv_heads == 2

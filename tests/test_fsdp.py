@@ -11,7 +11,6 @@ import torch
 from train_helpers import make_cfg, make_store, read_metrics, torchrun_train
 
 from xlab.checkpoint import build_model, load_checkpoint
-from xlab.config import from_dict
 from xlab.train import train
 
 pytestmark = pytest.mark.slow  # four torchrun launches of 2 processes each
@@ -91,7 +90,7 @@ def test_two_shards_match_one_process_with_twice_the_batch(store, tmp_path, opti
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=atol, msg=k)
     assert torch.equal(ca["model"]["lm_head.weight"], ca["model"]["tok_emb.weight"])
     # The checkpoint loads in one process, as evaluate/generate/export read it.
-    model = build_model(from_dict(ca["config"]))
+    model = build_model(ca["model_config"])
     model.load_state_dict(ca["model"])
     assert model.lm_head.weight is model.tok_emb.weight
 

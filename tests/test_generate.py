@@ -11,6 +11,7 @@ import torch
 from xlab import generate as gen
 from xlab.commands import generate as cli
 from xlab.commands import predict as cli_pred
+from xlab.config import SEED_MAX
 from xlab.errors import XLabError
 from xlab.generate import predict as pred
 from xlab.generate import search
@@ -594,7 +595,7 @@ def made_up_texts(n, seed):
 def real_checkpoint(tmp_path_factory):
     """A random tiny model saved as a training checkpoint, with a real tokenizer and predict store."""
     from xlab.checkpoint import save_checkpoint, tokenizer_bytes_tensor
-    from xlab.config import load_config, to_dict
+    from xlab.config import ModelConfig, load_config, to_dict
     from xlab.model import Transformer
     from xlab.store import TokenizerEntry, write_store
     from xlab.tokenizer import Tokenizer
@@ -610,20 +611,19 @@ def real_checkpoint(tmp_path_factory):
             "model.n_layers=1",
             "model.n_heads=2",
             "model.d_ff=64",
-            f"model.vocab_size={tok.vocab_size}",
-            "model.max_len=16",
             "generate.top_k=10",
         ],
         use_defaults_file=False,
     )
     torch.manual_seed(0)
-    model = Transformer(cfg.model)
+    model = Transformer(ModelConfig.of(cfg.model, vocab_size=tok.vocab_size, max_len=16))
     path = root / "last.pt"
     save_checkpoint(
         path,
         {
             "model": model.state_dict(),
             "config": to_dict(cfg),
+            "model_config": model.cfg.to_dict(),
             "step": 0,
             "shards": str(store),
             "tokenizer": tokenizer_bytes_tensor(tok.to_bytes()),
@@ -783,12 +783,13 @@ def test_cli_invalid_utf8_prompt_is_a_one_line_error(real_checkpoint, tmp_path):
     assert b"Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("seed,n", [(-1, 1), (2**63, 1), (99999999999999999999, 1), (2**63 - 2, 3)])
+@pytest.mark.parametrize("seed,n", [(-1, 1), (2**63, 1), (99999999999999999999, 1), (SEED_MAX + 1, 3)])
 def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpoint, tmp_path, seed, n):
-    with pytest.raises(XLabError, match="--seed"):
+    """Seeds are the config's range (generate.seed <= 2**62), so seed + i stays a torch seed."""
+    with pytest.raises(XLabError, match="generate.seed must be"):
         cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": seed, "num_samples": n})
     path, _, _ = real_checkpoint
-    with pytest.raises(XLabError, match="--seed"):
+    with pytest.raises(XLabError, match="generate.seed must be"):
         cli_pred.cli_predict(
             path,
             out=tmp_path / "p.jsonl",
@@ -800,7 +801,7 @@ def test_cli_seed_out_of_range_is_a_one_line_error(fake_checkpoint, real_checkpo
             seed=seed,
             device="cpu",
         )
-    assert cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": 2**63 - n, "num_samples": n})
+    assert cli.cli_generate("ckpt.pt", "abc", **{**CLI_DEFAULTS, "seed": SEED_MAX, "num_samples": n})
 
 
 def test_beam_search_over_nan_logits_says_so():
@@ -809,3 +810,60 @@ def test_beam_search_over_nan_logits_says_so():
 
     with pytest.raises(ValueError, match="NaN"):
         gen.beam_search(nan_model, [1], 3, beam_width=2)
+
+
+# ------------------------------------------------------------------ one source for the decoding settings
+@pytest.fixture
+def decoding_calls(monkeypatch):
+    """Run ``xlab generate`` / ``xlab predict`` in-process, recording the options that reach the
+    command's work instead of doing it."""
+    from typer.testing import CliRunner
+
+    from xlab.commands import app as app_mod
+    from xlab.commands import generate as gen_cmd
+    from xlab.commands import predict as pred_cmd
+
+    calls = []
+    monkeypatch.setattr(gen_cmd, "cli_generate", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(pred_cmd, "cli_predict", lambda *a, **k: calls.append(k))
+
+    def run(*args):
+        r = CliRunner().invoke(app_mod.app, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return calls.pop()
+
+    return run
+
+
+def test_generate_takes_the_configuration_and_its_flags_win(decoding_calls, tmp_path):
+    conf = tmp_path / "g.yaml"
+    conf.write_text("generate:\n  temperature: 0.7\n  top_p: 0.9\n  max_new_tokens: 12\n")
+    k = decoding_calls("generate", "x.pt", "hi", "-c", conf, "-o", "generate.temperature=0.5")
+    assert (k["temperature"], k["top_p"], k["max_new_tokens"]) == (0.5, 0.9, 12)  # -o over -c over defaults
+    k = decoding_calls("generate", "x.pt", "hi", "-c", conf, "-o", "generate.temperature=0.5", "--temperature", "0.3")
+    assert (k["temperature"], k["top_p"]) == (0.3, 0.9)  # the flag over -o
+    k = decoding_calls("predict", "x.pt", "-c", conf, "-o", "generate.top_k=7", "--max-new-tokens", "5")
+    assert k["sampling"] == {"temperature": 0.7, "top_k": 7, "top_p": 0.9} and k["max_new_tokens"] == 5
+
+
+def test_generate_predict_and_the_pipeline_share_their_defaults(decoding_calls):
+    """Without options the three decode with the generate: section of the default configuration
+    (before 0.7 the commands had their own: temperature 1.0, top-p 1.0, 100 tokens)."""
+    from xlab.config import load_config
+
+    g = load_config().generate  # what `xlab pipeline` generates with
+    k = decoding_calls("generate", "x.pt", "hi")
+    assert (k["temperature"], k["top_p"], k["top_k"], k["max_new_tokens"], k["seed"]) == (
+        g.temperature, g.top_p, g.top_k, g.max_new_tokens, g.seed
+    ) == (0.8, 0.95, None, 80, 42)  # fmt: skip
+    k = decoding_calls("predict", "x.pt")
+    assert k["sampling"] == {"temperature": 0.8, "top_k": None, "top_p": 0.95} and k["max_new_tokens"] == 80
+
+
+def test_generate_minus_o_reaches_the_search(real_checkpoint, tmp_path, cli):
+    """-o generate.temperature=0 samples at temperature 0: the greedy text."""
+    path, _, _ = real_checkpoint
+    args = ["generate", path, "the storm", "--device", "cpu", "--max-new-tokens", "12"]
+    greedy = cli(args + ["--greedy"], cwd=tmp_path).stdout
+    assert cli(args + ["-o", "generate.temperature=0"], cwd=tmp_path).stdout == greedy
+    assert cli(args + ["--seed", "3"], cwd=tmp_path).stdout != greedy  # and the default samples

@@ -355,7 +355,7 @@ def test_accepts_the_omegaconf_model_section():
 def _xlab_yaml_model() -> ModelConfig:
     cfg = load_config([ROOT / "conf" / "xlab.yaml"])
     # vocab_size and max_len come from the tokenizer and the shard store at train time
-    return replace(ModelConfig(**cfg.model), vocab_size=cfg.tokenizer.vocab_size, max_len=cfg.shards.seq_len)
+    return ModelConfig.of(cfg.model, vocab_size=cfg.tokenizer.vocab_size, max_len=cfg.shards.seq_len)
 
 
 def test_parameter_count_of_the_release_configuration():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_helpers import make_cfg
 
+from xlab.config import ModelConfig
 from xlab.model import Transformer
 from xlab.train.optim import MuonAdamW, build_optimizer, muon_params
 
@@ -17,9 +18,8 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.
 
 def model_and_cfg(*overrides: str):
     cfg = make_cfg("/unused", "train.optimizer=muon", "train.lr=1e-3", "train.muon_lr=0.05", *overrides)
-    cfg.model.vocab_size = 50
     torch.manual_seed(0)
-    return Transformer(cfg.model), cfg.train
+    return Transformer(ModelConfig.of(cfg.model, vocab_size=50, max_len=cfg.shards.seq_len)), cfg.train
 
 
 def names_of(model, params) -> set[str]:

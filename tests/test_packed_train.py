@@ -113,6 +113,7 @@ def test_a_flash_attn_checkpoint_is_served_by_sdpa_where_flash_attn_cannot_run(t
     src = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(src)
     ckpt["config"]["model"]["attention"] = "flash_attn"  # what a CUDA run with flash-attn saves
+    ckpt["model_config"]["attention"] = "flash_attn"
     torch.save(ckpt, tmp_path / "flash.pt")
     model, cfg, _ = load_model(tmp_path / "flash.pt")
     assert cfg.model.attention == "sdpa" and "flash_attn, which cannot run here" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from train_helpers import make_cfg, make_store, read_metrics
 
 import xlab.loss
 from xlab.checkpoint import load_checkpoint
-from xlab.config import Position
+from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.train import lr_at, param_groups, train
 
@@ -40,9 +40,8 @@ def test_lr_schedule():
 def test_weight_decay_only_on_matrices():
     from xlab.model import Transformer
 
-    cfg = make_cfg("/unused").model
-    cfg.vocab_size, cfg.position = 300, Position.learned
-    model = Transformer(cfg)
+    cfg = make_cfg("/unused", "model.position=learned")
+    model = Transformer(ModelConfig.of(cfg.model, vocab_size=300, max_len=cfg.shards.seq_len))
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -155,7 +154,8 @@ def test_checkpoint_contents_and_best_kept(store, tmp_path):
     vals = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "t", "val")}
     assert sorted(b["file"] for b in c["best"]) == bests
     assert sorted(b["loss"] for b in c["best"]) == sorted(vals.values())[:2]
-    assert c["step"] == 6 and c["config"]["model"]["vocab_size"] == 300 and c["config"]["model"]["max_len"] == 16
+    assert c["step"] == 6 and c["model_config"]["vocab_size"] == 300 and c["model_config"]["max_len"] == 16
+    assert "vocab_size" not in c["config"]["model"]  # the user's section holds what the user chooses
     assert c["tokenizer"].dtype == torch.uint8 and c["shards"] == str(store)
     assert c["loader"] == {"epoch": 0, "position": 6, "seed": 42}
     assert (tmp_path / "t" / "config.yaml").is_file() and any((tmp_path / "t" / "tb").iterdir())
@@ -164,7 +164,7 @@ def test_checkpoint_contents_and_best_kept(store, tmp_path):
     # A CPU has no published peak: achieved GFLOP/s, and no MFU (a start-up measurement gave > 100 %).
     from xlab.model import Transformer
 
-    fpt = Transformer(c["config"]["model"]).flops_per_token(16)
+    fpt = Transformer(c["model_config"]).flops_per_token(16)
     assert rec["mfu"] is None and rec["gflops"] == pytest.approx(fpt * rec["tokens_per_s"] / 1e9)
     v = read_metrics(tmp_path / "t", "val")[-1]
     assert v["perplexity"] == pytest.approx(math.exp(v["loss"]))

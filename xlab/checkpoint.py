@@ -11,6 +11,10 @@ and a checkpoint from elsewhere cannot run code on load:
 ``loader``            the training ShardLoader's state ``{"epoch", "position", "seed"}``
 ``rng``               torch (CPU and CUDA), numpy and Python ``random`` states, as tensors and numbers
 ``config``            the full XLab configuration in force (plain dict)
+``model_config``      the :class:`~xlab.config.ModelConfig` the model was built from: the ``model`` section
+                      plus the store's ``vocab_size`` and ``max_len`` (0.7 on; before, ``config["model"]``
+                      held those two)
+``store``             the rows trained on ``{"seq_len", "layout", "train_rows"}`` (0.6 on)
 ``tokenizer``         the tokenizer's ``.model`` bytes as a ``torch.uint8`` tensor
 ``tokenizer_sha256``  sha256 of those bytes
 ``shards``            the path of the shard store trained on
@@ -20,7 +24,7 @@ and a checkpoint from elsewhere cannot run code on load:
                       "seconds"}``, so a resumed run logs what an uninterrupted one logs
 
 An export folder (``xlab export``) holds ``model.safetensors`` (weights only), ``config.json`` and
-``config.yaml`` (the configuration), ``tokenizer.model`` and ``meta.json`` (step, store path,
+``config.yaml`` (the configuration), ``model_config.json``, ``tokenizer.model`` and ``meta.json`` (step, store path,
 versions). It is about a third of a training checkpoint: AdamW's two moments are not in it.
 """
 
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
 FORMAT = "xlab-checkpoint"
 FORMAT_VERSION = 1
 EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_MODEL_CONFIG = "model_config.json"  # the ModelConfig the weights are built from (0.7 on)
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -226,11 +231,17 @@ def _tokenizer_from_bytes(data: bytes):
         raise XLabError(f"the tokenizer stored with the model is unreadable: {e}") from None
 
 
-def build_model(cfg: DictConfig):
-    """A fresh :class:`xlab.model.Transformer` of ``cfg.model`` (weights as initialised)."""
+def build_model(model_config):
+    """A fresh :class:`xlab.model.Transformer` (weights as initialised) of ``model_config``: a
+    :class:`~xlab.config.ModelConfig` or a mapping with its fields (e.g. a checkpoint's
+    ``model_config``).
+
+    Raises:
+        XLabError: an unknown option or inconsistent sizes (see :meth:`ModelConfig.check`).
+    """
     from xlab.model import Transformer
 
-    return Transformer(cfg.model)
+    return Transformer(model_config)
 
 
 def load_model(path: str | os.PathLike, device: Any = "cpu"):
@@ -265,32 +276,35 @@ def _known_settings(d: dict, schema: dict, top: bool = True) -> dict:
     return out
 
 
-def _inference_backend(cfg: DictConfig, where: Path, device: Any) -> None:
+def _inference_backend(mc: dict, where: Path, device: Any) -> dict:
     """A model trained with ``attention=flash_attn`` is served by ``sdpa`` where flash-attn cannot run
     (not installed, or a CPU device): the backend holds no weights and computes the same attention,
-    so a checkpoint from a GPU run still evaluates, generates and exports on a laptop (with a note)."""
+    so a checkpoint from a GPU run still evaluates, generates and exports on a laptop (with a note).
+    Returns the model configuration ``mc`` to build, with the backend replaced where needed."""
     import importlib.util
 
-    if cfg.model.attention != "flash_attn":
-        return
+    if str(mc.get("attention")) != "flash_attn":
+        return mc
     cpu = str(device).startswith("cpu")
     if cpu or importlib.util.find_spec("flash_attn") is None:
         print(f"note: {where} was trained with model.attention=flash_attn, which cannot run here "
               f"({'a CPU device' if cpu else 'flash-attn is not installed'}); using sdpa (the same attention)",
               file=sys.stderr)  # fmt: skip
-        from xlab.config import Attention
+        return {**mc, "attention": "sdpa"}
+    return mc
 
-        cfg.model.attention = Attention.sdpa
 
-
-def _config_and_model(cfg_dict: Any, where: Path, device: Any = "cpu"):
-    """``(cfg, model)`` from a stored configuration dict; XLabError if it is not a usable one.
+def _config_and_model(saved: Any, where: Path, device: Any = "cpu"):
+    """``(cfg, model)`` from a checkpoint's (or an export's) saved ``config`` and ``model_config``
+    (:func:`xlab.config.stored_model_config`); XLabError if they are not usable ones.
 
     Settings that this XLab no longer has (e.g. a data option dropped since the run) are ignored
-    outside the ``model`` section, so older checkpoints still load for generate, evaluate and export.
+    outside the model configuration, so older checkpoints still load for generate, evaluate and
+    export; an unknown model setting could change the architecture, so it fails loudly.
     """
-    from xlab.config import XLabConfig, from_dict
+    from xlab.config import XLabConfig, from_dict, stored_model_config, to_dict
 
+    cfg_dict = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model"), dict):
         raise XLabError(f"{where} holds no XLab model configuration (expected a mapping with a 'model' section)")
     try:
@@ -301,8 +315,17 @@ def _config_and_model(cfg_dict: Any, where: Path, device: Any = "cpu"):
 
             schema = OmegaConf.to_container(OmegaConf.structured(XLabConfig))
             cfg = from_dict(_known_settings(cfg_dict, schema))
-        _inference_backend(cfg, where, device)
-        model = build_model(cfg)
+        mc = stored_model_config(saved)
+        section = to_dict(cfg)["model"]
+        differ = sorted(k for k in section if k in mc and mc[k] != section[k])
+        if differ:  # one of the two was edited: which one the weights fit is unknowable
+            raise XLabError(f"its model_config and config disagree on model.{', model.'.join(differ)}")
+        mc = _inference_backend(mc, where, device)
+        if mc.get("attention") != section.get("attention"):
+            from xlab.config import Attention
+
+            cfg.model.attention = Attention(mc["attention"])  # the backend served, as the model says
+        model = build_model(mc)
     except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
         raise XLabError(f"{where} holds an unusable configuration: {first_line(e)}") from None
     return cfg, model
@@ -326,7 +349,10 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         for p in (cfg_path, w_path, tok_path):
             if not p.is_file():
                 raise XLabError(f"{path} is not an XLab export folder (missing {p.name})")
-        cfg, model = _config_and_model(_read_export_json(cfg_path), cfg_path, device)
+        saved = {"config": _read_export_json(cfg_path)}
+        if (path / EXPORT_MODEL_CONFIG).is_file():  # before 0.7 the config's model section held it all
+            saved["model_config"] = _read_export_json(path / EXPORT_MODEL_CONFIG)
+        cfg, model = _config_and_model(saved, cfg_path, device)
         from safetensors.torch import load_model as st_load
 
         try:
@@ -345,7 +371,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         }
     else:
         ckpt = load_checkpoint(path)
-        cfg, model = _config_and_model(ckpt["config"], path, device)
+        cfg, model = _config_and_model(ckpt, path, device)
         try:
             model.load_state_dict(ckpt["model"])
         except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
@@ -375,8 +401,8 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
         out: output folder; default ``exports/<run_name>-step<step>``.
 
     Returns:
-        The folder written: ``model.safetensors``, ``config.json``, ``config.yaml``, ``tokenizer.model``,
-        ``meta.json``. It appears complete or not at all (written beside it, then renamed).
+        The folder written: ``model.safetensors``, ``config.json``, ``config.yaml``,
+        ``model_config.json`` (what the weights are built from), ``tokenizer.model``, ``meta.json``. It appears complete or not at all (written beside it, then renamed).
 
     Raises:
         XLabError: the checkpoint is unreadable, or ``out`` already exists (never overwritten).
@@ -386,9 +412,8 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
 
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    cfg_dict = ckpt["config"]
     step = int(ckpt.get("step", 0))
-    cfg, model = _config_and_model(cfg_dict, ckpt_path)
+    cfg, model = _config_and_model(ckpt, ckpt_path)
     from xlab.config import to_dict
 
     cfg_dict = to_dict(cfg)  # the configuration as this XLab reads it (settings it no longer has dropped)
@@ -411,6 +436,8 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
         publish_mode(tmp / EXPORT_WEIGHTS)  # the safetensors writer creates it 0600
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
+        mc_text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
+        (tmp / EXPORT_MODEL_CONFIG).write_text(mc_text, encoding="utf-8")
         (tmp / "tokenizer.model").write_bytes(tok_bytes)
         atomic_write_json(
             tmp / "meta.json",

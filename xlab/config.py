@@ -206,14 +206,11 @@ class ShardsConfig:
 
 
 @dataclass
-class ModelConfig:
-    """Decoder hyperparameters (the defaults reproduce the original XLab architecture).
+class ModelSettings:
+    """The ``model:`` section: the decoder's architecture, as the user chooses it (the defaults
+    reproduce the original XLab architecture). What the shard store decides (the vocabulary and the
+    context) is not here: :meth:`ModelConfig.of` combines the two, once, when a model is built."""
 
-    ``vocab_size`` and ``max_len`` are taken from the tokenizer and the shard store at train time.
-    """
-
-    vocab_size: int = setting(8192, ge=1)
-    max_len: int = setting(128, ge=1)
     d_model: int = setting(256, ge=1)
     n_layers: int = setting(4, ge=1)
     n_heads: int = setting(4, ge=1)
@@ -229,6 +226,36 @@ class ModelConfig:
     qk_norm: bool = False  # RMS-normalise each head's queries and keys (before rotary)
     zero_init_proj: bool = False  # the residual output projections start at zero
     logit_softcap: Optional[float] = setting(None, gt=0)  # logits = cap * tanh(logits / cap); None: no cap
+
+
+# Model settings that the shard store decides: never in the user's `model:` section.
+FROM_STORE = ("vocab_size", "max_len")
+
+
+@dataclass
+class ModelConfig(ModelSettings):
+    """What a :class:`xlab.model.Transformer` is built from: the ``model:`` section plus what the
+    shard store decides, ``vocab_size`` (the tokenizer's) and ``max_len`` (the store's ``seq_len``).
+    Checkpoints save it whole (``model_config``), so a model is rebuilt from it alone."""
+
+    vocab_size: int = setting(8192, ge=1)
+    max_len: int = setting(128, ge=1)
+
+    @classmethod
+    def of(cls, settings, *, vocab_size: int, max_len: int) -> ModelConfig:
+        """The checked configuration of ``settings`` (a ``model:`` section: DictConfig, dict or
+        :class:`ModelSettings`) on a store of ``vocab_size`` ids and rows of ``max_len`` tokens.
+
+        Raises:
+            XLabError: as :meth:`check`.
+        """
+        d = dict(settings.__dict__ if isinstance(settings, ModelSettings) else settings)
+        d = {k: v for k, v in d.items() if k not in FROM_STORE}
+        return cls(**d, vocab_size=int(vocab_size), max_len=int(max_len)).check()
+
+    def to_dict(self) -> dict:
+        """Plain values (options as their strings), for checkpoints and export folders."""
+        return {f.name: str(v) if isinstance(v, Enum) else v for f in fields(self) for v in [getattr(self, f.name)]}
 
     @property
     def kv_heads(self) -> int:
@@ -299,13 +326,18 @@ class TrainConfig:
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = setting(100, ge=0)
-    temperature: float = setting(1.0, ge=0)
-    top_k: Optional[int] = setting(None, ge=0)
-    top_p: float = setting(1.0, gt=0, le=1)
-    seed: int = setting(42, ge=0, le=SEED_MAX)
-    beam_width: int = setting(1, ge=1)
-    length_penalty: float = setting(1.0, ge=-1e9, le=1e9)
+    """The ``generate:`` section: how ``xlab generate``, ``xlab predict`` and the pipeline's closing
+    generation decode (their command-line options override it). The one place these defaults and
+    ranges are written."""
+
+    max_new_tokens: int = setting(80, ge=0)  # tokens generated after the prompt
+    temperature: float = setting(0.8, ge=0)  # 0: greedy
+    top_k: Optional[int] = setting(None, ge=0)  # keep the k most probable tokens; None or 0: off
+    top_p: float = setting(0.95, gt=0, le=1)  # nucleus sampling mass (Holtzman et al. 2019); 1: off
+    seed: int = setting(42, ge=0, le=SEED_MAX)  # sample i uses seed + i
+    num_samples: int = setting(1, ge=1, le=10_000)  # independent samples (xlab generate)
+    beam_width: int = setting(1, ge=1)  # beam search with this many beams; 1: off
+    length_penalty: float = setting(1.0, ge=-1e9, le=1e9)  # beam score = logprob / n_tokens**length_penalty
 
 
 @dataclass
@@ -314,7 +346,7 @@ class XLabConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
@@ -385,9 +417,9 @@ def load_config(
         for p in paths:
             if not p.is_file():
                 raise XLabError(f"config file not found: {p}")
-            layers.append(_load_file(p))
+            layers.append(_no_store_settings(_load_file(p), str(p)))
         if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_no_store_settings(OmegaConf.from_dotlist(list(overrides)), "-o"))
         cfg = OmegaConf.merge(cfg, *layers)
         for key, value in (values or {}).items():
             if value is not None:
@@ -404,6 +436,24 @@ def load_config(
         raise XLabError(f"bad configuration: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     validate_config(cfg)
     return cfg
+
+
+def _no_store_settings(layer: DictConfig, where: str) -> DictConfig:
+    """``layer``, refused in one line if its ``model:`` section sets what the shard store decides.
+
+    Raises:
+        XLabError: naming the key, where it was set and the setting that does decide it.
+    """
+    model = layer.get("model") if hasattr(layer, "get") else None
+    for key in FROM_STORE if hasattr(model, "keys") else ():
+        if key in model:
+            decided = (
+                "tokenizer.vocab_size (before `xlab tokenizer train`)" if key == "vocab_size" else "shards.seq_len"
+            )
+            raise XLabError(
+                f"model.{key} ({where}) is not a setting: the shard store decides it; set {decided} instead"
+            )
+    return layer
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -435,10 +485,28 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def from_dict(d: dict) -> DictConfig:
-    """Rebuild a schema-checked configuration from :func:`to_dict` output (e.g. from a checkpoint)."""
+    """Rebuild a schema-checked configuration from :func:`to_dict` output (e.g. from a checkpoint).
+
+    A configuration saved by XLab 0.6 or earlier holds ``model.vocab_size`` and ``model.max_len``
+    (the store's values, written back into it then): they are dropped here, since the checkpoint's
+    ``model_config`` (or, before 0.7, those very values: see :func:`stored_model_config`) keeps them.
+    """
     from omegaconf import OmegaConf
 
+    if isinstance(d.get("model"), dict) and any(k in d["model"] for k in FROM_STORE):
+        d = {**d, "model": {k: v for k, v in d["model"].items() if k not in FROM_STORE}}
     return OmegaConf.merge(OmegaConf.structured(XLabConfig), OmegaConf.create(d))
+
+
+def stored_model_config(saved: dict) -> dict:
+    """The model configuration a checkpoint or export was built from, as a dict: its
+    ``model_config`` (XLab 0.7 on), else the ``model`` section of its saved configuration, which
+    held ``vocab_size`` and ``max_len`` before 0.7. Returns ``{}`` when neither is a mapping."""
+    mc = saved.get("model_config")
+    if isinstance(mc, dict):
+        return mc
+    cfg = saved.get("config")
+    return dict(cfg["model"]) if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else {}
 
 
 @dataclass(frozen=True)

@@ -269,41 +269,56 @@ def export(
 
 
 # ----------------------------------------------------------------------------------- generation
+def _generate_cfg(config, overrides, flags: dict):
+    """The ``generate:`` section of the layered configuration with the command's flags applied
+    (a flag not given is None and leaves the section's value)."""
+    return _cfg(config, overrides, {f"generate.{k}": v for k, v in flags.items()}).generate
+
+
 @app.command("generate")
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .pt or export folder.")],
     prompt: Annotated[str, typer.Argument(help="Prompt text.")] = "",
     max_new_tokens: Annotated[
-        int,
-        typer.Option(help="Tokens to generate (no cap: the time grows linearly with it, one model step per token)."),
-    ] = 100,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+        Optional[int],
+        typer.Option(help="Tokens to generate (generate.max_new_tokens; one model step per token)."),
+    ] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; 0 is greedy.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most probable tokens (0: off).")] = None,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass in (0, 1].")] = 1.0,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search.")] = False,
-    beam_width: Annotated[int, typer.Option(help="Beam search with this many beams (1: off).")] = 1,
-    length_penalty: Annotated[float, typer.Option(help="Beam score = logprob / n_tokens**length_penalty.")] = 1.0,
-    num_samples: Annotated[int, typer.Option(help="Independent samples to print.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    beam_width: Annotated[Optional[int], typer.Option(help="Beam search with this many beams (1: off).")] = None,
+    length_penalty: Annotated[
+        Optional[float], typer.Option(help="Beam score = logprob / n_tokens**length_penalty.")
+    ] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Independent samples to print.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (sample i uses seed + i).")] = None,
     continue_: Annotated[bool, typer.Option("--continue", help="No <sos> before the prompt.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     stream: Annotated[bool, typer.Option("--stream", help="Print text as it is generated.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ):
-    """Generate text from PROMPT by sampling, greedy search or beam search."""
+    """Generate text from PROMPT by sampling, greedy search or beam search.
+
+    Options not given come from the configuration's generate: section (-c/-o; conf/defaults.yaml)."""
+    flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 beam_width=beam_width, length_penalty=length_penalty, num_samples=num_samples, seed=seed)  # fmt: skip
+    g = _generate_cfg(config, set_, flags)
     from xlab.commands.generate import cli_generate
 
     cli_generate(
         checkpoint,
         prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
         greedy=greedy,
-        beam_width=beam_width,
-        length_penalty=length_penalty,
-        num_samples=num_samples,
-        seed=seed,
+        beam_width=g.beam_width,
+        length_penalty=g.length_penalty,
+        num_samples=g.num_samples,
+        seed=g.seed,
         add_sos=not continue_,
         device=device,
         stream=stream,
@@ -316,14 +331,22 @@ def predict(
     out: Annotated[Path, typer.Option(help="JSONL output file.")] = Path("predictions.jsonl"),
     num_articles: Annotated[int, typer.Option("-n", "--num-articles", help="Articles of the predict split.")] = 20,
     prompt_tokens: Annotated[int, typer.Option(help="K: prompt length in tokens.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per article.")] = 64,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option(help="Tokens to generate per article (generate.max_new_tokens).")
+    ] = None,
     shards: Annotated[Optional[Path], typer.Option(help="Shard store folder (default: the model's).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy search instead of sampling.")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (article i uses seed + i).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists (else refused).")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
 ):
-    """Continue the first K tokens of N predict-split articles; write prompt, reference and generation."""
+    """Continue the first K tokens of N predict-split articles; write prompt, reference and generation.
+
+    Sampling (temperature, top-k, top-p) and the options not given come from the configuration's
+    generate: section (-c/-o; conf/defaults.yaml)."""
+    g = _generate_cfg(config, set_, dict(max_new_tokens=max_new_tokens, seed=seed))
     from xlab.commands.predict import cli_predict
 
     cli_predict(
@@ -331,12 +354,13 @@ def predict(
         out=out,
         num_articles=num_articles,
         prompt_tokens=prompt_tokens,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=g.max_new_tokens,
         shards_dir=shards,
         greedy=greedy,
-        seed=seed,
+        seed=g.seed,
         device=device,
         force=force,
+        sampling={"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p},
     )
 
 

@@ -3,7 +3,6 @@ are :mod:`xlab.generate`."""
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,7 +12,7 @@ import torch
 from xlab.checkpoint import load_model_meta
 from xlab.device import resolve_device
 from xlab.errors import XLabError
-from xlab.generate import Streamer, check_sampling, continuations, encode_prompt
+from xlab.generate import Streamer, continuations, encode_prompt
 
 
 def load_for_cli(checkpoint: Path, device: torch.device):
@@ -37,45 +36,27 @@ def note_prompt_cut(n_prompt: int, model) -> None:
         )
 
 
-def check_seed(seed: int, num_samples: int = 1) -> None:
-    """Sample ``i`` seeds a torch generator with ``seed + i``, which must fit in 0 .. 2**63 - 1."""
-    if seed < 0 or seed + max(num_samples, 1) - 1 >= 2**63:
-        raise XLabError(
-            f"--seed must be between 0 and {2**63 - num_samples} (each of {num_samples} sample(s) uses seed + i), "
-            f"got {seed}"
-        )
+def check_options(*, greedy: bool = False, **values) -> None:
+    """Check the decoding options of ``xlab generate`` / ``xlab predict`` once, before any work.
 
-
-def check_cli_options(
-    max_new_tokens: int,
-    temperature: float,
-    top_k: Optional[int],
-    top_p: float,
-    beam_width: int = 1,
-    num_samples: int = 1,
-    greedy: bool = False,
-) -> None:
-    """Check the options of ``xlab generate`` / ``xlab predict`` once, before any work.
+    Args:
+        greedy: the ``--greedy`` flag.
+        **values: settings of the ``generate:`` section by name (``temperature=0.5``, ...); the
+            others take their defaults. Their ranges are :class:`~xlab.config.GenerateConfig`'s.
 
     Raises:
-        XLabError: a value out of range or two options that exclude each other, named as on the
-            command line.
+        XLabError: a value out of its range (named ``generate.KEY``, as ``-o`` spells it), or two
+            options that exclude each other, named as on the command line.
     """
-    if max_new_tokens < 0:
-        raise XLabError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    try:
-        check_sampling(temperature, top_k, top_p)
-    except ValueError as e:
-        raise XLabError(
-            str(e).replace("temperature", "--temperature").replace("top_k", "--top-k").replace("top_p", "--top-p")
-        ) from None
-    if beam_width < 1:
-        raise XLabError(f"--beam-width must be >= 1, got {beam_width}")
-    if num_samples < 1:
-        raise XLabError(f"--num-samples must be >= 1, got {num_samples}")
-    if greedy and beam_width > 1:
+    import dataclasses
+
+    from xlab.config import GenerateConfig, check_ranges
+
+    g = dataclasses.replace(GenerateConfig(), **values)
+    check_ranges(GenerateConfig, g, "generate")
+    if greedy and g.beam_width > 1:
         raise XLabError("--greedy and --beam-width > 1 are two different searches: choose one")
-    if num_samples > 1 and (beam_width > 1 or greedy or temperature == 0):
+    if g.num_samples > 1 and (g.beam_width > 1 or greedy or g.temperature == 0):
         raise XLabError("--num-samples > 1 needs sampling: drop --beam-width/--greedy or use --temperature > 0")
 
 
@@ -96,7 +77,8 @@ def cli_generate(
     device: str,
     stream: bool,
 ) -> list[str]:
-    """``xlab generate``: print ``num_samples`` texts (prompt + continuation) on stdout.
+    """``xlab generate``: print ``num_samples`` texts (prompt + continuation) on stdout. The
+    options are the ``generate:`` section's (:class:`~xlab.config.GenerateConfig`: its ranges apply).
 
     Samples are printed one after the other, separated by a ``--- sample i/N ---`` line when there is
     more than one. With ``stream`` the text appears as it is generated (samples then run one after
@@ -110,10 +92,17 @@ def cli_generate(
         XLabError: bad option values, a missing checkpoint, an unavailable device, an empty prompt
         with ``--continue``.
     """
-    check_cli_options(max_new_tokens, temperature, top_k, top_p, beam_width, num_samples, greedy)
-    if not math.isfinite(length_penalty):
-        raise XLabError(f"--length-penalty must be finite, got {length_penalty}")
-    check_seed(seed, num_samples)
+    check_options(
+        greedy=greedy,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        num_samples=num_samples,
+        beam_width=beam_width,
+        length_penalty=length_penalty,
+    )
     model, _cfg, tok, _meta = load_for_cli(checkpoint, resolve_device(device))
     if beam_width > tok.vocab_size:
         raise XLabError(f"--beam-width {beam_width} exceeds the vocabulary ({tok.vocab_size} ids); use fewer beams")

@@ -163,41 +163,15 @@ def _evaluation_key(last: Path, shards: Path) -> dict:
 
 
 def _run_status(run_dir: Path, cfg: DictConfig) -> str:
-    """``none`` (no checkpoint), ``finished`` / ``partial`` (same configuration, done or not), or
-    ``different`` (a run with another configuration that ``--force`` would replace)."""
+    """``none`` (no checkpoint), ``finished`` / ``partial`` (the same run, done or not: see
+    :func:`xlab.train.resume.run_differences`), or ``different`` (another run, which ``--force``
+    would replace)."""
+    from xlab.train.resume import run_differences
+
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return "none"
     ckpt = load_checkpoint(last)
-    old, new = ckpt.get("config", {}), to_dict(cfg)
-    if _training_identity(old) != _training_identity(new):
+    if run_differences(ckpt.get("config", {}), to_dict(cfg)):
         return "different"
     return "finished" if int(ckpt["step"]) >= int(ckpt["total_steps"]) else "partial"
-
-
-# Settings that change neither the data a run sees nor the weights it computes.
-_NOT_IDENTITY = {
-    "num_proc",
-    "num_threads",
-    "device",
-    "log_every",
-    "eval_every",
-    "eval_batches",
-    "checkpoint_every",
-    "keep_best",
-    "compile",
-    "hf_timeout_s",
-}
-
-
-def _training_identity(cfg: dict) -> dict:
-    """The parts of a configuration that define a training run (the trainer fills model.vocab_size
-    and model.max_len from the store, so those are left out too)."""
-    out = {}
-    for section in ("data", "tokenizer", "shards", "model", "train"):
-        out[section] = {
-            k: v
-            for k, v in cfg.get(section, {}).items()
-            if k not in _NOT_IDENTITY and not (section == "model" and k in ("vocab_size", "max_len"))
-        }
-    return out

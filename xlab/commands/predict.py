@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console
 from rich.table import Table
 
 from xlab.checkpoint import trained_store
-from xlab.commands.generate import check_cli_options, check_seed, load_for_cli, note_prompt_cut
+from xlab.commands.generate import check_options, load_for_cli, note_prompt_cut
 from xlab.device import resolve_device
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_text
@@ -42,10 +42,13 @@ def cli_predict(
     seed: int,
     device: str,
     force: bool = False,
+    sampling: Optional[dict] = None,
 ) -> dict:
     """``xlab predict``: write one JSON line per article (see :func:`predict`) to ``out`` atomically
-    and print a summary; sampling uses the checkpoint configuration's ``generate`` settings. An
-    existing ``out`` is replaced only with ``force``.
+    and print a summary. An existing ``out`` is replaced only with ``force``.
+
+    ``sampling``: ``temperature``, ``top_k`` and ``top_p`` (the command passes its configuration's
+    ``generate:`` section); a key not given takes :class:`~xlab.config.GenerateConfig`'s default.
 
     Returns:
         Summary dict: articles, skipped, reference_loss (token-weighted mean, nats), out.
@@ -66,13 +69,14 @@ def cli_predict(
         raise XLabError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
     if max_new_tokens < 1:
         raise XLabError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_seed(seed, num_articles)
+    from xlab.config import GenerateConfig
+
+    d = GenerateConfig()
+    s = {"temperature": d.temperature, "top_k": d.top_k, "top_p": d.top_p, **(sampling or {})}
+    temperature, top_k, top_p = float(s["temperature"]), s["top_k"], float(s["top_p"])
+    # article i is sampled with seed + i: within torch's seeds, as seed <= 2**62 (the config's range)
+    check_options(max_new_tokens=max_new_tokens, seed=seed, **s)
     model, cfg, tok, meta = load_for_cli(checkpoint, resolve_device(device))
-    gen_cfg = _get(cfg, "generate")
-    temperature = float(_get(gen_cfg, "temperature", 1.0))
-    top_k = _get(gen_cfg, "top_k", None)
-    top_p = float(_get(gen_cfg, "top_p", 1.0))
-    check_cli_options(max_new_tokens, temperature, top_k, top_p)
     store = ShardStore(_store_path(cfg, meta, shards_dir))
     if store.tokenizer_sha256 != tok.sha256:
         raise XLabError(
@@ -110,14 +114,6 @@ def cli_predict(
     }
     _print_summary(summary, greedy)
     return summary
-
-
-def _get(obj: Any, key: str, default: Any = None) -> Any:
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
 
 
 def _print_summary(summary: dict, greedy: bool) -> None:

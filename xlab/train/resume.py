@@ -1,5 +1,7 @@
 """What a run starts from: a fresh run folder, or ``--resume`` from ``last.pt`` with the configuration
-reconciled (the model section is the checkpoint's; train settings may change and are reported)."""
+reconciled (the model section is the checkpoint's; train settings may change and are reported), and
+the one definition of "the same run" (:func:`run_differences`) that ``--resume`` and ``xlab pipeline``
+both use."""
 
 from __future__ import annotations
 
@@ -12,8 +14,39 @@ from xlab.checkpoint import load_checkpoint
 from xlab.config import from_dict, to_dict
 from xlab.errors import XLabError
 
-# Model settings that come from the store, not from the user: they never count as a change.
-FROM_STORE = ("vocab_size", "max_len")
+# The sections that define a run, and the settings in them that change neither the data a run sees
+# nor the weights it computes (where it runs, how often it logs, evaluates and saves, how fast).
+RUN_SECTIONS = ("data", "tokenizer", "shards", "model", "train")
+NOT_IDENTITY = frozenset(
+    {"num_proc", "num_threads", "threads", "device", "log_every", "eval_every", "eval_batches",
+     "checkpoint_every", "keep_best", "compile", "hf_timeout_s"}
+)  # fmt: skip
+
+
+def run_identity(cfg: dict) -> dict[str, object]:
+    """What defines a training run in the configuration ``cfg`` (a :func:`~xlab.config.to_dict`
+    dict, e.g. a checkpoint's): ``{"section.key": value}`` over :data:`RUN_SECTIONS` without
+    :data:`NOT_IDENTITY`. Each section is read through today's schema where it can be, so a key an
+    older XLab did not have counts with its default (e.g. ``model.qk_norm`` before 0.5: off), and the
+    store's ``model.vocab_size`` / ``max_len`` that configurations before 0.7 held are left out."""
+    out: dict[str, object] = {}
+    for section in RUN_SECTIONS:
+        values = cfg.get(section) or {}
+        try:
+            values = to_dict(from_dict({section: dict(values)}))[section]
+        except Exception:  # noqa: BLE001 - a setting this XLab no longer has: compare what was saved
+            values = dict(values)
+        out |= {f"{section}.{k}": v for k, v in values.items() if k not in NOT_IDENTITY}
+    return out
+
+
+def run_differences(saved: dict, asked: dict) -> dict[str, tuple]:
+    """The settings that make ``asked`` another run than ``saved`` (both :func:`~xlab.config.to_dict`
+    dicts): ``{"section.key": (saved value, asked value)}``, sorted by key; empty for the same run.
+    ``xlab pipeline`` retrains on any difference; ``--resume`` refuses those of the model section and
+    ``train.optimizer``, and reports the others."""
+    a, b = run_identity(saved), run_identity(asked)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_path: Path) -> Optional[dict]:
@@ -70,51 +103,39 @@ def check_store(ckpt: Optional[dict], store, last: Path) -> None:
         )
 
 
-def reconcile(
-    cfg: DictConfig, ckpt: Optional[dict], run_dir: Path, *, vocab_size: int, max_len: int
-) -> tuple[DictConfig, list[str]]:
-    """The configuration in force and the train settings that changed since the checkpoint.
-
-    The model's ``vocab_size`` and ``max_len`` are the store's. On resume the model section must
-    equal the checkpoint's (the architecture cannot change mid-run); train settings may change
-    (e.g. a larger ``max_steps``), each reported as ``"key old->new"``, except ``train.optimizer``
-    (the checkpoint holds that optimizer's state).
+def reconcile(cfg: DictConfig, ckpt: Optional[dict], run_dir: Path) -> list[str]:
+    """The train settings that changed since the checkpoint ``ckpt`` (None: a fresh run, none), each
+    as ``"key old->new"``: train settings may change on resume (e.g. a larger ``max_steps``); the
+    model section and ``train.optimizer`` (the checkpoint holds that optimizer's state) may not.
 
     Raises:
         XLabError: a model setting that differs from the checkpoint's, naming every such key; another
             ``train.optimizer`` than the checkpoint's.
     """
-    cfg = from_dict(to_dict(cfg))
-    cfg.model.vocab_size, cfg.model.max_len = int(vocab_size), int(max_len)
     if ckpt is None:
-        return cfg, []
-    d = to_dict(cfg)
-    # A key the checkpoint's XLab did not have yet had its default then (e.g. qk_norm before 0.5).
-    saved = to_dict(from_dict({"model": dict(ckpt["config"]["model"])}))["model"]
-    asked = d["model"]
-    differ = sorted(k for k in set(saved) | set(asked) if k not in FROM_STORE and saved.get(k) != asked.get(k))
-    if differ:
-        what = ", ".join(f"{k} {saved.get(k)!r} (checkpoint) vs {asked.get(k)!r} (asked)" for k in differ)
+        return []
+    diff = run_differences(ckpt["config"], to_dict(cfg))
+    model = {k.split(".", 1)[1]: v for k, v in diff.items() if k.startswith("model.")}
+    if model:
+        what = ", ".join(f"{k} {old!r} (checkpoint) vs {new!r} (asked)" for k, (old, new) in model.items())
         raise XLabError(
             f"model settings cannot change on --resume: {what}; resume with the run's "
             f"settings ({run_dir / 'config.yaml'}) or start a new run with --run-name"
         )
-    d["model"] = saved
-    cfg = from_dict(d)
     old = ckpt["config"].get("train", {})
-    if str(old.get("optimizer", "adamw")) != str(cfg.train.optimizer):
+    if "train.optimizer" in diff:
         raise XLabError(
             f"train.optimizer cannot change on --resume ({old.get('optimizer', 'adamw')} in the checkpoint, "
             f"{cfg.train.optimizer} asked): its state is the optimizer's; start a new run with --run-name"
         )
-    changed = [f"{k} {old.get(k)!r}->{v!r}" for k, v in to_dict(cfg)["train"].items() if k in old and old[k] != v]
-    return cfg, changed
+    return [f"{k} {old.get(k)!r}->{v!r}" for k, v in to_dict(cfg)["train"].items() if k in old and old[k] != v]
 
 
 def take_store_settings(cfg: DictConfig, *, seq_len: int, vocab_size: int, layout: str = "padded") -> list[str]:
-    """Set ``shards.seq_len``, ``shards.layout`` (the train split's) and ``tokenizer.vocab_size`` of
-    ``cfg`` to the store's (the trainer can apply no other: the rows are what the store holds), so the
-    saved configuration says what was used; return a notice for each setting that said otherwise."""
+    """Record in ``cfg`` the store's ``shards.seq_len``, ``shards.layout`` (the train split's) and
+    ``tokenizer.vocab_size``, so the run's saved configuration says which rows it trained on (a
+    ``--resume`` from it finds the same store); return a notice for each setting that said otherwise.
+    The model does not read these: it is built from :meth:`~xlab.config.ModelConfig.of` the store."""
     notes = []
     store = (
         ("seq_len", cfg.shards, seq_len),

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from xlab import distributed as xdist
 from xlab import loss as xloss
 from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
-from xlab.config import Parallel, stage_paths, to_dict
+from xlab.config import ModelConfig, Parallel, from_dict, stage_paths, to_dict
 from xlab.device import autocast_factory, resolve_device
 from xlab.distributed import DistInfo, all_reduce_sum
 from xlab.errors import XLabError, first_line
@@ -97,8 +97,8 @@ def train(
     """Train ``cfg.model`` on the shard store; the function behind ``xlab train``.
 
     Args:
-        cfg: the XLab configuration (``train`` and ``model`` sections are used; ``model.vocab_size``
-            and ``model.max_len`` are set from the store).
+        cfg: the XLab configuration (``train`` and ``model`` sections are used; the model's
+            ``vocab_size`` and ``max_len`` are the store's: :meth:`~xlab.config.ModelConfig.of`).
         shards_dir: the shard store folder; default ``shards/<data.name>``.
         resume: continue from ``runs/<run_name>/checkpoints/last.pt``. The model section then comes
             from the checkpoint; the train section from ``cfg`` (e.g. to extend ``max_steps``).
@@ -191,12 +191,13 @@ class Trainer:
         self.keeper = CheckpointKeeper(self.run_dir / "checkpoints", cfg.train.keep_best, info, device)
         self.ckpt = start_checkpoint(self.keeper.dir, resume, self.tok_sha, self.store.path)
         check_store(self.ckpt, self.store, self.keeper.dir / "last.pt")
-        self.cfg, self.changed = reconcile(
-            cfg, self.ckpt, self.run_dir, vocab_size=self.store.vocab_size, max_len=self.store.seq_len
-        )
+        self.changed = reconcile(cfg, self.ckpt, self.run_dir)
+        self.cfg = from_dict(to_dict(cfg))  # the caller's configuration stays as it was
         self.notes = take_store_settings(
             self.cfg, seq_len=self.store.seq_len, vocab_size=self.store.vocab_size, layout=self.store.layout("train")
         )
+        # The one place the model's configuration is made: the user's model section and the store.
+        self.model_config = ModelConfig.of(self.cfg.model, vocab_size=self.store.vocab_size, max_len=self.store.seq_len)
         if self.cfg.model.attention == "flex" and device.type != "cuda":  # refused before the run folder exists
             raise XLabError(
                 "model.attention=flex trains only on CUDA (torch's FlexAttention has no CPU backward); "
@@ -208,7 +209,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         # The same seed on every rank gives the same initial weights (DDP also broadcasts rank 0's).
         torch.manual_seed(t.seed)
-        self.model = build_model(self.cfg).to(device)
+        self.model = build_model(self.model_config).to(device)
         self.autocast = autocast_factory(t.precision, device)
         # FSDP replaces the parameters by their shards: the optimizer is built over those.
         self.fsdp = info.distributed and Parallel.parse(t.parallel, "train.parallel") == Parallel.fsdp
@@ -273,6 +274,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
             "config": to_dict(self.cfg),
+            "model_config": self.model_config.to_dict(),
             "tokenizer": tokenizer_bytes_tensor(self.tok_bytes),
             "tokenizer_sha256": self.tok_sha,
             "shards": str(self.store.path),
@@ -391,7 +393,7 @@ class Trainer:
             world_size=self.info.world_size,
             max_batches=t.eval_batches,
             device=self.device,
-            vocab_size=int(self.cfg.model.vocab_size),
+            vocab_size=self.model_config.vocab_size,
         )
         s = evaluate(self.model, batches, chunk_tokens=int(t.loss_chunk_tokens), autocast=self.autocast)
         v = torch.tensor([s["loss_sum"], s["correct"], s["count"]], dtype=torch.float64, device=self.device)
