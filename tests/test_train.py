@@ -348,6 +348,28 @@ def test_resume_of_a_checkpoint_older_than_a_model_option_takes_its_default(stor
         train(make_cfg(tmp_path / "runs", "train.max_steps=4", "model.qk_norm=true"), shards_dir=store, resume=True)
 
 
+def test_a_checkpoint_from_before_model_config_loads_and_resumes(store, tmp_path):
+    """Before 0.7 a checkpoint had no model_config: its config's model section held the store's
+    vocab_size and max_len. Such a file still loads (generate, evaluate, export) and resumes."""
+    from xlab.checkpoint import load_model
+
+    train(make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100"), shards_dir=store)
+    last = tmp_path / "runs" / "t" / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last)
+    mc = ck.pop("model_config")
+    ck["config"]["model"] |= {"vocab_size": mc["vocab_size"], "max_len": mc["max_len"]}
+    torch.save(ck, last)
+    model, cfg, _ = load_model(last)
+    assert (model.cfg.vocab_size, model.cfg.max_len) == (300, 16) and "vocab_size" not in cfg.model
+    assert train(make_cfg(tmp_path / "runs", "train.max_steps=3"), shards_dir=store, resume=True)["steps"] == 3
+    assert load_checkpoint(last)["model_config"] == mc
+
+
+def test_store_settings_in_the_model_section_are_refused(tmp_path):
+    with pytest.raises(XLabError, match=r"model.vocab_size \(-o\) is not a setting: the shard store decides"):
+        make_cfg(tmp_path, "model.vocab_size=64")
+
+
 def test_threads_setting_applies_during_training_only(store, tmp_path, capsys, monkeypatch):
     before = torch.get_num_threads()
     seen = []
