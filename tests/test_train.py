@@ -532,6 +532,22 @@ def test_cli_threads_flag_sets_the_train_setting_and_is_range_checked(store, tmp
     assert "(1 thread)" in p.stdout and "threads: 1" in (tmp_path / "demo" / "config.yaml").read_text()
 
 
+def test_resume_finds_the_runs_own_configuration(store, tmp_path, cli):
+    """`xlab train --run-name R --resume` without -c continues with runs/R/config.yaml (it was
+    refused: the defaults' model differs from the run's); -o and flags still override it."""
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(
+        f"paths: {{runs_dir: {tmp_path / 'runs'}}}\nmodel: {{d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64}}\n"
+        "train: {batch_size: 4, eval_every: 100, log_every: 1, max_steps: 1, device: cpu}\n"
+    )
+    cli(["train", "--shards", store, "-c", conf, "--run-name", "r"], tmp_path)
+    runs = f"paths.runs_dir={tmp_path / 'runs'}"
+    p = cli(["train", "--shards", store, "--run-name", "r", "--resume", "-o", runs, "--max-steps", "2"], tmp_path)
+    assert f"settings of {tmp_path / 'runs' / 'r' / 'config.yaml'}" in p.stdout and "steps 1->2 (resumed)" in p.stdout
+    ck = load_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
+    assert ck["step"] == 2 and ck["model_config"]["d_model"] == 32 and ck["config"]["train"]["batch_size"] == 4
+
+
 def test_resume_trains_with_changed_optimizer_settings(store, tmp_path):
     # The checkpoint's param groups hold the old momentum and weight decay; the new ones must win.
     base = ("train.optimizer=muon", "train.eval_every=100")

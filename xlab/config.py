@@ -388,6 +388,7 @@ def load_config(
     *,
     values: dict | None = None,
     use_defaults_file: bool = True,
+    saved: str | Path | None = None,
 ) -> DictConfig:
     """Merge the configuration layers; later layers win.
 
@@ -396,6 +397,9 @@ def load_config(
         overrides: ``section.key=value`` strings (OmegaConf dotlist), applied after the files.
         values: ``{"section.key": value}`` from a command's own options, applied last; None is "not given".
         use_defaults_file: merge ``conf/defaults.yaml`` after the code defaults.
+        saved: a run's saved ``config.yaml`` (what ``xlab train --resume`` continues), merged
+            before ``files``; the store's ``model.vocab_size`` / ``max_len`` that runs before 0.7
+            saved in it are dropped.
 
     Returns:
         An OmegaConf ``DictConfig`` with the :class:`XLabConfig` schema (attribute access).
@@ -418,6 +422,12 @@ def load_config(
             if not p.is_file():
                 raise XLabError(f"config file not found: {p}")
             layers.append(_no_store_settings(_load_file(p), str(p)))
+        if saved is not None:  # over conf/defaults.yaml, under the -c files
+            run_layer = _load_file(Path(saved))
+            if hasattr(run_layer.get("model"), "keys"):
+                for key in FROM_STORE:
+                    run_layer.model.pop(key, None)
+            layers.insert(len(layers) - len(files), run_layer)
         if overrides:
             layers.append(_no_store_settings(OmegaConf.from_dotlist(list(overrides)), "-o"))
         cfg = OmegaConf.merge(cfg, *layers)

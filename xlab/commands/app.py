@@ -222,12 +222,20 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ):
-    """Train the decoder on a shard store (single process, or DDP under torchrun)."""
-    cfg = _cfg(
-        config,
-        set_,
-        {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device, "train.threads": threads},
-    )
+    """Train the decoder on a shard store (single process, or DDP under torchrun).
+
+    --resume without -c continues with the run's own saved runs/<run>/config.yaml (-o and flags
+    still override it)."""
+    flags = {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device, "train.threads": threads}
+    cfg = _cfg(config, set_, flags)
+    if resume and not config:
+        from xlab.config import load_config, stage_paths
+
+        saved = stage_paths(cfg).run / "config.yaml"
+        if saved.is_file():
+            cfg = load_config([], set_ or [], values=flags, saved=saved)
+            if os.environ.get("RANK", "0") == "0":  # one line, not one per torchrun process
+                print(f"train: resuming with the settings of {saved} (-o and flags override them)", flush=True)
     from xlab.train import train as run_training
 
     run_training(cfg, shards_dir=shards, resume=resume)
@@ -379,6 +387,12 @@ def pipeline(
     pipeline_cmd.run(cfg, force=force, prompt=prompt)
 
 
+# What Ctrl-C or SIGTERM leaves is resumable: a data stage by the same command, a training run by
+# --resume, which finds the run's own saved configuration.
+RESUME_HINT = "rerun the same command to resume (xlab train: --run-name NAME --resume, once it has saved a checkpoint)"
+INTERRUPTED = f"interrupted; {RESUME_HINT}"
+
+
 def _terminate(signum, frame) -> None:
     raise Terminated
 
@@ -407,7 +421,7 @@ def main() -> None:
         code = app(prog_name="xlab", standalone_mode=False)
     except Terminated:
         print(
-            "terminated (SIGTERM); rerun the same command to resume (xlab train: add --resume once it has saved a checkpoint)",
+            f"terminated (SIGTERM); {RESUME_HINT}",
             file=sys.stderr,
         )
         sys.exit(143)
@@ -416,7 +430,7 @@ def main() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         print(
-            "interrupted; rerun the same command to resume (xlab train: add --resume once it has saved a checkpoint)",
+            INTERRUPTED,
             file=sys.stderr,
         )
         sys.exit(130)
@@ -440,7 +454,7 @@ def main() -> None:
     code = code if isinstance(code, int) else 0
     if code == 130:  # Typer turns Ctrl-C into exit code 130 before it reaches the handler above
         print(
-            "interrupted; rerun the same command to resume (xlab train: add --resume once it has saved a checkpoint)",
+            INTERRUPTED,
             file=sys.stderr,
         )
     sys.exit(code)

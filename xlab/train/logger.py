@@ -265,6 +265,11 @@ class RunLogger:
             f" in {s['seconds']:.1f}s{trained}{val}"
             + (f"; checkpoint {s['last_checkpoint']}" if s["last_checkpoint"] else "")
         )
+        if s["interrupted"] and s["last_checkpoint"]:
+            # the saved config.yaml is found by --resume itself: the name is all it needs
+            self.print(
+                f"resume with: xlab train --run-name {self.run_dir.name} --resume (add the same --shards, if any)"
+            )
 
     def val_line(self, step: int, m: dict) -> None:
         """Record and print the validation metrics ``m`` of :func:`xlab.evaluate.metrics` at ``step``."""
