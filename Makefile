@@ -13,6 +13,7 @@ STAMP  := $(VENV)/.xlab-installed
 .PHONY: setup demo test test-fast lint bench bench-recipe clean-data help
 
 help:
+	@echo "make setup  - create .venv and install XLab into it (and the CPU build of torch when there is none)"
 	@echo "make demo   - set up, then run every stage on the Wikipedia sample and generate text"
 	@echo "make test   - set up, then run the test suite"
 	@echo "make test-fast - the suite without the slow end-to-end and torchrun tests"
