@@ -74,7 +74,7 @@ def violations(module: str, targets: set[str]) -> list[str]:
     """The imports of ``module`` that break the rules above."""
     bad = []
     mine = room(module)
-    if module == "xlab":  # the package facade: __version__ and load_model (the README's Python API)
+    if module == "xlab":  # the package facade: __version__ and load_model (the Python API of docs/training.md)
         return [
             f"xlab -> {t} (the facade reaches the core only)" for t in sorted(targets) if room(t) not in GROUND | CORE
         ]
