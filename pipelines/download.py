@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 COLUMNS = ("id", "url", "title", "text")
 STAGE = "download"
+# The version of this stage's output format and code, recorded in its manifest: bump when this
+# stage's output for the same inputs and params would differ (an upgrade that leaves it alone
+# redoes nothing; see pipelines/stage.py). The cleaner's own version is one of its params.
+STAGE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,9 @@ def _run(cfg: DictConfig, force: bool) -> dict:
     else:
         raise XLabError(f"unknown data.source {d.source!r}: use sample, hf or dump")
 
-    if not force and is_up_to_date(manifest_path, params, inputs, [out_dir / "articles.parquet"]):
+    if not force and is_up_to_date(
+        manifest_path, params, inputs, [out_dir / "articles.parquet"], stage_version=STAGE_VERSION
+    ):
         skipped(STAGE, manifest_path)
         m = json.loads(manifest_path.read_text())
         return {"skipped": True, "path": str(out_dir / "articles.parquet"), "counts": m["counts"], "seconds": 0.0}
@@ -174,7 +180,14 @@ def _run(cfg: DictConfig, force: bool) -> dict:
             counts.update(written)
             if written["articles"] == 0:  # raised inside atomic_dir: an earlier run's output stays
                 raise XLabError(_no_articles_message(d.source, counts, out_dir))
-            write_manifest(tmp / "manifest.json", stage=STAGE, params=params, inputs=inputs, counts=counts)
+            write_manifest(
+                tmp / "manifest.json",
+                stage=STAGE,
+                params=params,
+                inputs=inputs,
+                counts=counts,
+                stage_version=STAGE_VERSION,
+            )
     seconds = time.perf_counter() - t0
     _print_summary(d.source, counts, seconds, out_dir / "articles.parquet")
     return {"skipped": False, "path": str(out_dir / "articles.parquet"), "counts": counts, "seconds": seconds}

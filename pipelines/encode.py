@@ -70,6 +70,11 @@ SUB_BATCH = 256  # articles tokenized at a time inside a unit (bounds the Python
 READ_BATCH = 1024  # parquet rows per streamed record batch
 MAX_ERRORS_KEPT = 1000  # rejected articles listed in the manifest per split (all are counted)
 SPLIT_FIX = "xlab data split --force"
+# The version of this stage's output format and code, recorded in its manifest: bump when this
+# stage's output for the same inputs and params would differ (an upgrade that leaves it alone
+# redoes nothing; see pipelines/stage.py).
+STAGE_VERSION = 1
+# Recorded in the job record only when above 1, so that a job record of XLab 0.6 still matches.
 
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -290,7 +295,7 @@ def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path, par
     if cfg.shards.layout != "padded":  # absent when padded, so stores encoded before 0.6 stay up to date
         params["layout"] = str(cfg.shards.layout)
     inputs = {"tokenizer": tok.sha256, "splits": {s: sha256_file(p) for s, p in split_files.items()}}
-    return {
+    job = {
         "params": params,
         "inputs": inputs,
         "units": units,
@@ -306,6 +311,9 @@ def _job(cfg: DictConfig, tok, split_files: dict[str, Path], tok_path: Path, par
             "unk_id": int(tok.unk_id),
         },
     }
+    if STAGE_VERSION != 1:
+        job["stage_version"] = STAGE_VERSION
+    return job
 
 
 def _same_job(a: dict | None, b: dict, parts: bool = True) -> bool:
@@ -332,6 +340,8 @@ def _disagreement(rec: dict, job: dict) -> str:
     changed = [s for s in SPLITS if (r_in.get("splits") or {}).get(s) != j_in["splits"][s]]
     if changed:
         said.append(f"other {'/'.join(changed)} split file(s)")
+    if rec.get("stage_version", 1) != job.get("stage_version", 1):
+        said.append(f"encode stage version {rec.get('stage_version', 1)} there, {job.get('stage_version', 1)} here")
     if rec.get("parts") != job["parts"]:
         said.append(f"{rec.get('parts')} parts there, {job['parts']} here")
     return "; ".join(said) or "other settings"
@@ -708,7 +718,9 @@ def _up_to_date(out: Path, job: dict) -> bool:
     except (AttributeError, KeyError, TypeError):  # a manifest of the wrong shape: redo the store
         return False
     files.append(out / "tokenizer.model")
-    if not is_up_to_date(out / "manifest.json", job["params"], job["inputs"], files):
+    if not is_up_to_date(
+        out / "manifest.json", job["params"], job["inputs"], files, stage_version=job.get("stage_version", 1)
+    ):
         return False
     from xlab.store import ShardStore
 
@@ -767,6 +779,7 @@ def _finalize(out: Path, job: dict, shown: Path | None = None) -> dict:
         params=job["params"],
         inputs=job["inputs"],
         stage="encode",
+        stage_version=job.get("stage_version", 1),
         xlab_version=__version__,
     ).to_json()
     atomic_write_json(out / MANIFEST, manifest)

@@ -25,6 +25,10 @@ from xlab.store.format import (
     token_dtype,
 )
 
+# The version of write_store's output format and code, recorded as the manifest's stage_version:
+# bump when this stage's output for the same inputs and params would differ.
+STAGE_VERSION = 1
+
 
 def write_shard(path: str | os.PathLike, rows: np.ndarray) -> str:
     """Write ``rows`` ``(n, seq_len + 1)`` as a ``.npy`` file atomically; return its hex sha256."""
@@ -106,6 +110,7 @@ def write_store(
         splits=out,
         params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard), "layout": layout},
         stage="write_store",
+        stage_version=STAGE_VERSION,
         xlab_version=__version__,
     )
     manifest.write(path)
