@@ -1,6 +1,6 @@
-"""Writing shards and small stores. ``xlab data encode`` (pipelines/encode.py) builds a store from
-text with :func:`write_shard` and :class:`~xlab.store.format.StoreManifest`; :func:`write_store`
-writes the same format from token lists (tests, benchmarks, tools)."""
+"""Writing shards and small stores. ``xlab data encode`` (pipelines/encode.py, encode_job.py) builds a
+store from text with :func:`write_shard` and :class:`~xlab.store.format.StoreManifest`;
+:func:`write_store` writes the same format from token lists (tests, benchmarks, tools)."""
 
 from __future__ import annotations
 
