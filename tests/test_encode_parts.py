@@ -342,3 +342,28 @@ def test_an_explicit_part_outside_the_parts_is_refused_before_it_is_announced(tm
     r = cli(["data", "encode", "--num-shards", "2", "--shard-index", "5"], cwd=tmp_path, check=False, env={})
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "error: --shard-index must be in [0, --num-shards) and --num-shards >= 1 (got 5 of 2)"
+
+
+def test_a_job_record_of_0_6_reads_back_unchanged_and_matches():
+    """EncodeJob keeps job.json's keys: a record that XLab 0.6 wrote (no stage_version) can be joined."""
+    from pipelines.encode_job import EncodeJob
+
+    rec = {
+        "params": {"seq_len": 16, "articles_per_shard": 7, "format_version": 1},
+        "inputs": {"tokenizer": "ab", "splits": {s: "x" for s in SPLITS}},
+        "units": {s: 3 for s in SPLITS},
+        "articles": {s: 20 for s in SPLITS},
+        "dtype": "uint16",
+        "tokenizer_file": "/elsewhere/wiki.model",
+        "parts": 2,
+        "tokenizer": {"vocab_size": 300, "pad_id": 0, "sos_id": 1, "eos_id": 2, "unk_id": 3},
+    }
+    job = EncodeJob.from_json(rec, Path("job.json"))
+    assert job.to_json() == rec and job.stage_version == 1 and job.matches(rec)
+    assert job.matches({**rec, "tokenizer_file": "here.model"})  # the path is not the identity
+    assert not job.matches({**rec, "parts": 3}) and job.matches({**rec, "parts": 3}, parts=False)
+    later = EncodeJob.from_json({**rec, "stage_version": 2}, Path("job.json"))
+    assert later.to_json()["stage_version"] == 2 and not later.matches(rec)
+    assert later.disagreement(rec) == "encode stage version 1 there, 2 here"
+    with pytest.raises(XLabError, match="not an encode job record"):
+        EncodeJob.from_json({"params": {}}, Path("job.json"))

@@ -181,3 +181,13 @@ def test_is_up_to_date_compares_the_stage_version_not_the_release(tmp_path, monk
     rewrite(m, stage_version=None)  # a manifest of XLab 0.6: version 1
     assert is_up_to_date(m, {"a": 1}, {"f": "ab"}, stage_version=FIRST_STAGE_VERSION)
     assert not is_up_to_date(m, {"a": 1}, {"f": "ab"}, stage_version=2)
+
+
+def test_the_store_manifest_round_trips_its_stage_version():
+    from xlab.store import StoreManifest, TokenizerEntry
+
+    tok = TokenizerEntry(vocab_size=300, pad_id=0, sos_id=1, eos_id=2, unk_id=3)
+    m = StoreManifest(seq_len=16, dtype="uint16", tokenizer=tok, splits={}, stage_version=2).to_json()
+    assert m["stage_version"] == 2 and StoreManifest.from_json(m).stage_version == 2
+    del m["stage_version"]  # a store of XLab 0.6
+    assert StoreManifest.from_json(m).stage_version == 1
