@@ -42,11 +42,10 @@ def baseline_clean(source: str) -> str:
 
 
 def bench_cleaner(rounds: int) -> float:
-    from pipelines import download, wikitext
+    from pipelines import wikitext
+    from pipelines.sources import sample
 
-    texts = [
-        p.text for p in wikitext.iter_dump_pages(download.locate_sample_file(download.SAMPLE_DUMP)) if p.is_article
-    ]
+    texts = [p.text for p in wikitext.iter_dump_pages(sample.locate_sample_file(sample.SAMPLE_DUMP)) if p.is_article]
     mb = sum(len(t) for t in texts) / 1e6
     best = {"baseline": float("inf"), "xlab": float("inf")}
     outs = {}
@@ -68,12 +67,13 @@ def bench_dump(work: Path, copies: int) -> dict:
     from scale import write_multistream_dump
 
     from pipelines import download, stage, wikitext
+    from pipelines.sources import sample
     from xlab.config import load_config
 
     stage.console.quiet = True
     pages = [
         (p.title, p.ns, p.redirect, p.text)
-        for p in wikitext.iter_dump_pages(download.locate_sample_file(download.SAMPLE_DUMP))
+        for p in wikitext.iter_dump_pages(sample.locate_sample_file(sample.SAMPLE_DUMP))
     ]
     multi = work / "multi" / "bench-pages-articles-multistream.xml.bz2"
     multi.parent.mkdir(parents=True)

@@ -62,10 +62,11 @@ def sample_pages() -> list[tuple[str, int, bool, str]]:
     """The built-in sample as dump pages ``(title, ns, redirect, wikitext)``, in the sample's order:
     the Vital Article summaries (plain prose) without the 46 also in the dump, then every page of
     the gensim dump excerpt (articles, redirects and other namespaces alike)."""
-    from pipelines import download, wikitext
+    from pipelines import wikitext
+    from pipelines.sources import sample
 
-    summaries = download.locate_sample_file(download.SAMPLE_SUMMARIES)
-    dump = download.locate_sample_file(download.SAMPLE_DUMP)
+    summaries = sample.locate_sample_file(sample.SAMPLE_SUMMARIES)
+    dump = sample.locate_sample_file(sample.SAMPLE_DUMP)
     dump_pages = list(wikitext.iter_dump_pages(dump))
     in_dump = {p.title for p in dump_pages if p.is_article}
     pages = []
@@ -363,11 +364,10 @@ def real_wikitext_download() -> str:
     """The download stage for a real dump: the rate at which the sample dump's articles (real
     wikitext) clean, and the ratio of their clean text to their wikitext, scaled to full English
     Wikipedia on 16 cores (the synthetic corpus is mostly plain prose, which cleans much faster)."""
-    from pipelines import download, wikitext
+    from pipelines import wikitext
+    from pipelines.sources import sample
 
-    texts = [
-        p.text for p in wikitext.iter_dump_pages(download.locate_sample_file(download.SAMPLE_DUMP)) if p.is_article
-    ]
+    texts = [p.text for p in wikitext.iter_dump_pages(sample.locate_sample_file(sample.SAMPLE_DUMP)) if p.is_article]
     t0 = time.process_time()
     clean = [wikitext.clean_wikitext(t) for t in texts]
     cpu = time.process_time() - t0
@@ -420,11 +420,12 @@ def full_article_padding(work: Path, k: int, seq_len: int) -> str:
     """Padding at ``seq_len`` of the sample's full articles alone (the gensim dump's 106, whole
     articles as in full Wikipedia, unlike the Vital Article lead sections), tokenized with the
     tokenizer trained at size ``k``."""
-    from pipelines import download, wikitext
+    from pipelines import wikitext
+    from pipelines.sources import sample
     from xlab.tokenizer import Tokenizer
 
     tok = Tokenizer.load(work / f"x{k}" / "tok" / "scale.model")
-    dump = download.locate_sample_file(download.SAMPLE_DUMP)
+    dump = sample.locate_sample_file(sample.SAMPLE_DUMP)
     pages = wikitext.iter_dump_pages(dump)
     texts = [t for t in (wikitext.clean_wikitext(p.text) for p in pages if p.is_article) if t]
     targets = positions = 0

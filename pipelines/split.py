@@ -44,6 +44,10 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 STAGE = "split"
+# The version of this stage's output format and code, recorded in its manifest: bump when this
+# stage's output for the same inputs and params would differ (an upgrade that leaves it alone
+# redoes nothing; see pipelines/stage.py).
+STAGE_VERSION = 1
 
 
 def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
@@ -137,7 +141,7 @@ def _run(cfg: DictConfig, force: bool) -> dict:
     out_dir = paths.splits
     manifest_path = out_dir / "manifest.json"
     outputs = [out_dir / f"{s}.parquet" for s in SPLITS]
-    if not force and is_up_to_date(manifest_path, params, inputs, outputs):
+    if not force and is_up_to_date(manifest_path, params, inputs, outputs, stage_version=STAGE_VERSION):
         skipped(STAGE, manifest_path)
         return {"skipped": True, "path": str(out_dir), "counts": read_json(manifest_path)["counts"], "seconds": 0.0}
 
@@ -171,7 +175,9 @@ def _run(cfg: DictConfig, force: bool) -> dict:
             for w in writers:
                 w.close()
         counts.update(articles=len(ids), characters=chars)
-        write_manifest(tmp / "manifest.json", stage=STAGE, params=params, inputs=inputs, counts=counts)
+        write_manifest(
+            tmp / "manifest.json", stage=STAGE, params=params, inputs=inputs, counts=counts, stage_version=STAGE_VERSION
+        )
     seconds = time.perf_counter() - t0
     _print_summary(counts, seconds, out_dir)
     return {"skipped": False, "path": str(out_dir), "counts": counts, "seconds": seconds}

@@ -1,8 +1,15 @@
 """What every data stage shares: its manifest, the up-to-date check and its console.
 
-A stage's manifest records the stage's parameters, the sha256 of its inputs, its output counts and
-the XLab version. A stage is skipped when its manifest holds the same parameters and input hashes
-(and its outputs still exist), and redone with ``--force``.
+A stage's manifest records the stage's parameters, the sha256 of its inputs, its output counts, its
+stage version and the XLab version. A stage is skipped when its manifest holds the same parameters,
+input hashes and stage version (and its outputs still exist), and redone with ``--force``.
+
+The stage version is the version of that stage's own output format and code: each stage module
+holds a ``STAGE_VERSION``, bumped when the stage's output for the same inputs and parameters would
+differ. The XLab version is recorded for information only, so a release that leaves a stage alone
+leaves its output up to date. A change upstream still reaches the later stages through their input
+hashes. Manifests written before stage versions existed (XLab 0.6 and earlier) hold none and count
+as version 1 (:data:`FIRST_STAGE_VERSION`), the version of every stage of 0.6.
 """
 
 from __future__ import annotations
@@ -102,26 +109,56 @@ def require_manifest(path: Path, what: str, fix: str) -> dict:
     return m
 
 
-def is_up_to_date(manifest_path: Path, params: dict, inputs: dict, outputs: Iterable[Path] = ()) -> bool:
-    """True when the manifest at ``manifest_path`` was written with these params and input hashes
-    by this XLab version, and every path in ``outputs`` exists."""
+# The stage version a manifest without one was written by: every stage of XLab 0.6 and earlier.
+FIRST_STAGE_VERSION = 1
+
+
+def manifest_stage_version(m: dict) -> Any:
+    """The stage version recorded in the manifest ``m`` (:data:`FIRST_STAGE_VERSION` when absent)."""
+    return m.get("stage_version", FIRST_STAGE_VERSION)
+
+
+def is_up_to_date(
+    manifest_path: Path,
+    params: dict,
+    inputs: dict,
+    outputs: Iterable[Path] = (),
+    *,
+    stage_version: int = FIRST_STAGE_VERSION,
+) -> bool:
+    """True when the manifest at ``manifest_path`` was written with these params, input hashes and
+    ``stage_version`` (the caller's ``STAGE_VERSION``), and every path in ``outputs`` exists.
+
+    The XLab version in the manifest is not compared: another release with the same stage version
+    produces the same output. A manifest without a stage version counts as version 1.
+    """
     m = read_manifest(manifest_path)
     if m is None:
         return False
     same = (
         m.get("params") == _jsonable(params)
         and m.get("inputs") == _jsonable(inputs)
-        and m.get("xlab_version") == __version__
+        and manifest_stage_version(m) == stage_version
     )
     return same and all(Path(p).exists() for p in outputs)
 
 
 def write_manifest(
-    manifest_path: Path, *, stage: str, params: dict, inputs: dict, counts: dict, extra: dict | None = None
+    manifest_path: Path,
+    *,
+    stage: str,
+    params: dict,
+    inputs: dict,
+    counts: dict,
+    stage_version: int = FIRST_STAGE_VERSION,
+    extra: dict | None = None,
 ) -> dict:
-    """Write a stage manifest atomically and return it."""
+    """Write a stage manifest atomically and return it; ``stage_version`` is the stage's
+    ``STAGE_VERSION`` (compared by :func:`is_up_to_date`), the XLab version is recorded beside it
+    for information."""
     m = {
         "stage": stage,
+        "stage_version": int(stage_version),
         "xlab_version": __version__,
         "params": _jsonable(params),
         "inputs": _jsonable(inputs),

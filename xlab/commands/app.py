@@ -132,10 +132,10 @@ def data_encode(
     """Encode the splits into memory-mapped .npy token shards (shards/<name>/).
 
     Under torchrun or a Slurm job array each process encodes its part; the last one writes the manifest."""
-    from pipelines import encode
+    from pipelines import encode, encode_parts
     from pipelines.stage import console
 
-    n, i, source = encode.choose_part(num_shards, shard_index)  # bad launcher variables: exit 2 first
+    n, i, source = encode_parts.choose_part(num_shards, shard_index)  # bad launcher variables: exit 2 first
     cfg = _cfg(config, set_, {"shards.num_proc": num_proc})
     if source is not None:
         console.print(f"[bold]encode[/bold]: part {i} of {n} (from {source})", soft_wrap=True)  # one line
@@ -146,9 +146,9 @@ def data_encode(
 def data_merge(config: ConfigOpt = None, set_: SetOpt = None):
     """Merge the parts written with --num-shards/--shard-index into one store manifest."""
     cfg = _cfg(config, set_)
-    from pipelines import encode
+    from pipelines import encode_parts
 
-    encode.merge(cfg)
+    encode_parts.merge(cfg)
 
 
 @data_app.command("validate")

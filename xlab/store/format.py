@@ -335,8 +335,9 @@ class TokenizerEntry:
 class StoreManifest:
     """``manifest.json`` of a shard store: written last, so a store without one is incomplete.
 
-    ``params`` and ``inputs`` are what the encode stage's up-to-date check compares (parameters,
-    input hashes); ``dtype`` is a numpy dtype name and must be :func:`token_dtype` of the vocabulary.
+    ``params``, ``inputs`` and ``stage_version`` are what the encode stage's up-to-date check compares
+    (parameters, input hashes, the version of the stage's output format and code, 1 when absent: the
+    stores of XLab 0.6 and earlier); ``xlab_version`` is recorded for information; ``dtype`` is a numpy dtype name and must be :func:`token_dtype` of the vocabulary.
     """
 
     seq_len: int
@@ -346,6 +347,7 @@ class StoreManifest:
     params: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)
     stage: str = "encode"
+    stage_version: int = 1
     xlab_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -358,7 +360,7 @@ class StoreManifest:
     def to_json(self) -> dict:
         """The manifest as plain JSON containers, keys in a stable order."""
         d = asdict(self)
-        head = {k: d.pop(k) for k in ("format", "format_version", "stage", "xlab_version", "seq_len")}
+        head = {k: d.pop(k) for k in ("format", "format_version", "stage", "stage_version", "xlab_version", "seq_len")}
         return {**head, "row_len": self.row_len, **d}
 
     @classmethod
@@ -399,6 +401,7 @@ class StoreManifest:
                 params=dict(d.get("params") or {}),
                 inputs=dict(d.get("inputs") or {}),
                 stage=str(d.get("stage", "encode")),
+                stage_version=int(d.get("stage_version", 1)),
                 xlab_version=str(d.get("xlab_version", "")),
             )
             if int(d.get("row_len", m.row_len)) != m.row_len:

@@ -1,6 +1,6 @@
-"""Writing shards and small stores. ``xlab data encode`` (pipelines/encode.py) builds a store from
-text with :func:`write_shard` and :class:`~xlab.store.format.StoreManifest`; :func:`write_store`
-writes the same format from token lists (tests, benchmarks, tools)."""
+"""Writing shards and small stores. ``xlab data encode`` (pipelines/encode.py, encode_job.py) builds a
+store from text with :func:`write_shard` and :class:`~xlab.store.format.StoreManifest`;
+:func:`write_store` writes the same format from token lists (tests, benchmarks, tools)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ from xlab.store.format import (
     target_tokens,
     token_dtype,
 )
+
+# The version of write_store's output format and code, recorded as the manifest's stage_version:
+# bump when this stage's output for the same inputs and params would differ.
+STAGE_VERSION = 1
 
 
 def write_shard(path: str | os.PathLike, rows: np.ndarray) -> str:
@@ -106,6 +110,7 @@ def write_store(
         splits=out,
         params={"seq_len": int(seq_len), "articles_per_shard": int(articles_per_shard), "layout": layout},
         stage="write_store",
+        stage_version=STAGE_VERSION,
         xlab_version=__version__,
     )
     manifest.write(path)
