@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 
 from xlab import distributed as xdist
 from xlab import loss as xloss
+from xlab.attention import refuse_flex_training
 from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
 from xlab.config import Parallel, stage_paths, to_dict
 from xlab.device import autocast_factory, resolve_device
@@ -197,11 +198,8 @@ class Trainer:
         self.notes = take_store_settings(
             self.cfg, seq_len=self.store.seq_len, vocab_size=self.store.vocab_size, layout=self.store.layout("train")
         )
-        if self.cfg.model.attention == "flex" and device.type != "cuda":  # refused before the run folder exists
-            raise XLabError(
-                "model.attention=flex trains only on CUDA (torch's FlexAttention has no CPU backward); "
-                "use model.attention=sdpa on CPU"
-            )
+        if self.cfg.model.attention == "flex":  # refused before the run folder exists
+            refuse_flex_training(device)
         t = self.cfg.train
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
