@@ -94,14 +94,14 @@ def problems(
         chunk_rows: rows read at a time.
     """
     deep = deep or rows
-    fix = f"{store.path}: "
+    at = f"{store.path}: "
     if store.row_len != store.seq_len + 1:
         yield Problem(f"manifest: row_len {store.row_len} != seq_len + 1 ({store.seq_len + 1})",
-                      f"{fix}row_len {store.row_len} != seq_len + 1; {REENCODE}")  # fmt: skip
+                      f"{at}row_len {store.row_len} != seq_len + 1; {REENCODE}")  # fmt: skip
     want = token_dtype(store.vocab_size)
     if store.dtype != want:
         yield Problem(f"manifest: dtype {store.dtype} is not {want} for vocabulary {store.vocab_size}",
-                      f"{fix}dtype {store.dtype} does not fit vocabulary {store.vocab_size}; {REENCODE}")  # fmt: skip
+                      f"{at}dtype {store.dtype} does not fit vocabulary {store.vocab_size}; {REENCODE}")  # fmt: skip
     if tokenizer is not None:
         yield from _tokenizer_object_problems(store, tokenizer)
     yield from _tokenizer_file_problems(store, tokenizer_files, deep)
