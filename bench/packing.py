@@ -45,7 +45,7 @@ def time_attention(rounds: int, reps: int, batch) -> tuple[float, float]:
     """Median seconds of masked and causal SDPA forward + backward at the demo's shape."""
     import torch
 
-    from xlab.model import DocumentMask, attention
+    from xlab.attention import DocumentMask, attention
     from xlab.store import document_ids
 
     inputs, sos = batch

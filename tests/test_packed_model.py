@@ -1,5 +1,5 @@
-"""Document masks in the decoder (xlab/model.py): rows that pack several articles must process each
-article exactly as if it were alone — in every attention backend, for every kind of position."""
+"""Document masks in the decoder (xlab/attention.py, used by xlab/model.py): rows that pack several
+articles must process each article exactly as if it were alone — in every attention backend, for every kind of position."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import xlab.model as model_mod
+import xlab.attention as attention_mod
+from xlab.attention import DocumentMask, document_positions
 from xlab.errors import XLabError
 from xlab.loss import model_loss
-from xlab.model import DocumentMask, ModelConfig, Transformer, document_positions
+from xlab.model import ModelConfig, Transformer
 from xlab.store.format import IGNORE_INDEX
 
 SMALL = ModelConfig(vocab_size=97, max_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=48)
@@ -70,7 +71,7 @@ def fake_flash(monkeypatch):
     fake.flash_attn_func = lambda *a, **k: pytest.fail("packed rows must take the varlen kernel")
     fake.flash_attn_varlen_func = varlen_reference
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
-    monkeypatch.setattr(model_mod, "_check_flash_inputs", lambda q: None)
+    monkeypatch.setattr(attention_mod, "_check_flash_inputs", lambda q: None)
 
 
 def test_document_positions_restart_at_each_document():

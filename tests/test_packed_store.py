@@ -155,11 +155,15 @@ def test_stats_read_the_same_articles_from_both_layouts_and_predict_the_packed_r
 def test_validate_accepts_a_packed_shard_and_finds_its_damage(tmp_path):
     from collections import Counter
 
-    from pipelines.validate import check_shard
+    from xlab.store.integrity import shard_problems
+
+    def check_shard(path, entry, store, counts, layout):  # every problem of the shard, as validate lists them
+        assert store.layout("train") == layout and path == store.path / entry.file
+        return [p.line for p in shard_problems(store, "train", entry, rows=True, counts=counts)]
 
     _, store = _stores(tmp_path, articles(40, seed=6), per_shard=100)
-    entry = store.split_info("train")["shards"][0]
-    path = store.path / entry["file"]
+    entry = store.info.splits["train"].shards[0]
+    path = store.path / entry.file
     counts = Counter()
     assert check_shard(path, entry, store, counts, "packed") == []
     assert counts == {"articles": 40, "target_tokens": store.info.splits["train"].target_tokens}

@@ -32,12 +32,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from xlab.config import Layout
+
 FORMAT = "xlab-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_COPY = "tokenizer.model"  # the store's own copy of its tokenizer
 IGNORE_INDEX = -100  # the loss's ignore index for targets at pad positions (torch's default)
-LAYOUTS = ("padded", "packed")
 ENCODE_HINT = "xlab data encode"
 
 
@@ -98,9 +99,9 @@ def split_layout(split: str, layout: str) -> str:
     whichever layout the training rows use, and losses and bits per byte compare across stores.
 
     Raises:
-        ValueError: ``layout`` is not one of :data:`LAYOUTS`.
+        ValueError: ``layout`` is not a :class:`~xlab.config.Layout`.
     """
-    if layout not in LAYOUTS:
+    if layout not in tuple(Layout):
         raise ValueError(f"unknown shards.layout {layout!r}: use padded or packed")
     return layout if split == "train" else "padded"
 
@@ -287,7 +288,7 @@ class SplitEntry:
     text_chars: int = 0
     empty_articles: int = 0
     rejected_articles: int = 0
-    layout: str = "padded"  # one of LAYOUTS; see split_layout
+    layout: str = Layout.padded.value  # a Layout value; see split_layout
     rejected: list = field(default_factory=list)
     shards: list[ShardEntry] = field(default_factory=list)
 
@@ -441,8 +442,8 @@ def _split_from_json(name: str, s: Any) -> SplitEntry:
         shards.append(ShardEntry(file=sh["file"], rows=int(sh["rows"]), real_tokens=int(sh.get("real_tokens", 0)),
                                  sha256=str(sh.get("sha256", ""))))  # fmt: skip
     layout = s.get("layout", "padded")  # stores written before 0.6 are all padded
-    if layout not in LAYOUTS:
-        raise ValueError(f"split {name} has layout {layout!r}, not one of {', '.join(LAYOUTS)}")
+    if layout not in tuple(Layout):
+        raise ValueError(f"split {name} has layout {layout!r}, not one of {', '.join(Layout)}")
     entry = SplitEntry(**{k: int(s.get(k, 0)) for k in _COUNTS}, layout=layout, rejected=list(s.get("rejected", [])),
                        shards=shards)  # fmt: skip
     for key in ("rows", "real_tokens"):

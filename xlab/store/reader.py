@@ -1,5 +1,5 @@
 """Reading a shard store: :class:`ShardStore` opens a store folder, checks it against its manifest
-and gathers rows by global index with positioned reads (bounded resident memory)."""
+(through :mod:`xlab.store.integrity`, the one judge) and gathers rows by global index with positioned reads (bounded resident memory)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,8 @@ from typing import Any
 import numpy as np
 
 from xlab.errors import XLabError
-from xlab.store.format import (
-    ENCODE_HINT,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    StoreManifest,
-    read_npy_header,
-    row_counts,
-    token_dtype,
-)
+from xlab.store.format import ENCODE_HINT, FORMAT, FORMAT_VERSION, MANIFEST, StoreManifest, read_npy_header
+from xlab.store.integrity import problems
 
 
 class ShardStore:
@@ -125,107 +117,54 @@ class ShardStore:
         candidates = ([self.path / tok.copy] if tok.copy else []) + ([Path(tok.file)] if tok.file else [])
         return next((p for p in candidates if p.is_file()), None)
 
-    def check(self, tokenizer: Any = None) -> None:
-        """Cheap consistency checks, run by the trainer before it starts.
+    def tokenizer_bytes(self) -> bytes:
+        """The bytes of the store's tokenizer model (:attr:`tokenizer_path`), checked against the
+        manifest's sha256: what the trainer loads and saves in its checkpoints.
 
-        Checks every shard file exists with the manifest's shape ``(rows, seq_len + 1)`` and the
-        store dtype (from the ``.npy`` headers only), that the dtype is the one the vocabulary needs,
-        and, when ``tokenizer`` is given, that its sha256 and vocabulary size match the manifest.
-        Full verification (hashes, ids, row structure) is ``xlab data validate``.
+        Raises:
+            XLabError: no tokenizer file, or one that is not the tokenizer the store was encoded with.
+        """
+        from xlab.fsio import sha256_bytes
+
+        path = self.tokenizer_path
+        if path is None:
+            raise XLabError(f"the tokenizer of shard store {self.path} is missing; run `{ENCODE_HINT} --force`")
+        data = path.read_bytes()
+        if sha256_bytes(data) != self.tokenizer_sha256:
+            raise XLabError(f"tokenizer {path} does not match shard store {self.path}; run `{ENCODE_HINT} --force`")
+        return data
+
+    def check(self, tokenizer: Any = None, *, tokenizer_file: str | os.PathLike | None = None) -> None:
+        """Cheap consistency checks (headers only), run before training, evaluation and stats start.
+
+        The manifest's row length and dtype, every shard file present with the manifest's shape
+        ``(rows, seq_len + 1)`` and the store dtype, and, when given, ``tokenizer`` (its sha256 and
+        vocabulary size) and ``tokenizer_file`` (its sha256; skipped when the file is missing) against
+        the manifest. The cheap depth of :func:`xlab.store.integrity.problems`; :meth:`verify` reads
+        the shards, ``xlab data validate`` lists every problem.
 
         Raises:
             XLabError: naming the first problem found and the command that fixes it.
         """
-        fix = f"run `{ENCODE_HINT} --force`"
-        if self.row_len != self.seq_len + 1:
-            raise XLabError(f"{self.path}: row_len {self.row_len} != seq_len + 1; {fix}")
-        if self.dtype != token_dtype(self.vocab_size):
-            raise XLabError(f"{self.path}: dtype {self.dtype} does not fit vocabulary {self.vocab_size}; {fix}")
-        if tokenizer is not None:
-            if tokenizer.sha256 != self.tokenizer_sha256:
-                raise XLabError(
-                    f"tokenizer sha256 {tokenizer.sha256[:12]} does not match the shard store's "
-                    f"{self.tokenizer_sha256[:12]} ({self.path}); re-encode with `{ENCODE_HINT} --force`"
-                )
-            if int(tokenizer.vocab_size) != self.vocab_size:
-                raise XLabError(
-                    f"tokenizer vocabulary {tokenizer.vocab_size} != shard store's {self.vocab_size}; {fix}"
-                )
-        for split in self.splits:
-            for sh in self.split_info(split)["shards"]:
-                p = self.path / sh["file"]
-                if not p.is_file():
-                    raise XLabError(f"missing shard {p}; {fix}")
-                try:
-                    shape, dtype, fortran, _ = read_npy_header(p)
-                except (OSError, ValueError) as e:
-                    raise XLabError(
-                        f"unreadable shard {p} ({e}); run `xlab data validate` to list every "
-                        f"problem, `{ENCODE_HINT} --force` to rebuild the store"
-                    ) from None
-                if dtype != self.dtype or shape != (int(sh["rows"]), self.row_len) or fortran:
-                    raise XLabError(
-                        f"shard {p} is {dtype}{list(shape)}, manifest says "
-                        f"{self.dtype}[{sh['rows']}, {self.row_len}]; {fix}"
-                    )
+        files = [Path(tokenizer_file)] if tokenizer_file is not None else []
+        for problem in problems(self, tokenizer=tokenizer, tokenizer_files=files):
+            raise XLabError(problem.error)
 
     def verify(self, chunk_rows: int = 65536) -> int:
-        """Check the store against its manifest by reading every shard once: its sha256, its token
-        ids (below the vocabulary), and the counts the manifest states (non-pad tokens per shard;
-        articles and targets per split), plus the tokenizer copy's sha256. The trainer runs it before
-        its first step and encode before it calls a store up to date; ``xlab data validate`` checks
-        the row structure too and lists every problem. Return the bytes read.
+        """:meth:`check`, then one read of every shard against the manifest: its sha256, its token ids
+        (below the vocabulary), and the counts the manifest states (non-pad tokens per shard; articles
+        and targets per split), plus the tokenizer copy's sha256 (the deep depth of
+        :func:`xlab.store.integrity.problems`). The trainer runs it before its first step and encode
+        before it calls a store up to date; ``xlab data validate`` checks the row structure too and
+        lists every problem. Return the bytes of the shards read.
 
         Raises:
-            XLabError: the first difference, naming the file and the commands that list and fix it.
+            XLabError: the first problem, naming the file and the commands that list and fix it.
         """
-        import hashlib
-
-        def bad(what: str) -> XLabError:
-            return XLabError(f"{what}; run `xlab data validate` to list every problem, `{ENCODE_HINT} --force` "
-                             "to rebuild the store")  # fmt: skip
-
-        tok = self.info.tokenizer
-        copy = self.path / tok.copy if tok.copy else None
-        if copy is not None and copy.is_file():
-            from xlab.fsio import sha256_file
-
-            if sha256_file(copy) != tok.sha256:
-                raise bad(f"{copy} is not the tokenizer the manifest names (sha256 differs)")
-        if self.info.inputs.get("tokenizer", tok.sha256) != tok.sha256:
-            raise bad(f"{self.path / MANIFEST}: its tokenizer sha256 differs from the one it was encoded with")
-        total = 0
-        row_bytes = self.row_len * self.dtype.itemsize
-        for split in self.splits:
-            entry, articles, targets = self.info.splits[split], 0, 0
-            for sh in entry.shards:
-                p = self.path / sh.file
-                digest, real, first = hashlib.sha256(), 0, True
-                try:
-                    _, _, _, offset = read_npy_header(p)
-                    with open(p, "rb") as f:
-                        digest.update(f.read(offset))
-                        while block := f.read(chunk_rows * row_bytes):
-                            digest.update(block)
-                            rows = np.frombuffer(block, dtype=self.dtype).reshape(-1, self.row_len)
-                            if rows.size and int(rows.max()) >= self.vocab_size:
-                                raise bad(f"shard {p} holds token id {int(rows.max())} >= vocabulary {self.vocab_size}")
-                            real += int(np.count_nonzero(rows != self.pad_id))
-                            a, t = row_counts(rows, layout=entry.layout, pad_id=self.pad_id, sos_id=self.sos_id,
-                                              first=first)  # fmt: skip
-                            articles, targets, first = articles + a, targets + t, False
-                except (OSError, ValueError) as e:
-                    raise bad(f"cannot read shard {p} ({e})") from None
-                if digest.hexdigest() != sh.sha256:
-                    raise bad(f"shard {p} changed since it was encoded (sha256 differs from the manifest)")
-                if real != sh.real_tokens:
-                    raise bad(f"shard {p} holds {real} non-pad tokens, the manifest says {sh.real_tokens}")
-                total += offset + sh.rows * row_bytes
-            for key, found in (("articles", articles), ("target_tokens", targets)):
-                if getattr(entry, key) != found:
-                    raise bad(f"split {split} of {self.path} holds {found} {key.replace('_', ' ')}, "
-                              f"the manifest says {getattr(entry, key)}")  # fmt: skip
-        return total
+        self.check()  # a header problem is named as such, before the sha256 it also changes
+        for problem in problems(self, deep=True, chunk_rows=chunk_rows):
+            raise XLabError(problem.error)
+        return sum((self.path / sh.file).stat().st_size for e in self.info.splits.values() for sh in e.shards)
 
     # ------------------------------------------------------------------------------ reading
     def _fd(self, split: str, shard: int) -> tuple[int, int]:

@@ -43,13 +43,14 @@ from omegaconf import DictConfig
 
 from xlab import distributed as xdist
 from xlab import loss as xloss
+from xlab.attention import refuse_flex_training
 from xlab.checkpoint import build_model, rng_state, tokenizer_bytes_tensor
 from xlab.config import ModelConfig, Parallel, from_dict, stage_paths, to_dict
 from xlab.device import autocast_factory, resolve_device
 from xlab.distributed import DistInfo, all_reduce_sum
 from xlab.errors import XLabError, first_line
 from xlab.evaluate import evaluate, metrics, split_batches
-from xlab.fsio import exclusive_lock, lock_path, sha256_bytes, sha256_file
+from xlab.fsio import exclusive_lock, lock_path
 from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore, document_ids
 from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
@@ -168,24 +169,13 @@ class Trainer:
         self.info, self.device = info, device
         paths = stage_paths(cfg)
         self.store = ShardStore(shards_dir if shards_dir is not None else paths.shards)
-        self.store.check()
-        tok_path = self.store.tokenizer_path
-        if tok_path is None:
-            raise XLabError(
-                f"the tokenizer of shard store {self.store.path} is missing; run `xlab data encode --force`"
-            )
-        default_tok = paths.tokenizer
-        if shards_dir is None and default_tok.is_file() and sha256_file(default_tok) != self.store.tokenizer_sha256:
-            raise XLabError(f"shard store {self.store.path} was encoded with another tokenizer than {default_tok} "
-                            "(trained again since?); run `xlab data encode` to rebuild the store")  # fmt: skip
+        # The store judges itself; by default it must also match the pipeline's tokenizer file, which
+        # `xlab tokenizer train --force` may have replaced since the store was encoded.
+        self.store.check(tokenizer_file=paths.tokenizer if shards_dir is None else None)
+        self.tok_bytes = self.store.tokenizer_bytes()
+        self.tok_sha = self.store.tokenizer_sha256
         if info.is_main:  # one sequential read of the store: a changed byte or count is caught before training
             self.store.verify()
-        self.tok_bytes = tok_path.read_bytes()
-        self.tok_sha = sha256_bytes(self.tok_bytes)
-        if self.tok_sha != self.store.tokenizer_sha256:
-            raise XLabError(
-                f"tokenizer {tok_path} does not match shard store {self.store.path}; run `xlab data encode --force`"
-            )
 
         self.run_dir = paths.run
         self.keeper = CheckpointKeeper(self.run_dir / "checkpoints", cfg.train.keep_best, info, device)
@@ -198,11 +188,8 @@ class Trainer:
         )
         # The one place the model's configuration is made: the user's model section and the store.
         self.model_config = ModelConfig.of(self.cfg.model, vocab_size=self.store.vocab_size, max_len=self.store.seq_len)
-        if self.cfg.model.attention == "flex" and device.type != "cuda":  # refused before the run folder exists
-            raise XLabError(
-                "model.attention=flex trains only on CUDA (torch's FlexAttention has no CPU backward); "
-                "use model.attention=sdpa on CPU"
-            )
+        if self.cfg.model.attention == "flex":  # refused before the run folder exists
+            refuse_flex_training(device)
         t = self.cfg.train
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
