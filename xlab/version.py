@@ -2,4 +2,4 @@
 (pyproject.toml), checkpoints and manifests (as a record, never as a freshness test: each data
 stage judges freshness by its own ``STAGE_VERSION``)."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
