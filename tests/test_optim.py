@@ -43,6 +43,20 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert [g["lr_scale"] for g in opt.param_groups] == [50.0, 1.0, 1.0]
 
 
+def test_embedding_and_head_learning_rates_have_their_own_groups():
+    model, t = model_and_cfg("train.embedding_lr=0.2", "train.head_lr=0.004")
+    opt = build_optimizer(model, t, torch.device("cpu"))
+    by_scale = {round(g["lr_scale"], 6): names_of(model, g["params"]) for g in opt.adamw.param_groups}
+    assert by_scale[200.0] == {"tok_emb.weight"} and by_scale[4.0] == {"lm_head.weight", "lm_head.bias"}
+    assert all(g["weight_decay"] == 0.0 for g in opt.adamw.param_groups if g["lr_scale"] != 1.0)
+    tied, t = model_and_cfg("train.embedding_lr=0.2", "train.head_lr=0.004", "model.tie_embeddings=true")
+    groups = build_optimizer(tied, t, torch.device("cpu")).adamw.param_groups
+    # a tied head is the embedding: it trains at embedding_lr; only the head's bias is the head's own
+    assert {round(g["lr_scale"], 6): names_of(tied, g["params"]) for g in groups}[4.0] == {"lm_head.bias"}
+    plain, t = model_and_cfg()
+    assert len(build_optimizer(plain, t, torch.device("cpu")).adamw.param_groups) == 2  # as before: unchanged
+
+
 def test_one_muon_step_is_an_orthogonalised_update_of_the_shape_scaled_size():
     model, t = model_and_cfg("train.weight_decay=0")
     opt = build_optimizer(model, t, torch.device("cpu"))

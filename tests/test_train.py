@@ -17,6 +17,7 @@ from xlab.checkpoint import load_checkpoint
 from xlab.config import ModelConfig
 from xlab.errors import XLabError
 from xlab.train import lr_at, param_groups, train
+from xlab.train.schedule import momentum_at
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,44 @@ def test_lr_schedule():
     assert lr_at(50, **{**kw, "schedule": "constant"}) == 1.0
     lrs = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_warmup_stable_decay_schedule():
+    kw = dict(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
+    assert all(lr_at(s, **kw) == 1.0 for s in range(10, 80))  # stable until the last 20 steps
+    assert lr_at(80, **kw) == pytest.approx(1.0 - 0.9 / 20)  # the first step of the linear decay
+    assert lr_at(89, **kw) == pytest.approx(0.55)  # half way down
+    assert lr_at(99, **kw) == pytest.approx(0.1) and lr_at(150, **kw) == pytest.approx(0.1)  # the floor
+    assert lr_at(99, **{**kw, "min_lr_ratio": 0.0}) == 0.0  # decays to zero, as nanochat's does
+
+
+def test_muon_momentum_warmup():
+    kw = dict(momentum=0.95, start=0.85, warmup_steps=300)
+    assert momentum_at(0, **kw) == 0.85 and momentum_at(150, **kw) == pytest.approx(0.90)
+    assert momentum_at(300, **kw) == 0.95 and momentum_at(10_000, **kw) == 0.95
+    assert momentum_at(0, **{**kw, "warmup_steps": 0}) == 0.95
+
+
+def test_the_newer_recipe_options_train_and_resume_exactly(store, tmp_path):
+    """wsd, Muon momentum warm-up, embedding and head learning rates and AdamW eps: the schedules
+    are functions of the step, so 6 steps equal 3 + resume + 3, and each option reaches the optimizer."""
+    opts = ("train.optimizer=muon", "train.lr_schedule=wsd", "train.decay_fraction=0.5", "train.min_lr_ratio=0",
+            "train.muon_momentum_warmup_steps=4", "train.embedding_lr=0.05", "train.head_lr=0.001",
+            "train.adam_eps=1e-10", "train.eval_every=100")  # fmt: skip
+    train(make_cfg(tmp_path / "a", *opts), shards_dir=store)
+    train(make_cfg(tmp_path / "b", *opts), shards_dir=store, stop_after=3)
+    train(make_cfg(tmp_path / "b", *opts), shards_dir=store, resume=True)
+    la, lb = (read_metrics(tmp_path / r / "t") for r in "ab")
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb] and len(la) == 6
+    assert [r["lr"] for r in la] == pytest.approx([3e-3 * f for f in (1 / 2, 1, 1, 2 / 3, 1 / 3, 0)])
+    ck = load_checkpoint(tmp_path / "b" / "t" / "checkpoints" / "last.pt")
+    wa = load_checkpoint(tmp_path / "a" / "t" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], ck["model"][k]) for k in wa)
+    groups = ck["optimizer"]["adamw"]["param_groups"]
+    # AdamW keeps norms and biases (1.0), the embedding and the head; Muon every block matrix
+    assert sorted(g["lr_scale"] for g in groups) == pytest.approx(sorted([1.0, 0.05 / 3e-3, 0.001 / 3e-3]))
+    assert all(g["eps"] == 1e-10 for g in groups) and ck["optimizer"]["muon"]["param_groups"][0]["momentum"] == 0.95
 
 
 def test_weight_decay_only_on_matrices():

@@ -152,6 +152,7 @@ class Parallel(Choice):
 class LRSchedule(Choice):
     constant = "constant"
     cosine = "cosine"
+    wsd = "wsd"  # warmup, stable, then linear decay over the last train.decay_fraction of the steps
 
 
 @dataclass
@@ -298,12 +299,22 @@ class TrainConfig:
     optimizer: Optimizer = Optimizer.adamw
     muon_lr: float = setting(0.02, gt=0)  # Muon's peak learning rate (optimizer=muon); the schedule scales both
     muon_momentum: float = setting(0.95, ge=0, lt=1)
-    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # the cosine schedule's floor, as a fraction of lr
+    # Muon's momentum rises linearly from muon_momentum_start to muon_momentum over the first
+    # muon_momentum_warmup_steps steps (0: constant), as modded-nanogpt's and nanochat's records do.
+    muon_momentum_start: float = setting(0.85, ge=0, lt=1)
+    muon_momentum_warmup_steps: int = setting(0, ge=0)
+    min_lr_ratio: float = setting(0.1, ge=0, le=1)  # the floor of cosine and wsd, as a fraction of lr
     lr_schedule: LRSchedule = LRSchedule.cosine
     warmup_steps: int = setting(100, ge=0)
+    decay_fraction: float = setting(0.2, ge=0, le=1)  # wsd: the last fraction of the steps decays linearly
     weight_decay: float = setting(0.1, ge=0)
     beta1: float = setting(0.9, ge=0, lt=1)
     beta2: float = setting(0.95, ge=0, lt=1)
+    adam_eps: float = setting(1e-8, gt=0, lt=1)  # AdamW's epsilon (every AdamW group)
+    # The token embedding's and the output head's own AdamW learning rates; None: train.lr. A tied
+    # head is the embedding (embedding_lr). Each follows the schedule like train.lr.
+    embedding_lr: Optional[float] = setting(None, gt=0)
+    head_lr: Optional[float] = setting(None, gt=0)
     grad_clip: float = setting(1.0, ge=0)
     seed: int = setting(42, ge=0, le=SEED_MAX)
     log_every: int = setting(10, ge=1)

@@ -24,22 +24,44 @@ from xlab.config import Optimizer, TrainConfig
 from xlab.errors import XLabError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    lr: Optional[float] = None,
+    embedding_lr: Optional[float] = None,
+    head_lr: Optional[float] = None,
+) -> list[dict]:
     """AdamW parameter groups: decay on weight matrices, none on biases, norms and embeddings.
 
     A parameter decays when it has two or more dimensions and does not belong to an ``nn.Embedding``
-    (a tied output head shares the embedding's tensor and so does not decay either).
+    (a tied output head shares the embedding's tensor and so does not decay either). With
+    ``embedding_lr`` (the token embedding, ``model.tok_emb``) or ``head_lr`` (the output head,
+    ``model.lm_head``), those parameters get groups of their own, without weight decay, whose
+    ``lr_scale`` is that rate over ``lr``; without them the two groups above are all there is.
+    Empty groups are left out.
     """
     emb = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    own: dict[int, int] = {}  # id(parameter) -> index of its own group below
+    extra = []
+    for name, rate in (("tok_emb", embedding_lr), ("lm_head", head_lr)):
+        module = getattr(model, name, None)
+        if rate is None or module is None:
+            continue
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in own]  # tied: the embedding's
+        own |= {id(p): len(extra) for p in params}
+        extra.append({"params": params, "weight_decay": 0.0, "lr_scale": rate / lr})
     decay, no_decay = [], []
     for _, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in own:
             continue
         (decay if p.ndim >= 2 and id(p) not in emb else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        *extra,
     ]
+    return [g for g in groups if g["params"]]
 
 
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
@@ -140,14 +162,14 @@ def _adamw(groups: list[dict], t: TrainConfig, device: torch.device) -> torch.op
         impl = {"fused": True}
     except (RuntimeError, TypeError, ValueError):
         impl = {}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **impl)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, **impl)
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
     """The optimizer ``t.optimizer`` names.
 
-    ``adamw``: AdamW over :func:`param_groups` with ``t.lr``, ``t.beta1``, ``t.beta2``,
-    ``t.weight_decay``. ``muon``: :class:`MuonAdamW`, Muon (``t.muon_lr``, ``t.muon_momentum``,
+    ``adamw``: AdamW over :func:`param_groups` with ``t.lr`` (``t.embedding_lr`` and ``t.head_lr`` for
+    their own groups), ``t.beta1``, ``t.beta2``, ``t.adam_eps``, ``t.weight_decay``. ``muon``: :class:`MuonAdamW`, Muon (``t.muon_lr``, ``t.muon_momentum``,
     Nesterov, 5 Newton-Schulz steps in bf16) over :func:`muon_params` and AdamW as above over the rest;
     :class:`ShardedMuon` when the matrices are FSDP2 shards.
 
@@ -155,15 +177,17 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> t
         XLabError: ``muon`` on a torch without ``torch.optim.Muon`` (before 2.9), or a model without
             block matrices.
     """
+    rates = {"lr": t.lr, "embedding_lr": t.embedding_lr, "head_lr": t.head_lr}
     if Optimizer.parse(t.optimizer, "train.optimizer") == Optimizer.adamw:
-        return _adamw(param_groups(model, t.weight_decay), t, device)
+        return _adamw(param_groups(model, t.weight_decay, **rates), t, device)
     if not hasattr(torch.optim, "Muon"):
         raise XLabError(f"train.optimizer=muon needs torch >= 2.9 (installed: {torch.__version__}); use adamw")
     matrices = muon_params(model)
     if not matrices:
         raise XLabError("train.optimizer=muon found no block weight matrices in the model")
     taken = {id(p) for p in matrices}
-    rest = [g | {"params": [p for p in g["params"] if id(p) not in taken]} for g in param_groups(model, t.weight_decay)]
+    groups = param_groups(model, t.weight_decay, **rates)
+    rest = [g | {"params": [p for p in g["params"] if id(p) not in taken]} for g in groups]
     scale = t.muon_lr / t.lr
     from torch.distributed.tensor import DTensor
 

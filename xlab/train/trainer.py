@@ -65,7 +65,7 @@ from xlab.train.parallel import (
     shard_optimizer_state,
 )
 from xlab.train.resume import check_store, reconcile, start_checkpoint, store_record, take_store_settings
-from xlab.train.schedule import lr_at
+from xlab.train.schedule import lr_at, momentum_at
 from xlab.train.signals import Interrupt
 
 
@@ -351,9 +351,15 @@ class Trainer:
             warmup_steps=t.warmup_steps,
             schedule=t.lr_schedule,
             min_lr_ratio=t.min_lr_ratio,
+            decay_fraction=t.decay_fraction,
         )
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # Muon's group runs at muon_lr / lr times AdamW's
+        if t.muon_momentum_warmup_steps and hasattr(self.optimizer, "muon"):
+            m = momentum_at(self.step, momentum=t.muon_momentum, start=t.muon_momentum_start,
+                            warmup_steps=t.muon_momentum_warmup_steps)  # fmt: skip
+            for g in self.optimizer.muon.param_groups:
+                g["momentum"] = m
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
