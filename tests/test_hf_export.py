@@ -160,3 +160,37 @@ def test_force_replaces_an_earlier_export(tok, tmp_path):
     (out / "stale.txt").write_text("old")
     export_hf(tmp_path / "last.pt", out, force=True)
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------- generation config, card
+def test_generation_config_and_model_card(tok, tmp_path):
+    """generation_config.json carries the run's generate: settings (sampling works from it as it is);
+    the card names the data, tokens seen, the recorded val loss and bits per byte, and the licence."""
+    import json
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    run = tmp_path / "runs" / "demo"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.pt"
+    save_tiny(ckpt, tok, overrides=["generate.top_k=10", "generate.temperature=0.7", "train.batch_size=4"])
+    records = [
+        {"step": 5, "split": "val", "loss": 5.25, "bits_per_byte": 2.5},
+        {"step": 9, "split": "val", "loss": 1.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = export_hf(ckpt, tmp_path / "hf")
+    g = GenerationConfig.from_pretrained(str(out))
+    assert (g.do_sample, g.temperature, g.top_k, g.top_p, g.max_new_tokens) == (True, 0.7, 10, 0.95, 80)
+    assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == (tok.sos_id, tok.eos_id, tok.pad_id)
+    card = (out / "README.md").read_text()
+    for words in ("validation loss 5.2500", "2.5000 bits per byte", "CC BY-SA 4.0", "Wikipedia sample",
+                  f"{7 * 4 * MAX_LEN:,}", "muon", "trust_remote_code=True"):  # fmt: skip
+        assert words in card, words
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    torch.manual_seed(0)
+    assert hf.generate(torch.tensor([[tok.sos_id]]), max_new_tokens=5).shape[1] <= 6
+    save_tiny(ckpt, tok, overrides=["generate.temperature=0", *OPTIONS["llama-mqa"]])
+    out = export_hf(ckpt, tmp_path / "hf", force=True)
+    assert GenerationConfig.from_pretrained(str(out)).do_sample is False
+    assert "not recorded" not in (out / "README.md").read_text()  # step 7: the record of step 5

@@ -3,7 +3,8 @@
 The folder loads with ``transformers.AutoModelForCausalLM.from_pretrained(DIR)`` (native classes
 where one expresses the model exactly, else with ``trust_remote_code=True``: :mod:`xlab.hf.native`)
 and ``AutoTokenizer.from_pretrained(DIR)`` (:mod:`xlab.hf.tokenizer`). It holds ``config.json``,
-``model.safetensors`` (float32), the tokenizer files and, for remote code, ``configuration_xlab.py``
+``model.safetensors`` (float32), the tokenizer files, ``generation_config.json`` (the run's
+``generate:`` settings), a model card ``README.md`` and, for remote code, ``configuration_xlab.py``
 and ``modeling_xlab.py``. Writing it needs the ``tokenizers`` package (``pip install 'xlabml[hf]'``);
 nothing here imports transformers.
 """
@@ -71,6 +72,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
     tok = _tokenizer_from_bytes(tensor_bytes(ckpt["tokenizer"]))
     from safetensors.torch import save_file
 
+    from xlab.hf.card import generation_config, last_val, model_card
     from xlab.hf.native import architecture, convert
     from xlab.hf.tokenizer import write_tokenizer
 
@@ -85,11 +87,15 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
         publish_mode(tmp / "model.safetensors")  # the safetensors writer creates it 0600
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         write_tokenizer(tmp, tok, model.cfg.max_len)
+        gen = generation_config(cfg.generate, special)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+        why = architecture(model.cfg)[1]
+        card = model_card(cfg, model.cfg, arch, why, step, model.num_parameters(), last_val(ckpt_path, step))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if arch == "xlab":
             remote = Path(__file__).parent / "remote"
             for name in REMOTE_FILES:
                 shutil.copyfile(remote / name, tmp / name)
-    why = architecture(model.cfg)[1]
     load = "trust_remote_code=True" if arch == "xlab" else "no remote code"
     print(f"export: {out} ({arch}, {load}{'; ' + why if why else ''})")
     return out
