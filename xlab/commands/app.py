@@ -282,7 +282,12 @@ def evaluate(
 @app.command("export")
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint .pt")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/<run>-step<step>[-hf]).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Output folder; with --format hf, exports/<run>-step<step>-hf unless given (default: exports/<run>-step<step>)."
+        ),
+    ] = None,
     format_: Annotated[
         str,
         typer.Option("--format", help="xlab (safetensors + XLab's configuration) | hf (Hugging Face transformers)."),
