@@ -282,12 +282,34 @@ def evaluate(
 @app.command("export")
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint .pt")],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/<run>-step<step>).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Output folder; with --format hf, exports/<run>-step<step>-hf unless given (default: exports/<run>-step<step>)."
+        ),
+    ] = None,
+    format_: Annotated[
+        str,
+        typer.Option("--format", help="xlab (safetensors + XLab's configuration) | hf (Hugging Face transformers)."),
+    ] = "xlab",
+    force: Annotated[bool, typer.Option("--force", help="--format hf: replace an earlier export at --out.")] = False,
 ):
-    """Write the weights as safetensors plus the configuration and tokenizer; never overwrites."""
+    """Write the weights as safetensors plus the configuration and tokenizer; never overwrites.
+
+    --format hf writes a folder for transformers' AutoModelForCausalLM and AutoTokenizer
+    (docs/export.md: which architecture each model option maps to)."""
     from xlab import checkpoint as ckpt
 
-    ckpt.export(checkpoint, out)
+    if format_ not in ("xlab", "hf"):
+        raise XLabError(f"--format must be xlab or hf, got {format_!r}")
+    if format_ == "xlab":
+        if force:
+            raise XLabError("--force applies to --format hf; the xlab format never overwrites")
+        ckpt.export(checkpoint, out)
+        return
+    from xlab.hf import export_hf
+
+    export_hf(checkpoint, out, force=force)
 
 
 # ----------------------------------------------------------------------------------- generation
