@@ -4,7 +4,7 @@ Layers, lowest first (a module imports its own layer and the ones below it; the 
 not import one another, except that train imports evaluate):
   ground    xlab.version, xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed, xlab.progress
   core      xlab.tokenizer, xlab.store, xlab.attention, xlab.model, xlab.loss, xlab.checkpoint
-  apps      xlab.evaluate, xlab.train, xlab.generate (train may import evaluate: it evaluates),
+  apps      xlab.evaluate, xlab.train, xlab.generate, xlab.hf (the Hugging Face export; train may import evaluate),
             xlab.plot (it reads run folders, it imports no other app)
   commands  xlab.commands and the entry modules (xlab.__main__, xlab.cli), and the package root
             ``xlab`` (the public face: it re-exports; nothing inside XLab imports it)
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 GROUND = {"xlab.version", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed", "xlab.progress"}
 CORE = {"xlab.tokenizer", "xlab.store", "xlab.attention", "xlab.model", "xlab.loss", "xlab.checkpoint"}
-APPS = {"xlab.evaluate", "xlab.train", "xlab.generate", "xlab.plot"}
+APPS = {"xlab.evaluate", "xlab.train", "xlab.generate", "xlab.plot", "xlab.hf"}
 COMMANDS = {"xlab", "xlab.commands", "xlab.__main__", "xlab.cli"}
 PIPELINES_MAY_USE = GROUND | {"xlab.tokenizer", "xlab.store"}
 APPS_LAYER = 2  # its rooms are independent of one another (train -> evaluate aside)

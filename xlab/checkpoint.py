@@ -220,7 +220,12 @@ def tensor_bytes(t) -> bytes:
     return t.cpu().numpy().tobytes()
 
 
-def _tokenizer_from_bytes(data: bytes):
+def tokenizer_from_bytes(data: bytes):
+    """The :class:`~xlab.tokenizer.Tokenizer` of a checkpoint's stored ``.model`` bytes.
+
+    Raises:
+        XLabError: the bytes are not a readable SentencePiece model.
+    """
     from xlab.tokenizer import Tokenizer
 
     try:
@@ -294,7 +299,7 @@ def _inference_backend(mc: dict, where: Path, device: Any) -> dict:
     return mc
 
 
-def _config_and_model(saved: Any, where: Path, device: Any = "cpu"):
+def config_and_model(saved: Any, where: Path, device: Any = "cpu"):
     """``(cfg, model)`` from a checkpoint's (or an export's) saved ``config`` and ``model_config``
     (:func:`xlab.config.stored_model_config`); XLabError if they are not usable ones.
 
@@ -352,7 +357,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         saved = {"config": _read_export_json(cfg_path)}
         if (path / EXPORT_MODEL_CONFIG).is_file():  # before 0.7 the config's model section held it all
             saved["model_config"] = _read_export_json(path / EXPORT_MODEL_CONFIG)
-        cfg, model = _config_and_model(saved, cfg_path, device)
+        cfg, model = config_and_model(saved, cfg_path, device)
         from safetensors.torch import load_model as st_load
 
         try:
@@ -371,7 +376,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         }
     else:
         ckpt = load_checkpoint(path)
-        cfg, model = _config_and_model(ckpt, path, device)
+        cfg, model = config_and_model(ckpt, path, device)
         try:
             model.load_state_dict(ckpt["model"])
         except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
@@ -380,7 +385,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
         shards = ckpt.get("shards")
         meta = {"step": ckpt.get("step"), "shards": shards if isinstance(shards, str) else None}
     meta["tokenizer_sha256"] = sha256_bytes(tok_bytes)
-    tokenizer = _tokenizer_from_bytes(tok_bytes)
+    tokenizer = tokenizer_from_bytes(tok_bytes)
     import torch
 
     bad = next(
@@ -413,7 +418,7 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     step = int(ckpt.get("step", 0))
-    cfg, model = _config_and_model(ckpt, ckpt_path)
+    cfg, model = config_and_model(ckpt, ckpt_path)
     from xlab.config import to_dict
 
     cfg_dict = to_dict(cfg)  # the configuration as this XLab reads it (settings it no longer has dropped)

@@ -50,7 +50,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
         XLabError: not an XLab checkpoint, ``out`` exists (without ``force``, or not an export), the
             ``tokenizers`` package is missing, or the folder cannot be written; nothing is written then.
     """
-    from xlab.checkpoint import _config_and_model, _tokenizer_from_bytes, load_checkpoint, tensor_bytes
+    from xlab.checkpoint import config_and_model, load_checkpoint, tensor_bytes, tokenizer_from_bytes
     from xlab.fsio import atomic_dir, publish_mode
 
     ckpt_path = Path(ckpt_path)
@@ -61,7 +61,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
     except ImportError:
         raise XLabError("--format hf needs the tokenizers package: pip install 'xlabml[hf]'") from None
     ckpt = load_checkpoint(ckpt_path)
-    cfg, model = _config_and_model(ckpt, ckpt_path)
+    cfg, model = config_and_model(ckpt, ckpt_path)
     step = int(ckpt.get("step", 0))
     out = Path(out) if out is not None else Path("exports") / f"{cfg.train.run_name}-step{step}-hf"
     _check_out(out, force)
@@ -69,7 +69,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
         raise XLabError(f"checkpoint {ckpt_path} does not match its model configuration: {first_line(e)}") from None
-    tok = _tokenizer_from_bytes(tensor_bytes(ckpt["tokenizer"]))
+    tok = tokenizer_from_bytes(tensor_bytes(ckpt["tokenizer"]))
     from safetensors.torch import save_file
 
     from xlab.hf.card import generation_config, last_val, model_card
