@@ -119,6 +119,7 @@ def train(
         Terminated: after SIGTERM, once ``last.pt`` is saved (the CLI exits with code 143).
     """
     info = xdist.dist_info()
+    xdist.die_with_launcher()  # a SIGKILLed torchrun takes its ranks along: no orphan keeps the run's lock
     device = resolve_device(cfg.train.device, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
