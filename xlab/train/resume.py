@@ -83,15 +83,16 @@ def _count(value: object, low: int = 0) -> bool:
 
 
 def _problem(ckpt: dict) -> Optional[str]:
-    """The first counter of ``ckpt`` that no run can have reached, described; None when all can."""
+    """The first counter of ``ckpt`` that no run can have reached, described; None when all can. A
+    missing one is left to the loading of the training state, which reports the file incomplete."""
     step, total = ckpt.get("step"), ckpt.get("total_steps")
-    if not _count(step):
+    if step is not None and not _count(step):
         return f"step {step!r} is not a count of steps (0 or more)"
     if total is not None and not _count(total, 1):
         return f"total_steps {total!r} is not a count of steps (1 or more)"
-    if total is not None and step > total:  # a run stops at its total and saves nothing after it
+    if None not in (step, total) and step > total:  # a run stops at its total and saves nothing after it
         return f"step {step} is beyond its run's total_steps {total}"
-    loader = ckpt.get("loader")
+    loader = ckpt.get("loader", {"epoch": 0, "position": 0})
     if not isinstance(loader, dict) or not all(_count(loader.get(k)) for k in ("epoch", "position")):
         return f"loader state {loader!r} has no epoch and position (counts, 0 or more)"
     elapsed = ckpt.get("elapsed_s", 0.0)
@@ -102,7 +103,7 @@ def _problem(ckpt: dict) -> Optional[str]:
         return f"best list {best!r} is not a list"
     for b in best:
         # The keeper deletes the files that fall out of this list: each must be its own snapshot's name.
-        ok = isinstance(b, dict) and _count(b.get("step"), 1) and b["step"] <= step
+        ok = isinstance(b, dict) and _count(b.get("step"), 1) and b["step"] <= (math.inf if step is None else step)
         ok = ok and b.get("file") == f"best-step{b['step']:07d}.pt" and isinstance(b.get("loss"), (int, float))
         if not ok or not math.isfinite(b["loss"]):
             return f"best list entry {b!r} is not a snapshot of this run (step 1..{step}, best-stepNNNNNNN.pt, a loss)"
