@@ -35,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines import encode_job, encode_parts
 from pipelines.encode_job import SPLIT_FIX, WORK, EncodeJob
-from pipelines.stage import console, die_with_parent, output_lock, parquet_file, reading_parquet, skipped
+from pipelines.stage import console, output_lock, parquet_file, reading_parquet, skipped
 from xlab.config import SPLITS, stage_paths
+from xlab.distributed import die_with_parent
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_json, read_json
 from xlab.tokenizer import LONG_TEXT

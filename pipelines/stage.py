@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -174,40 +170,6 @@ def write_manifest(
 def skipped(stage: str, manifest_path: Path, redo: str = "use --force to redo") -> None:
     """Print the one line that says a stage was up to date, and how to redo it."""
     console.print(f"[bold]{stage}[/bold]: up to date ({manifest_path}); {redo}")
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this worker process end when the process that started it ends, however it ends, and
-    leave Ctrl-C to the parent.
-
-    A pool's workers otherwise outlive a parent killed with SIGKILL (nothing can run in the
-    parent then), blocked forever on their task queue, and with them the resource tracker they
-    keep open. On Linux the kernel delivers SIGKILL to the worker when its parent dies
-    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a daemon thread polls ``os.getppid()``. Either way a
-    parent that died before this call is noticed here and the worker exits at once.
-    """
-    # Ctrl-C in a terminal reaches the whole process group: only the parent handles it (it stops
-    # the pool and says in one line that a rerun resumes), so a worker prints no traceback of its own.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            armed = False
-    if os.getppid() != parent_pid:  # the parent is already gone (we were re-parented)
-        os._exit(1)
-    if not armed:
-
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="xlab-parent-watch", daemon=True).start()
 
 
 def _jsonable(x: Any) -> Any:

@@ -3,7 +3,6 @@ a 2-process run stopped and resumed equals an uninterrupted one."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_cfg, make_store, read_metrics, torchrun_train
+from train_helpers import make_cfg, make_store, read_metrics, torchrun_env, torchrun_train
 
 from xlab.checkpoint import load_checkpoint
 from xlab.train import train
@@ -96,7 +95,7 @@ def test_sigterm_to_torchrun_saves_every_rank_at_one_step(store, tmp_path):
                        "train.checkpoint_every=100000"), shards_dir={str(store)!r})
     """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = torchrun_env()  # this checkout first on the ranks' path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     metrics = tmp_path / "t" / "metrics.jsonl"

@@ -75,14 +75,11 @@ def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-def torchrun_train(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False,
-                   preamble: str = "") -> str:  # fmt: skip
-    """Run ``xlab.train.train`` with :func:`make_cfg` ``(runs, *overrides)`` in 2 gloo processes
-    under torchrun (``preamble``: code each worker runs first); return their stdout.
-
-    Raises:
-        AssertionError: the launch failed (with the tail of its output), or took over 240 s.
-    """
+def torchrun_command(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False,
+                     preamble: str = "") -> list[str]:  # fmt: skip
+    """The command line that runs ``xlab.train.train`` with :func:`make_cfg` ``(runs, *overrides)`` in 2
+    gloo processes under torchrun (``preamble``: code each worker runs first); its script is written
+    to ``tmp_path/worker.py``."""
     script = Path(tmp_path) / "worker.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -99,13 +96,25 @@ def torchrun_train(tmp_path: Path, store: Path, runs: Path, *overrides: str, sto
               stop_after={stop_after!r})
         """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment of a torchrun launch: one thread per rank, and this checkout's ``xlab`` first on
+    the ranks' path (the worker script runs from the test's folder, not the checkout's root)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def torchrun_train(tmp_path: Path, store: Path, runs: Path, *overrides: str, stop_after=None, resume=False,
+                   preamble: str = "") -> str:  # fmt: skip
+    """Run ``xlab.train.train`` with :func:`make_cfg` ``(runs, *overrides)`` in 2 gloo processes
+    under torchrun (``preamble``: code each worker runs first); return their stdout.
+
+    Raises:
+        AssertionError: the launch failed (with the tail of its output), or took over 240 s.
+    """
+    cmd = torchrun_command(tmp_path, store, runs, *overrides, stop_after=stop_after, resume=resume, preamble=preamble)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=torchrun_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout

@@ -268,19 +268,6 @@ def load_model(path: str | os.PathLike, device: Any = "cpu"):
     return model, cfg, tokenizer
 
 
-def _known_settings(d: dict, schema: dict, top: bool = True) -> dict:
-    """``d`` without the settings the current schema does not know, except in the ``model`` section
-    (an unknown model setting could change the architecture, so it stays and fails loudly)."""
-    out = {}
-    for k, v in d.items():
-        if k not in schema:
-            continue
-        if isinstance(v, dict) and isinstance(schema[k], dict) and not (top and k == "model"):
-            v = _known_settings(v, schema[k], top=False)
-        out[k] = v
-    return out
-
-
 def _inference_backend(mc: dict, where: Path, device: Any) -> dict:
     """A model trained with ``attention=flash_attn`` is served by ``sdpa`` where flash-attn cannot run
     (not installed, or a CPU device): the backend holds no weights and computes the same attention,
@@ -300,38 +287,19 @@ def _inference_backend(mc: dict, where: Path, device: Any) -> dict:
 
 
 def config_and_model(saved: Any, where: Path, device: Any = "cpu"):
-    """``(cfg, model)`` from a checkpoint's (or an export's) saved ``config`` and ``model_config``
-    (:func:`xlab.config.stored_model_config`); XLabError if they are not usable ones.
+    """``(cfg, model)`` from a checkpoint's (or an export's) saved configuration (:func:`saved_config`),
+    the attention backend one that runs on ``device``; XLabError if they are not usable ones."""
+    from xlab.config import saved_config
 
-    Settings that this XLab no longer has (e.g. a data option dropped since the run) are ignored
-    outside the model configuration, so older checkpoints still load for generate, evaluate and
-    export; an unknown model setting could change the architecture, so it fails loudly.
-    """
-    from xlab.config import XLabConfig, from_dict, stored_model_config, to_dict
-
-    cfg_dict = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model"), dict):
-        raise XLabError(f"{where} holds no XLab model configuration (expected a mapping with a 'model' section)")
+    cfg, mc = saved_config(saved, where)
     try:
-        try:
-            cfg = from_dict(cfg_dict)
-        except Exception:  # noqa: BLE001 - retried without the settings the schema no longer knows
-            from omegaconf import OmegaConf
-
-            schema = OmegaConf.to_container(OmegaConf.structured(XLabConfig))
-            cfg = from_dict(_known_settings(cfg_dict, schema))
-        mc = stored_model_config(saved)
-        section = to_dict(cfg)["model"]
-        differ = sorted(k for k in section if k in mc and mc[k] != section[k])
-        if differ:  # one of the two was edited: which one the weights fit is unknowable
-            raise XLabError(f"its model_config and config disagree on model.{', model.'.join(differ)}")
         mc = _inference_backend(mc, where, device)
-        if mc.get("attention") != section.get("attention"):
+        if mc.get("attention") != cfg.model.attention:
             from xlab.config import Attention
 
             cfg.model.attention = Attention(mc["attention"])  # the backend served, as the model says
         model = build_model(mc)
-    except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
+    except Exception as e:  # noqa: BLE001 - impossible sizes: a bad file, not a bug
         raise XLabError(f"{where} holds an unusable configuration: {first_line(e)}") from None
     return cfg, model
 

@@ -11,10 +11,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,32 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The names atomic_path, create_once and atomic_dir give their temporaries: tempfile's 8 random
+# characters between ".<name>." and ".tmp" (or ".old", an old folder moved aside before removal).
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")
+
+
+def remove_temporaries(folder: str | os.PathLike, extra: Sequence[str] = ()) -> list[Path]:
+    """Remove what killed writers left in ``folder`` (not below it): the temporary files and
+    folders of :func:`atomic_path`, :func:`create_once` and :func:`atomic_dir`, and the names that
+    match the glob patterns ``extra`` (a writer's own temporaries). A missing folder has none.
+
+    Call it only while holding the lock of the folder's writer (:func:`exclusive_lock`): a live
+    writer's temporaries look the same. Returns the paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _TEMPORARY.match(p.name)]
+    found += [p for pattern in extra for p in folder.glob(pattern)]
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def read_json(path: str | os.PathLike) -> Any:

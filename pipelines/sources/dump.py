@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pipelines import wikitext
 from pipelines.sources.base import Row, Source
-from pipelines.stage import die_with_parent
+from xlab.distributed import die_with_parent
 from xlab.errors import XLabError
 from xlab.fsio import sha256_file
 from xlab.progress import BYTES

@@ -240,6 +240,9 @@ def train(
 
     --resume without -c continues with the run's own saved runs/<run>/config.yaml (-o and flags
     still override it)."""
+    from xlab.distributed import die_with_launcher
+
+    die_with_launcher()  # first, before torch loads: the window in which a killed torchrun leaves an orphan
     flags = {"train.run_name": run_name, "train.max_steps": max_steps, "train.device": device, "train.threads": threads}
     cfg = _cfg(config, set_, flags)
     if resume and not config:

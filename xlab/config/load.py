@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from xlab.config.schema import FROM_STORE, ModelConfig, XLabConfig, check_ranges, name_problem
 from xlab.errors import XLabError, first_line
@@ -187,3 +187,53 @@ def stored_model_config(saved: dict) -> dict:
         return mc
     cfg = saved.get("config")
     return dict(cfg["model"]) if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else {}
+
+
+def saved_config(saved: Any, where: Path) -> tuple[Any, dict]:
+    """``(cfg, model_config)`` of a checkpoint's (or an export's) saved ``config`` and ``model_config``
+    (:func:`stored_model_config`), both checked against this XLab's schema without
+    building the model: every option and range (:meth:`~xlab.config.ModelConfig.check`), and the two
+    agreeing on every model setting.
+
+    Settings that this XLab no longer has (e.g. a data option dropped since the run) are ignored
+    outside the model configuration, so older checkpoints still load for generate, evaluate, export
+    and ``--resume``; an unknown model setting could change the architecture, so it fails loudly.
+
+    Raises:
+        XLabError: ``{where} holds an unusable configuration: ...`` naming the setting.
+    """
+    cfg_dict = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model"), dict):
+        raise XLabError(f"{where} holds no XLab model configuration (expected a mapping with a 'model' section)")
+    try:
+        try:
+            cfg = from_dict(cfg_dict)
+        except Exception:  # noqa: BLE001 - retried without the settings the schema no longer knows
+            from omegaconf import OmegaConf
+
+            schema = OmegaConf.to_container(OmegaConf.structured(XLabConfig))
+            cfg = from_dict(_known_settings(cfg_dict, schema))
+        mc = stored_model_config(saved)
+        section = to_dict(cfg)["model"]
+        differ = sorted(k for k in section if k in mc and mc[k] != section[k])
+        if differ:  # one of the two was edited: which one the weights fit is unknowable
+            raise XLabError(f"its model_config and config disagree on model.{', model.'.join(differ)}")
+        ModelConfig(**mc).check()
+    except Exception as e:  # noqa: BLE001 - schema errors, impossible sizes: a bad file, not a bug
+        key = getattr(e, "full_key", None)  # OmegaConf's messages do not always name the setting
+        at = f" (key {key})" if key and str(key) not in first_line(e) else ""
+        raise XLabError(f"{where} holds an unusable configuration: {first_line(e)}{at}") from None
+    return cfg, mc
+
+
+def _known_settings(d: dict, schema: dict, top: bool = True) -> dict:
+    """``d`` without the settings the current schema does not know, except in the ``model`` section
+    (an unknown model setting could change the architecture, so it stays and fails loudly)."""
+    out = {}
+    for k, v in d.items():
+        if k not in schema:
+            continue
+        if isinstance(v, dict) and isinstance(schema[k], dict) and not (top and k == "model"):
+            v = _known_settings(v, schema[k], top=False)
+        out[k] = v
+    return out

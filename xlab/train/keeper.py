@@ -13,6 +13,7 @@ import torch
 
 from xlab.checkpoint import save_checkpoint, set_rng_state
 from xlab.distributed import DistInfo
+from xlab.fsio import remove_temporaries
 
 
 class CheckpointKeeper:
@@ -22,6 +23,10 @@ class CheckpointKeeper:
     ``best`` is ``[{"loss", "step", "file"}]``, lowest loss first; it is saved in every checkpoint so
     a resumed run keeps the same list. Every rank holds the same list (the validation loss is
     all-reduced), so all ranks agree on when to save; only rank 0 writes.
+
+    Made by rank 0 under the run's lock, it first removes what a killed earlier run of this folder
+    left: the temporaries of a checkpoint (``.last.pt.XXXXXXXX.tmp``) or ``config.yaml`` write
+    and of a best snapshot (``.best-stepNNNNNNN.pt.link``). The lock means no live writer has any.
     """
 
     def __init__(self, ckpt_dir: Path, keep_best: int, info: DistInfo, device: torch.device):
@@ -29,6 +34,9 @@ class CheckpointKeeper:
         self.keep_best = int(keep_best)
         self.info, self.device = info, device
         self.best: list[dict] = []
+        if info.is_main:
+            remove_temporaries(self.dir, [".best-step*.pt.link"])
+            remove_temporaries(self.dir.parent)  # the run folder: config.yaml's
 
     def rank(self, step: int, val_loss: float) -> tuple[Optional[str], list[str]]:
         """Enter ``step`` in the best list if its ``val_loss`` is among the ``keep_best`` lowest.

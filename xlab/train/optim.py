@@ -14,6 +14,7 @@ schedule drives both learning rates (AdamW's ``train.lr`` and Muon's ``train.muo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -205,18 +206,69 @@ def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> t
     return MuonAdamW(muon, _adamw([g for g in rest if g["params"]], t, device))
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer | MuonAdamW, state: dict) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer | MuonAdamW, state: dict, names: Optional[dict[int, str]] = None
+) -> None:
     """Load a checkpoint's optimizer ``state`` (moments, momentum buffers, step counts) into
     ``optimizer``, keeping the hyperparameters it was built with from the configuration in force
     (``betas``, ``weight_decay``, Muon's ``momentum``, ``lr_scale``): a resumed run that changes
     ``train.muon_lr`` or ``train.weight_decay`` trains with the new values, as it reports.
     ``optimizer.load_state_dict`` alone would bring back the saved ones.
 
+    Every state tensor is checked first (:func:`check_optimizer_state`; ``names``: parameter names
+    by ``id()``, for its message): torch's loader would take a moment of another shape as it is, and
+    the fused step then reads past its end.
+
     Raises:
-        KeyError, ValueError: ``state`` does not fit ``optimizer`` (another optimizer, or other
-            parameters).
+        KeyError, ValueError: ``state`` does not fit ``optimizer`` (another optimizer, other
+            parameters, a state tensor of another shape or dtype than its parameter).
     """
+    if isinstance(optimizer, MuonAdamW):
+        check_optimizer_state(optimizer.muon, state["muon"], names)
+        check_optimizer_state(optimizer.adamw, state["adamw"], names)
+    else:
+        check_optimizer_state(optimizer, state, names)
     built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, settings in zip(optimizer.param_groups, built):
         group.update(settings)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, names: Optional[dict[int, str]] = None) -> None:
+    """Check that ``state`` (torch's ``state_dict`` layout: ``state`` by parameter id, ``param_groups``
+    listing the ids) fits ``optimizer``: as many groups of as many parameters, and for every
+    parameter each state tensor of the parameter's shape and dtype, its ``step`` one finite count
+    (0 or more). Under FSDP the parameters are DTensors, whose shape is the whole tensor's.
+
+    Raises:
+        ValueError: the first misfit, naming the parameter (by ``names[id(param)]``, else its index).
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        raise ValueError("the optimizer state is not a torch optimizer state_dict")
+    saved = state.get("param_groups")
+    built = [g["params"] for g in optimizer.param_groups]
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in saved or []]
+    if not isinstance(saved, list) or sizes != [len(b) for b in built]:
+        raise ValueError(
+            f"the optimizer state has groups of {sizes} parameters, this model's {[len(b) for b in built]}"
+        )
+    param_of = {sid: p for g, b in zip(saved, built) for sid, p in zip(g["params"], b)}
+    names = names or {}
+    for sid, entry in state["state"].items():
+        p = param_of.get(sid)
+        if p is None or not isinstance(entry, dict):
+            raise ValueError(f"the optimizer state holds an entry {sid!r} for no parameter of the model")
+        name = names.get(id(p), f"#{sid}")
+        for key, v in entry.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"optimizer state {key!r} of parameter {name} is a {type(v).__name__}, not a tensor")
+            if key == "step":
+                if v.numel() != 1 or not math.isfinite(float(v)) or float(v) < 0:
+                    raise ValueError(
+                        f"optimizer state 'step' of parameter {name} is not a count: {v.flatten()[:3].tolist()}"
+                    )
+            elif v.shape != p.shape or v.dtype != p.dtype:
+                raise ValueError(
+                    f"optimizer state {key!r} of parameter {name} is {tuple(v.shape)} {v.dtype}, "
+                    f"the parameter {tuple(p.shape)} {p.dtype}"
+                )

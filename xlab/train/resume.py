@@ -5,13 +5,14 @@ both use."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import DictConfig
 
 from xlab.checkpoint import load_checkpoint
-from xlab.config import from_dict, to_dict
+from xlab.config import from_dict, saved_config, to_dict
 from xlab.errors import XLabError
 
 # The sections that define a run, and the settings in them that change neither the data a run sees
@@ -53,8 +54,9 @@ def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_
     """The checkpoint a run continues from: ``last.pt`` with ``resume``, else None.
 
     Raises:
-        XLabError: ``resume`` without ``last.pt``; a ``last.pt`` trained with another tokenizer than the
-            store's; a fresh run over a folder that already has checkpoints (it would mix two runs).
+        XLabError: ``resume`` without ``last.pt``; a ``last.pt`` with a configuration this XLab cannot
+            build (:func:`~xlab.config.saved_config`) or impossible counters (:func:`check_counters`),
+            or trained with another tokenizer than the store's; a fresh run over a folder that already has checkpoints (it would mix two runs).
     """
     run_dir = ckpt_dir.parent
     if resume:
@@ -62,6 +64,8 @@ def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_
         if not last.is_file():
             raise XLabError(f"nothing to resume: {last} does not exist; drop --resume to start a new run")
         ckpt = load_checkpoint(last)
+        saved_config(ckpt, last)  # the run's model and settings must be ones this XLab can build
+        check_counters(ckpt, last)
         if ckpt.get("tokenizer_sha256") != tokenizer_sha256:
             raise XLabError(f"{last} was trained on a store with another tokenizer than {store_path}")
         return ckpt
@@ -71,6 +75,56 @@ def start_checkpoint(ckpt_dir: Path, resume: bool, tokenizer_sha256: str, store_
             "or --run-name to start a new run"
         )
     return None
+
+
+def _count(value: object, low: int = 0) -> bool:
+    """Whether ``value`` is an integer (not a bool) of at least ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _problem(ckpt: dict) -> Optional[str]:
+    """The first counter of ``ckpt`` that no run can have reached, described; None when all can. A
+    missing one is left to the loading of the training state, which reports the file incomplete."""
+    step, total = ckpt.get("step"), ckpt.get("total_steps")
+    if step is not None and not _count(step):
+        return f"step {step!r} is not a count of steps (0 or more)"
+    if total is not None and not _count(total, 1):
+        return f"total_steps {total!r} is not a count of steps (1 or more)"
+    if None not in (step, total) and step > total:  # a run stops at its total and saves nothing after it
+        return f"step {step} is beyond its run's total_steps {total}"
+    loader = ckpt.get("loader", {"epoch": 0, "position": 0})
+    if not isinstance(loader, dict) or not all(_count(loader.get(k)) for k in ("epoch", "position")):
+        return f"loader state {loader!r} has no epoch and position (counts, 0 or more)"
+    elapsed = ckpt.get("elapsed_s", 0.0)
+    if not isinstance(elapsed, (int, float)) or not 0 <= elapsed < math.inf:
+        return f"elapsed_s {elapsed!r} is not a number of seconds"
+    best = ckpt.get("best", [])
+    if not isinstance(best, list):
+        return f"best list {best!r} is not a list"
+    for b in best:
+        # The keeper deletes the files that fall out of this list: each must be its own snapshot's name.
+        ok = isinstance(b, dict) and _count(b.get("step"), 1) and b["step"] <= (math.inf if step is None else step)
+        ok = ok and b.get("file") == f"best-step{b['step']:07d}.pt" and isinstance(b.get("loss"), (int, float))
+        if not ok or not math.isfinite(b["loss"]):
+            return f"best list entry {b!r} is not a snapshot of this run (step 1..{step}, best-stepNNNNNNN.pt, a loss)"
+    return None
+
+
+def check_counters(ckpt: dict, last: Path) -> None:
+    """Refuse a checkpoint whose counters no run can have reached (edited, or damaged without the file
+    failing to load): ``step`` and ``total_steps`` not counts or step beyond total_steps, a loader
+    ``epoch`` or ``position`` not a count (a position beyond the store's batches is refused when the
+    loader takes it), ``elapsed_s`` not a finite number of seconds, a ``best`` entry that is not a
+    snapshot of this run (the keeper deletes what falls out of that list, so a name must be a
+    ``best-stepNNNNNNN.pt`` of its folder). Resuming from any of these would train a wrong number of
+    steps, on other data, or remove another file.
+
+    Raises:
+        XLabError: one line naming the counter.
+    """
+    problem = _problem(ckpt)
+    if problem:
+        raise XLabError(f"cannot resume from {last}: its {problem}; the file was edited or is damaged")
 
 
 def store_record(store) -> dict:

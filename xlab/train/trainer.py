@@ -119,6 +119,7 @@ def train(
         Terminated: after SIGTERM, once ``last.pt`` is saved (the CLI exits with code 143).
     """
     info = xdist.dist_info()
+    xdist.die_with_launcher()  # a SIGKILLed torchrun takes its ranks along: no orphan keeps the run's lock
     device = resolve_device(cfg.train.device, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL and the default CUDA stream follow the current device
@@ -281,10 +282,10 @@ class Trainer:
         try:
             if self.fsdp:
                 load_full_model_state(self.model, ckpt["model"])
-                load_optimizer_state(self.optimizer, shard_optimizer_state(self.optimizer, ckpt["optimizer"]))
             else:
                 self.model.load_state_dict(ckpt["model"])
-                load_optimizer_state(self.optimizer, ckpt["optimizer"])
+            opt = shard_optimizer_state(self.optimizer, ckpt["optimizer"]) if self.fsdp else ckpt["optimizer"]
+            load_optimizer_state(self.optimizer, opt, {id(p): n for n, p in self.model.named_parameters()})
             self.step = int(ckpt["step"])
             self.loader.load_state_dict(ckpt["loader"])
             self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
