@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.stage import console
 from xlab.config import stage_paths
+from xlab.store.lock import reading
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -30,11 +31,16 @@ def run(cfg: DictConfig, shards_dir=None) -> int:
     Raises:
         XLabError: no store (no manifest) at that folder.
     """
+    paths = stage_paths(cfg)
+    path = Path(shards_dir) if shards_dir else paths.shards
+    with reading(path, "validate"):
+        return _validate(path, paths)
+
+
+def _validate(path: Path, paths) -> int:
     from xlab.progress import unit_progress
     from xlab.store import ShardStore, problems
 
-    paths = stage_paths(cfg)
-    path = Path(shards_dir) if shards_dir else paths.shards
     store = ShardStore(path)
     shards = [sh for s in store.splits for sh in store.info.splits[s].shards]
     sources = {s: paths.splits / f"{s}.parquet" for s in store.splits}
