@@ -147,3 +147,27 @@ def test_training_holds_its_store_for_its_whole_run(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "Trainer", Fake)
     assert trainer.train(cfg) == {"steps": 0}
     encode(cfg, force=True)  # the run is over: the rebuild proceeds
+
+
+def test_a_vocabulary_change_is_not_called_damage(tmp_path):
+    import json
+
+    import numpy as np
+
+    from xlab.store.loader import make_batch
+
+    write_corpus(tmp_path, n=10)
+    cfg = config(tmp_path)
+    encode(cfg)
+    store = ShardStore(tmp_path / "shards" / "wiki")  # vocabulary 300
+    idx = np.arange(store.rows("val"))
+    # a model of a smaller vocabulary than the store's: another tokenizer, said so
+    with pytest.raises(XLabError, match="encoded with a vocabulary of 300, the model has 50") as e:
+        make_batch(store, "val", idx, vocab_size=50)
+    assert "damaged" not in str(e.value)
+    # the store re-encoded with another tokenizer under a process that did not hold it
+    (tmp_path / "tokenizers" / "wiki.model").write_text(json.dumps({"vocab_size": 1000}))
+    encode(cfg, force=True)
+    with pytest.raises(XLabError, match=r"re-encoded with another tokenizer \(vocabulary 1000, was 300\)") as e:
+        make_batch(store, "test", np.arange(store.rows("test")), vocab_size=300)  # shards not opened before
+    assert "damaged" not in str(e.value)

@@ -296,28 +296,26 @@ def exclusive_lock(
         # A shared holder takes the lock exclusively for an instant (to learn whether it is alone):
         # another shared taker waits that instant out rather than being refused.
         deadline = None if wait is None else time.monotonic() + max(wait, SHARED_GRACE_S if shared else 0.0)
+        line = _holder_line(doing).encode()
         while True:
-            alone = _try_flock(fd, fcntl.LOCK_EX)
-            # flock converts a lock in two steps (release, then take): another process may take an
-            # exclusive lock between them, and the shared one then fails like any refusal.
-            if alone and (not shared or _try_flock(fd, fcntl.LOCK_SH)):
-                break
-            if shared and not alone and _try_flock(fd, fcntl.LOCK_SH):
+            if _try_flock(fd, fcntl.LOCK_EX):  # no other holder: start the record afresh
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, line, 0)
+                # flock converts a lock in two steps (release, then take): another process may take
+                # an exclusive lock between them, and the shared one then fails like any refusal.
+                if not shared or _try_flock(fd, fcntl.LOCK_SH):
+                    break
+            elif shared and _try_flock(fd, fcntl.LOCK_SH):  # beside other shared holders: add this one
+                add = os.open(path, os.O_WRONLY | os.O_APPEND)  # O_APPEND writes of a line do not interleave
+                try:
+                    os.write(add, line)
+                finally:
+                    os.close(add)  # flock belongs to ``fd``'s open file: closing another descriptor keeps it
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 holders = ", ".join(_live_holders(fd)) or "another process"
                 raise XLabError(f"{what} is in use by {holders}; wait for it to finish or stop it first")
             time.sleep(0.02)
-        line = _holder_line(doing).encode()
-        if alone:  # no other holder: start the record afresh
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, line, 0)
-        else:  # beside other shared holders: add this one (O_APPEND writes of a line do not interleave)
-            add = os.open(path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(add, line)
-            finally:
-                os.close(add)  # flock belongs to ``fd``'s open file: closing another descriptor keeps it
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
