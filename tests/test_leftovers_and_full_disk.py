@@ -136,3 +136,18 @@ def test_a_full_disk_while_splitting_is_one_line_naming_the_output(tmp_path, mon
     with pytest.raises(XLabError, match=r"cannot write .*data/splits/wiki: the disk is full"):
         split.run(cfg, force=True)
     assert read_splits(tmp_path) == first and leftovers(tmp_path / "data/splits/wiki") == []
+
+
+def test_encode_force_over_a_symlinked_store_leaves_no_old_copy(tmp_path):
+    from test_encode import config, encode, store_bytes, write_corpus
+
+    write_corpus(tmp_path, n=10)
+    cfg = config(tmp_path)
+    encode(cfg)
+    real = tmp_path / "elsewhere"
+    (tmp_path / "shards" / "wiki").rename(real)
+    (tmp_path / "shards" / "wiki").symlink_to(real)
+    before = store_bytes(real)
+    encode(cfg, force=True)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["wiki"]  # no .wiki.old
+    assert store_bytes(tmp_path / "shards" / "wiki") == before and store_bytes(real) == before

@@ -204,14 +204,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            _remove(old)
+            remove_path(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remove(p: Path) -> None:
-    """Remove a file, a symbolic link (not what it points to) or a folder tree."""
+def remove_path(p: Path) -> None:
+    """Remove a file, a symbolic link (not what it points to) or a folder tree; nothing if absent."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     else:
@@ -239,7 +239,7 @@ def remove_leftovers(path: str | os.PathLike) -> list[Path]:
     temporary of that name (another output's temporaries never match)."""
     found = leftovers(path)
     for p in found:
-        _remove(p)
+        remove_path(p)
     return found
 
 
