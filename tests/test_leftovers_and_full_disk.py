@@ -151,3 +151,35 @@ def test_encode_force_over_a_symlinked_store_leaves_no_old_copy(tmp_path):
     encode(cfg, force=True)
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["wiki"]  # no .wiki.old
     assert store_bytes(tmp_path / "shards" / "wiki") == before and store_bytes(real) == before
+
+
+def test_sigkill_during_split_then_rerun_leaves_nothing_behind(tmp_path):
+    """A split killed while its temporary folder is half written; the rerun removes that folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    write_raw(tmp_path, 3000)
+    root = Path(__file__).resolve().parent.parent
+    script = (
+        "import time, pyarrow.parquet as pq\n"
+        "real = pq.ParquetWriter.write_batch\n"
+        "def slow(self, *a, **k):\n"
+        "    real(self, *a, **k); time.sleep(0.5)\n"
+        "pq.ParquetWriter.write_batch = slow\n"
+        "from pipelines import split\nfrom xlab.config import load_config\n"
+        f"split.run(load_config(overrides=['paths.data_dir={tmp_path / 'data'}'], use_defaults_file=False))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(root)})
+    splits = tmp_path / "data" / "splits"
+    deadline = time.monotonic() + 120
+    while not leftovers(splits / "wiki") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert leftovers(splits / "wiki") and not (splits / "wiki").exists()
+    split.run(make_cfg(tmp_path))
+    assert sorted(p.name for p in splits.iterdir()) == ["wiki"]
