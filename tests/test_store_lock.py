@@ -171,3 +171,22 @@ def test_a_vocabulary_change_is_not_called_damage(tmp_path):
     with pytest.raises(XLabError, match=r"re-encoded with another tokenizer \(vocabulary 1000, was 300\)") as e:
         make_batch(store, "test", np.arange(store.rows("test")), vocab_size=300)  # shards not opened before
     assert "damaged" not in str(e.value)
+
+
+def test_evaluation_holds_its_store_to_the_last_batch(tmp_path, monkeypatch):
+    import xlab.checkpoint
+    from xlab import evaluate
+
+    store = tmp_path / "shards" / "wiki"
+    monkeypatch.setattr(xlab.checkpoint, "load_model_meta", lambda *a: (None, None, None, {}))
+
+    def body(*a):
+        with pytest.raises(XLabError, match=r"\(evaluate reads it\)"):
+            with changing(store, "encode rebuilds it"):
+                pass
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(evaluate, "_evaluate_store", body)
+    assert evaluate.evaluate_checkpoint("ckpt.pt", shards_dir=store, device="cpu") == {"loss": 0.0}
+    with changing(store, "encode rebuilds it"):
+        pass

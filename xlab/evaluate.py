@@ -181,8 +181,6 @@ def evaluate_checkpoint(
             damaged store, or a store encoded with another tokenizer than the model's.
     """
     from xlab.checkpoint import load_model_meta, trained_store
-    from xlab.progress import unit_progress
-    from xlab.store import ShardStore
     from xlab.store.lock import reading
 
     if max_batches is not None and max_batches < 1:
@@ -191,58 +189,65 @@ def evaluate_checkpoint(
     model, cfg, tok, meta = load_model_meta(checkpoint, dev)
     if shards_dir is None:
         shards_dir = trained_store(meta, cfg)
-    # held until the last batch: the store is never rebuilt under the evaluation
-    with reading(shards_dir, "evaluate"):
-        store = ShardStore(shards_dir)
-        if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
-            raise XLabError(
-                f"shard store {store.path} was encoded with another tokenizer than the model's; "
-                "pass the --shards the model was trained on"
-            )
-        info = store.split_info(split)  # an unknown split: XLabError listing the store's splits
-        # The checks the trainer runs (shard files present with the manifest's shape and dtype, the tokenizer
-        # matching), so that a damaged store is refused here as it is there.
-        store.check(tok)
-        if int(model.cfg.vocab_size) < store.vocab_size:
-            raise XLabError(
-                f"shard store {store.path} has a vocabulary of {store.vocab_size}, the model only "
-                f"{model.cfg.vocab_size}; pass the --shards the model was trained on"
-            )
-        n_rows = store.rows(split)
-        if n_rows == 0:
-            raise XLabError(
-                f"split {split} of {store.path} has no rows, nothing to evaluate; choose another "
-                f"--split (the store has {', '.join(s for s in store.splits if store.rows(s) > 0)}) "
-                "or encode more data"
-            )
-        batch_size = int(cfg.train.batch_size)
-        total_batches = math.ceil(n_rows / batch_size)  # the last batch may be partial: every row counts
-        n_batches = total_batches if max_batches is None else min(total_batches, max_batches)
-        batches = split_batches(
-            store, split, batch_size, max_batches=max_batches, device=dev, vocab_size=int(model.cfg.vocab_size)
+    with reading(shards_dir, "evaluate"):  # held to the last batch: the store is never rebuilt under it
+        return _evaluate_store(checkpoint, split, shards_dir, dev, max_batches, console, model, cfg, tok, meta)
+
+
+def _evaluate_store(checkpoint, split, shards_dir, dev, max_batches, console, model, cfg, tok, meta) -> dict:
+    """:func:`evaluate_checkpoint` once the model is loaded and the store held."""
+    from xlab.progress import unit_progress
+    from xlab.store import ShardStore
+
+    store = ShardStore(shards_dir)
+    if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
+        raise XLabError(
+            f"shard store {store.path} was encoded with another tokenizer than the model's; "
+            "pass the --shards the model was trained on"
         )
-        with unit_progress("tokens", console) if console is not None else nullcontext() as bar:
-            if bar is not None:
-                slots = min(n_rows, n_batches * batch_size) * store.seq_len
-                batches = _counted(batches, bar, bar.add_task(f"evaluate {split}", total=slots))
-            sums = evaluate(
-                model,
-                batches,
-                chunk_tokens=int(cfg.train.loss_chunk_tokens),
-                autocast=autocast_factory(cfg.train.precision, dev),
-                sos_id=store.sos_id if store.layout(split) == "packed" else None,
-            )
-        if sums["count"] == 0:
-            raise XLabError(f"split {split} of {store.path} has no target tokens (only padding); nothing to evaluate")
-        m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
-        m.update(
-            {
-                "split": split,
-                "checkpoint": str(checkpoint),
-                "step": meta.get("step"),
-                "batches": n_batches,
-                "complete": n_batches == total_batches,
-                "shards": str(store.path),
-            }
+    info = store.split_info(split)  # an unknown split: XLabError listing the store's splits
+    # The checks the trainer runs (shard files present with the manifest's shape and dtype, the tokenizer
+    # matching), so that a damaged store is refused here as it is there.
+    store.check(tok)
+    if int(model.cfg.vocab_size) < store.vocab_size:
+        raise XLabError(
+            f"shard store {store.path} has a vocabulary of {store.vocab_size}, the model only "
+            f"{model.cfg.vocab_size}; pass the --shards the model was trained on"
         )
-        return m
+    n_rows = store.rows(split)
+    if n_rows == 0:
+        raise XLabError(
+            f"split {split} of {store.path} has no rows, nothing to evaluate; choose another "
+            f"--split (the store has {', '.join(s for s in store.splits if store.rows(s) > 0)}) "
+            "or encode more data"
+        )
+    batch_size = int(cfg.train.batch_size)
+    total_batches = math.ceil(n_rows / batch_size)  # the last batch may be partial: every row counts
+    n_batches = total_batches if max_batches is None else min(total_batches, max_batches)
+    batches = split_batches(
+        store, split, batch_size, max_batches=max_batches, device=dev, vocab_size=int(model.cfg.vocab_size)
+    )
+    with unit_progress("tokens", console) if console is not None else nullcontext() as bar:
+        if bar is not None:
+            slots = min(n_rows, n_batches * batch_size) * store.seq_len
+            batches = _counted(batches, bar, bar.add_task(f"evaluate {split}", total=slots))
+        sums = evaluate(
+            model,
+            batches,
+            chunk_tokens=int(cfg.train.loss_chunk_tokens),
+            autocast=autocast_factory(cfg.train.precision, dev),
+            sos_id=store.sos_id if store.layout(split) == "packed" else None,
+        )
+    if sums["count"] == 0:
+        raise XLabError(f"split {split} of {store.path} has no target tokens (only padding); nothing to evaluate")
+    m = metrics(sums["loss_sum"], sums["correct"], sums["count"], info)
+    m.update(
+        {
+            "split": split,
+            "checkpoint": str(checkpoint),
+            "step": meta.get("step"),
+            "batches": n_batches,
+            "complete": n_batches == total_batches,
+            "shards": str(store.path),
+        }
+    )
+    return m
