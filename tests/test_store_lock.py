@@ -57,6 +57,10 @@ def test_a_reader_holding_the_store_refuses_a_rebuild_in_one_line(tmp_path):
 
 def test_readers_share_the_store_and_are_refused_while_it_changes(tmp_path):
     store = tmp_path / "shards" / "wiki"
+    with reading(store, "train"):  # no store yet: nothing to hold, and no .locks folder made
+        pass
+    assert list(tmp_path.iterdir()) == []
+    store.mkdir(parents=True)
     with reading(store, "train"), reading(store, "evaluate"):  # any number of readers at once
         pass
     writer = Holder(f"from xlab.store.lock import changing\nwith changing({str(store)!r}, 'encode rebuilds it'):")
@@ -178,6 +182,7 @@ def test_evaluation_holds_its_store_to_the_last_batch(tmp_path, monkeypatch):
     from xlab import evaluate
 
     store = tmp_path / "shards" / "wiki"
+    store.mkdir(parents=True)
     monkeypatch.setattr(xlab.checkpoint, "load_model_meta", lambda *a: (None, None, None, {}))
 
     def body(*a):

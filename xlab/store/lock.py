@@ -44,7 +44,9 @@ def reading(store: str | os.PathLike, doing: str) -> Iterator[None]:
     at once); ``doing`` names the reader in the message a writer gets (``"train"``).
 
     Where the lock files cannot be created (a read-only filesystem, another user's folder) no
-    process can rebuild the store from here either, and the block runs without them.
+    process can rebuild the store from here either, and the block runs without them; so it does
+    where there is no store (the reader's own error then says so, and no ``.locks`` folder is made
+    in a project that has nothing yet).
 
     Raises:
         XLabError: a process is rebuilding or encoding the store (naming it); nothing was read.
@@ -52,6 +54,9 @@ def reading(store: str | os.PathLike, doing: str) -> Iterator[None]:
     read, write = _locks(Path(store))
     what = f"shard store {store}"
     with contextlib.ExitStack() as stack:
+        if not Path(store).is_dir():
+            yield
+            return
         try:
             stack.enter_context(exclusive_lock(read, what, shared=True, doing=f"{doing} reads it"))
         except OSError as e:
