@@ -1,6 +1,6 @@
 """Readers and writers of one shard store: a store is never rebuilt under a process that reads it.
 
-A reader (training, evaluation, stats, validate, predict) opens shards lazily, for as long as it
+A reader (training, evaluation, stats, validate) opens shards lazily, for as long as it
 runs: a store swapped or rewritten meanwhile would hand it the new rows under the old manifest's
 counts. So a reader holds the store for its whole life with :func:`reading`, and whatever changes a
 complete store (a whole-store encode or rebuild, the parts of an encode, a merge) does so inside
