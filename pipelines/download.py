@@ -32,7 +32,7 @@ from pipelines.sources import COLUMNS, Row, source_for
 from pipelines.stage import console, is_up_to_date, output_lock, skipped, write_manifest
 from xlab.config import stage_paths
 from xlab.errors import XLabError
-from xlab.fsio import atomic_dir
+from xlab.fsio import atomic_dir, remove_leftovers
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -63,6 +63,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     """
     out = stage_paths(cfg).raw
     with output_lock(out, "download"):
+        remove_leftovers(out)  # what a killed run of this stage left (no live writer: we hold the lock)
         return _run(cfg, force)
 
 

@@ -40,6 +40,7 @@ from xlab.config import SPLITS, stage_paths
 from xlab.distributed import die_with_parent
 from xlab.errors import XLabError
 from xlab.fsio import atomic_write_json, read_json
+from xlab.store.lock import changing
 from xlab.tokenizer import LONG_TEXT
 
 if TYPE_CHECKING:
@@ -197,7 +198,11 @@ def run(
             return _run(cfg, force, tokenizer_loader)
     # Parts of one store may run at once (one lock each); the whole-store lock is shared among them
     # and keeps a whole-store encode or a merge out while any part runs.
-    with output_lock(out, "encode", shared=True), output_lock(out, "encode", f"part-{shard_index}-of-{num_shards}"):
+    part = f"encode part {shard_index} of {num_shards}"
+    with (
+        output_lock(out, "encode", shared=True, doing=part),
+        output_lock(out, "encode", f"part-{shard_index}-of-{num_shards}"),
+    ):
         return _run_part(cfg, force, num_shards, shard_index, tokenizer_loader)
 
 
@@ -248,20 +253,22 @@ def _run(cfg: DictConfig, force: bool, tokenizer_loader: Callable) -> dict:
         shutil.rmtree(build, ignore_errors=True)  # a killed --force rebuild the user did not rerun
         skipped("encode", mpath)
         return read_json(mpath)
-    if not mpath.exists() and encode_job.up_to_date(build, job):  # a rebuild killed between its two renames
-        encode_job.swap(build, out)
-        return read_json(mpath)
-    if mpath.exists():
-        # Never damage a complete store, even an outdated one: build the new one beside it and
-        # swap the folders when it is complete (a failure or Ctrl-C leaves the old one in place).
-        encode_job.prepare(build, job)  # keeps what a killed rebuild of this job did
-        _encode_units(build, job, inp, force=False)
-        manifest = encode_job.finalize(build, job, shown=out)
-        encode_job.swap(build, out)
-        return manifest
-    encode_job.prepare(out, job)
-    _encode_units(out, job, inp, force)
-    return encode_job.finalize(out, job)
+    # From here the store changes: refused at once while a training or evaluation reads it.
+    with changing(out, "encode rebuilds it"):
+        if not mpath.exists() and encode_job.up_to_date(build, job):  # a rebuild killed between its two renames
+            encode_job.swap(build, out)
+            return read_json(mpath)
+        if mpath.exists():
+            # Never damage a complete store, even an outdated one: build the new one beside it and
+            # swap the folders when it is complete (a failure or Ctrl-C leaves the old one in place).
+            encode_job.prepare(build, job)  # keeps what a killed rebuild of this job did
+            _encode_units(build, job, inp, force=False)
+            manifest = encode_job.finalize(build, job, shown=out)
+            encode_job.swap(build, out)
+            return manifest
+        encode_job.prepare(out, job)
+        _encode_units(out, job, inp, force)
+        return encode_job.finalize(out, job)
 
 
 def _run_part(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, tokenizer_loader: Callable) -> dict:
@@ -285,12 +292,13 @@ def _run_part(cfg: DictConfig, force: bool, num_shards: int, shard_index: int, t
     if not force and encode_job.up_to_date(out, job):
         shutil.rmtree(out.parent / f".{out.name}.rebuild", ignore_errors=True)  # a killed whole-store rebuild
         return complete()
-    with encode_parts.job_lock(out):
-        if encode_parts.join(out, job, force) == "complete":
-            return complete()
-    n_mine = _encode_units(out, job, inp, force, shard_index)
-    with encode_parts.job_lock(out):
-        return encode_parts.finish_part(out, job, shard_index, n_mine)
+    with changing(out, f"encode part {shard_index} of {num_shards} writes it"):
+        with encode_parts.job_lock(out):
+            if encode_parts.join(out, job, force) == "complete":
+                return complete()
+        n_mine = _encode_units(out, job, inp, force, shard_index)
+        with encode_parts.job_lock(out):
+            return encode_parts.finish_part(out, job, shard_index, n_mine)
 
 
 def _encode_units(out: Path, job: EncodeJob, inp: _Inputs, force: bool, shard_index: int = 0) -> int:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.stage import console, is_up_to_date, parquet_file, read_manifest
 from xlab.config import SPLITS
 from xlab.errors import XLabError
-from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from xlab.fsio import atomic_write_bytes, atomic_write_json, read_json, remove_path, sha256_file
 from xlab.version import __version__
 
 if TYPE_CHECKING:
@@ -297,8 +297,8 @@ def swap(build: Path, out: Path) -> None:
     """Put the complete store ``build`` where ``out`` is, then delete the old one. A kill between the
     two renames leaves ``build`` complete and no ``out``: the next run finishes the swap."""
     old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
+    remove_path(old)  # a file, a link or a folder: whatever a killed swap moved aside
+    if out.exists() or out.is_symlink():
         os.replace(out, old)
     os.replace(build, out)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)

@@ -24,6 +24,7 @@ from pipelines.stage import console, output_lock, read_manifest, skipped
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import create_once, exclusive_lock, lock_path, read_json
+from xlab.store.lock import changing
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -198,7 +199,7 @@ def merge(cfg: DictConfig) -> dict:
             and examples).
     """
     out = stage_paths(cfg).shards
-    with output_lock(out, "merge"):
+    with output_lock(out, "merge", doing="merge"):
         return _merge(out)
 
 
@@ -214,4 +215,6 @@ def _merge(out: Path) -> dict:
             skipped("merge", out / "manifest.json", "the store is complete; `xlab data encode --force` rebuilds it")
             return store.manifest
         raise XLabError(f"nothing to merge in {out}; run `xlab data encode --num-shards N --shard-index I` first")
-    return finalize(out, EncodeJob.from_json(rec, path))
+    job = EncodeJob.from_json(rec, path)
+    with changing(out, "merge writes it"):
+        return finalize(out, job)

@@ -38,7 +38,7 @@ from pipelines.stage import (
 )
 from xlab.config import SPLITS, stage_paths
 from xlab.errors import XLabError
-from xlab.fsio import atomic_dir, read_json, sha256_file
+from xlab.fsio import atomic_dir, read_json, remove_leftovers, sha256_file
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -120,6 +120,7 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     """
     out = stage_paths(cfg).splits
     with output_lock(out, "split"):
+        remove_leftovers(out)  # what a killed run of this stage left (no live writer: we hold the lock)
         return _run(cfg, force)
 
 

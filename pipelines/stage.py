@@ -24,16 +24,18 @@ from typing import Any
 from rich.console import Console
 
 from xlab.errors import XLabError, first_line
-from xlab.fsio import atomic_write_json, exclusive_lock, lock_path, read_json
+from xlab.fsio import atomic_write_json, exclusive_lock, is_disk_full, lock_path, read_json
 from xlab.version import __version__
 
 console = Console(stderr=False, highlight=False)
 
 
-def output_lock(output: Path, stage: str, part: str = "", *, shared: bool = False):
+def output_lock(output: Path, stage: str, part: str = "", *, shared: bool = False, doing: str = ""):
     """``with output_lock(path, stage):`` hold the one-writer lock of ``output`` (see
-    :func:`xlab.fsio.exclusive_lock`); a second writer gets a one-line XLabError naming the holder."""
-    return exclusive_lock(lock_path(output, part), f"{output} ({stage}{' ' + part if part else ''})", shared=shared)
+    :func:`xlab.fsio.exclusive_lock`); a second writer gets a one-line XLabError naming the holders
+    that still live, each with ``doing`` (default: the stage and part)."""
+    what = f"{stage}{' ' + part if part else ''}"
+    return exclusive_lock(lock_path(output, part), f"{output} ({what})", shared=shared, doing=doing or what)
 
 
 def read_manifest(path: Path) -> dict | None:
@@ -90,7 +92,7 @@ def reading_parquet(path: Path, fix: str) -> Iterator[None]:
     try:
         yield
     except (pa.ArrowException, OSError) as e:
-        if isinstance(e, OSError) and e.errno is not None:
+        if isinstance(e, OSError) and (e.errno is not None or is_disk_full(e)):
             raise  # the machine's error (a full disk while writing, a permission), not a damaged file
         raise XLabError(f"cannot read {path} ({type(e).__name__}: {first_line(e)}); run `{fix}`") from None
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from pipelines.stage import console
 from xlab.config import stage_paths
 from xlab.errors import XLabError
+from xlab.store.lock import reading
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -200,10 +201,6 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
             shard (names ``xlab data validate``), a ``plot`` path that is not a ``.png`` file or
             whose folder does not exist.
     """
-    from rich.table import Table
-
-    from xlab.store import ShardStore
-
     if plot is not None:  # checked before any work
         plot = Path(plot)
         if plot.is_dir() or plot.suffix.lower() != ".png":
@@ -214,6 +211,15 @@ def run(cfg: DictConfig, shards_dir=None, plot=None) -> dict:
         if not plot.parent.is_dir():  # a typo in the folder would otherwise create a new tree
             raise XLabError(f"--plot {str(plot)!r}: folder {str(plot.parent)!r} does not exist; create it first")
     path = Path(shards_dir) if shards_dir else stage_paths(cfg).shards
+    with reading(path, "stats"):
+        return _run(cfg, path, plot)
+
+
+def _run(cfg: DictConfig, path: Path, plot: Path | None) -> dict:
+    from rich.table import Table
+
+    from xlab.store import ShardStore
+
     store = ShardStore(path)
     store.check()  # damaged or missing shards: one clear line, not a numpy error halfway through
     per = {s: split_stats(store, s) for s in store.splits}

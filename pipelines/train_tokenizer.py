@@ -25,7 +25,7 @@ from pipelines.stage import (
 )
 from xlab.config import stage_paths
 from xlab.errors import XLabError
-from xlab.fsio import sha256_file
+from xlab.fsio import remove_leftovers, sha256_file
 from xlab.progress import spinner
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ def run(cfg: DictConfig, force: bool = False) -> dict:
     """
     out = stage_paths(cfg).tokenizer
     with output_lock(out, "tokenizer train"):
+        for written in (out, stage_paths(cfg).tokenizer_manifest):  # what a killed run of this stage left
+            remove_leftovers(written)
         return _run(cfg, force)
 
 

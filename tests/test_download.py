@@ -221,6 +221,20 @@ def test_multistream_with_a_bad_index_is_one_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "data/raw/wiki").exists()
 
 
+def test_multistream_with_a_truncated_index_is_bad_input_not_an_interrupt(tmp_path, cli):
+    """A truncated .bz2 index raises EOFError inside bz2, which the command line would take for
+    Ctrl-C ("interrupted", exit 130): it is bad input, named in one line, exit 2."""
+    dump = tmp_path / "x-multistream.xml.bz2"
+    index = write_multistream(dump, FIXTURE.read_bytes())
+    index.write_bytes(index.read_bytes()[:40])
+    p = cli(["data", "download", "-o", "data.source=dump", "-o", f"data.dump_path={dump}", "-o", "data.num_proc=1"],
+            cwd=tmp_path, check=False)  # fmt: skip
+    err = p.stderr.strip()
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert len(err.splitlines()) == 1 and f"cannot read the dump index {index}" in err and "interrupted" not in err
+    assert not (tmp_path / "data/raw/wiki").exists()
+
+
 # ----------------------------------------------------------------------------- sample source
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory):

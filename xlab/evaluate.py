@@ -181,8 +181,7 @@ def evaluate_checkpoint(
             damaged store, or a store encoded with another tokenizer than the model's.
     """
     from xlab.checkpoint import load_model_meta, trained_store
-    from xlab.progress import unit_progress
-    from xlab.store import ShardStore
+    from xlab.store.lock import reading
 
     if max_batches is not None and max_batches < 1:
         raise XLabError(f"--max-batches must be >= 1, got {max_batches}")
@@ -190,6 +189,15 @@ def evaluate_checkpoint(
     model, cfg, tok, meta = load_model_meta(checkpoint, dev)
     if shards_dir is None:
         shards_dir = trained_store(meta, cfg)
+    with reading(shards_dir, "evaluate"):  # held to the last batch: the store is never rebuilt under it
+        return _evaluate_store(checkpoint, split, shards_dir, dev, max_batches, console, model, cfg, tok, meta)
+
+
+def _evaluate_store(checkpoint, split, shards_dir, dev, max_batches, console, model, cfg, tok, meta) -> dict:
+    """:func:`evaluate_checkpoint` once the model is loaded and the store held."""
+    from xlab.progress import unit_progress
+    from xlab.store import ShardStore
+
     store = ShardStore(shards_dir)
     if meta.get("tokenizer_sha256") and store.tokenizer_sha256 != meta["tokenizer_sha256"]:
         raise XLabError(

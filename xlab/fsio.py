@@ -8,6 +8,7 @@ where a complete one is expected, and never damages what an earlier run wrote.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -46,23 +47,65 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# errno 28 (ENOSPC) and a quota's EDQUOT; numpy's short write ("7161 requested and 4032 written", an
+# OSError without errno) and pyarrow's "[errno 28]" text reach us without the code set.
+_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_FULL_TEXT = re.compile(r"\d+ requested and \d+ written|errno 28\b|no space left on device|disk quota exceeded", re.I)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says a write found no space: errno ENOSPC or EDQUOT, numpy's short write, or a
+    library's text of errno 28 (pyarrow, torch)."""
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        return True
+    return isinstance(e, (OSError, RuntimeError)) and bool(_FULL_TEXT.search(str(e)))
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while the block writes ``path`` (a file, or a folder being filled) into one
+    :class:`~xlab.errors.XLabError` that names the file and says the disk is full, whichever writer
+    found it (``write``, ``np.save``, pyarrow); every other error passes unchanged.
+
+    Raises:
+        XLabError: the block raised an error :func:`is_disk_full` recognises.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        from xlab.errors import XLabError
+
+        raise XLabError(
+            f"cannot write {path}: the disk is full (no space left on device); free some space and rerun "
+            "the same command"
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
     On an exception the temporary file is removed and ``path`` is left as it was.
+
+    Raises:
+        XLabError: the disk (or quota) filled up while the block or the rename wrote, naming ``path``
+            (see :func:`naming_full_disk`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with naming_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        publish_mode(tmp_path, 0o666)
-        os.replace(tmp_path, path)
+        with naming_full_disk(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            publish_mode(tmp_path, 0o666)
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -96,9 +139,14 @@ def create_once(path: str | os.PathLike, data: bytes) -> bool:
     is complete, so readers should hold a lock the creator holds).
 
     Raises:
+        XLabError: the disk is full (naming ``path``).
         OSError: the folder cannot be created or written.
     """
-    path = Path(path)
+    with naming_full_disk(path):
+        return _create_once(Path(path), data)
+
+
+def _create_once(path: Path, data: bytes) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -113,8 +161,6 @@ def create_once(path: str | os.PathLike, data: bytes) -> bool:
         except FileExistsError:
             return False
         except OSError as e:
-            import errno
-
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
                 raise
         try:  # no hard links here
@@ -132,39 +178,81 @@ def create_once(path: str | os.PathLike, data: bytes) -> bool:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``path``; on success it replaces ``path``.
+    """Yield a fresh temporary folder beside ``path`` (``.<name>.XXXXXXXX.tmp``); on success it
+    replaces ``path``.
 
-    The old folder (if any) is moved aside and removed only after the new one is in place, so at
-    every moment ``path`` is either the old complete folder or the new complete one.
+    The old folder (if any) is moved aside (``.<name>.XXXXXXXX.old``) and removed only after the new
+    one is in place, so at every moment ``path`` is either the old complete folder or the new
+    complete one. A kill leaves those temporaries behind: the next run of the same stage removes
+    them with :func:`remove_leftovers`, under the stage's output lock.
+
+    Raises:
+        XLabError: the disk filled up while the block wrote (naming ``path``, see
+            :func:`naming_full_disk`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with naming_full_disk(path):
+            yield tmp
         publish_mode(tmp, 0o777)
         old = None
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# The names atomic_path, create_once and atomic_dir give their temporaries: tempfile's 8 random
-# characters between ".<name>." and ".tmp" (or ".old", an old folder moved aside before removal).
-_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")
+def _temporaries(name: str) -> re.Pattern:
+    """The names :func:`atomic_path`, :func:`create_once` and :func:`atomic_dir` give the temporaries
+    of an output whose name matches the regular expression ``name``: ``.<name>.XXXXXXXX.tmp`` (or
+    ``.old``, an old folder moved aside before removal), tempfile's 8 random characters."""
+    return re.compile(rf"\.{name}\.[a-z0-9_]{{8}}\.(tmp|old)")
+
+
+def remove_path(p: Path) -> None:
+    """Remove a file, a symbolic link (not what it points to) or a folder tree; nothing if absent."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def leftovers(path: str | os.PathLike) -> list[Path]:
+    """The temporaries that :func:`atomic_dir` and :func:`atomic_path` leave beside ``path`` when
+    killed (files, folders or links), matched exactly, so those of another output whose name begins
+    alike (``wiki`` and ``wiki.v2``) never match."""
+    path = Path(path)
+    pattern = _temporaries(re.escape(path.name))
+    try:
+        names = os.listdir(path.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(path.parent / n for n in names if pattern.fullmatch(n))
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of ``path`` left beside it (:func:`leftovers`); return them.
+
+    Call it only while holding ``path``'s one-writer lock: then no live writer of ``path`` owns a
+    temporary of that name (another output's temporaries never match)."""
+    found = leftovers(path)
+    for p in found:
+        remove_path(p)
+    return found
 
 
 def remove_temporaries(folder: str | os.PathLike, extra: Sequence[str] = ()) -> list[Path]:
-    """Remove what killed writers left in ``folder`` (not below it): the temporary files and
-    folders of :func:`atomic_path`, :func:`create_once` and :func:`atomic_dir`, and the names that
-    match the glob patterns ``extra`` (a writer's own temporaries). A missing folder has none.
+    """Remove what killed writers left in ``folder`` (not below it): the temporaries of every
+    output in it (:func:`leftovers`, whatever the name), and the names that match the glob patterns
+    ``extra`` (a writer's own temporaries). A missing folder has none.
 
     Call it only while holding the lock of the folder's writer (:func:`exclusive_lock`): a live
     writer's temporaries look the same. Returns the paths removed.
@@ -172,13 +260,11 @@ def remove_temporaries(folder: str | os.PathLike, extra: Sequence[str] = ()) -> 
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _TEMPORARY.match(p.name)]
+    every = _temporaries(".+")
+    found = [p for p in folder.iterdir() if every.fullmatch(p.name)]
     found += [p for pattern in extra for p in folder.glob(pattern)]
     for p in found:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        remove_path(p)
     return found
 
 
@@ -197,28 +283,34 @@ def lock_path(output: str | os.PathLike, part: str = "") -> Path:
     return output.parent.parent / ".locks" / f"{output.parent.name}-{output.name}{'.' + part if part else ''}.lock"
 
 
+SHARED_GRACE_S = 1.0  # the least a shared taker waits (see exclusive_lock)
+
+
 @contextlib.contextmanager
 def exclusive_lock(
-    path: str | os.PathLike, what: str, *, shared: bool = False, wait: float | None = 0.0
+    path: str | os.PathLike, what: str, *, shared: bool = False, wait: float | None = 0.0, doing: str = ""
 ) -> Iterator[Path]:
     """Hold an advisory lock on ``path`` (created if needed) while the block runs: one writer per
     run, store or stage output. ``shared`` takes a shared lock instead, which any number of holders
-    may hold at once but never together with an exclusive one (parts of one store).
+    may hold at once but never together with an exclusive one (parts of one store, readers).
 
     ``wait``: seconds to wait for a holder to let go before giving up (0, the default: refuse at
     once; None: wait as long as it takes), for short critical sections that processes take in turn.
 
     The lock is ``fcntl.flock`` on an open file, so the kernel releases it when the holder exits,
-    even by SIGKILL: a dead holder never leaves it stuck. The file records the holder's pid and
-    host for the message a second writer gets; it is left in place (removing a lock file races
-    with the next holder).
+    even by SIGKILL: a dead holder never leaves it stuck. The file records its holders, one line
+    each (``pid P on HOST``, with ``doing`` in parentheses), for the message a refused process gets:
+    the first holder after a time without any (an exclusive one, or a shared one that found none)
+    starts the record afresh, later shared holders add their line. A refusal names only holders
+    that may still live (a recorded pid of this host that no longer exists is left out), so it never
+    names an earlier, finished holder. The file is left in place (removing a lock file races with
+    the next holder).
 
     Raises:
-        XLabError: another process holds the lock (after ``wait`` seconds; naming ``what``, its
-            pid and host).
+        XLabError: another process holds the lock (after ``wait`` seconds; naming ``what`` and the
+            holders it recorded that still live).
     """
     import fcntl
-    import socket
 
     from xlab.errors import XLabError
 
@@ -226,26 +318,69 @@ def exclusive_lock(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        try:
-            if wait is None:
-                fcntl.flock(fd, mode)
-            else:
-                deadline = time.monotonic() + wait
-                while True:
-                    try:
-                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise
-                        time.sleep(0.02)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
-            raise XLabError(f"{what} is in use by {holder}; wait for it to finish or stop it first") from None
-        if not shared:  # shared holders leave the last exclusive holder's line alone
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        # A shared holder takes the lock exclusively for an instant (to learn whether it is alone):
+        # another shared taker waits that instant out rather than being refused.
+        deadline = None if wait is None else time.monotonic() + max(wait, SHARED_GRACE_S if shared else 0.0)
+        line = _holder_line(doing).encode()
+        while True:
+            if _try_flock(fd, fcntl.LOCK_EX):  # no other holder: start the record afresh
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, line, 0)
+                # flock converts a lock in two steps (release, then take): another process may take
+                # an exclusive lock between them, and the shared one then fails like any refusal.
+                if not shared or _try_flock(fd, fcntl.LOCK_SH):
+                    break
+            elif shared and _try_flock(fd, fcntl.LOCK_SH):  # beside other shared holders: add this one
+                add = os.open(path, os.O_WRONLY | os.O_APPEND)  # O_APPEND writes of a line do not interleave
+                try:
+                    os.write(add, line)
+                finally:
+                    os.close(add)  # flock belongs to ``fd``'s open file: closing another descriptor keeps it
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                holders = ", ".join(_live_holders(fd)) or "another process"
+                raise XLabError(f"{what} is in use by {holders}; wait for it to finish or stop it first")
+            time.sleep(0.02)
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder_line(doing: str) -> str:
+    import socket
+
+    return f"pid {os.getpid()} on {socket.gethostname()}{f' ({doing})' if doing else ''}\n"
+
+
+def _live_holders(fd: int) -> list[str]:
+    """The holder lines recorded in a lock file, without those of this host whose pid is gone."""
+    import socket
+
+    text = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")
+    host, live = socket.gethostname(), []
+    for line in dict.fromkeys(ln.strip() for ln in text.splitlines() if ln.strip()):
+        m = re.match(r"pid (\d+) on (\S+)", line)
+        if m and m.group(2) == host and not _pid_alive(int(m.group(1))):
+            continue  # a finished holder (its pid may only be reused by an unrelated process)
+        live.append(line)
+    return live
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

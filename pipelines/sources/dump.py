@@ -129,8 +129,11 @@ def _multistream_rows(path: Path, index: Path, c: Counter, num_proc: int, progre
     try:
         size = path.stat().st_size
         offsets = wikitext.stream_offsets(index, size)
-    except OSError as e:
-        raise XLabError(f"cannot read the dump index {index}: {e}") from None
+    except (OSError, EOFError) as e:  # EOFError: a truncated .bz2 (bad input, not a Ctrl-C)
+        raise XLabError(
+            f"cannot read the dump index {index} ({type(e).__name__}: {e or 'truncated'}); "
+            "replace it, or remove it to read the dump serially"
+        ) from None
     except ValueError as e:
         raise XLabError(f"{e}; remove or replace the index to read the dump serially") from None
     task = progress.add_task(f"cleaning {path.name} ({len(offsets):,} streams)", total=size)

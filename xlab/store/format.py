@@ -365,51 +365,23 @@ class StoreManifest:
         return {**head, "row_len": self.row_len, **d}
 
     @classmethod
-    def from_json(cls, d: Any) -> StoreManifest:
-        """Parse :meth:`to_json` output (unknown keys are ignored).
+    def from_json(cls, d: Any, found: Optional[list[str]] = None) -> StoreManifest:
+        """Parse :meth:`to_json` output (unknown keys are ignored); see
+        :func:`xlab.store.manifest_json.parse`.
+
+        Args:
+            found: None to refuse any inconsistency; a list to collect those that leave the
+                manifest readable (counts, shard names, the row length) as ``xlab data validate``
+                lines instead, so that they are listed beside the store's other problems.
 
         Raises:
-            ValueError: not an object, another format or version, a missing or mistyped field, or a
-                row length other than ``seq_len + 1``.
+            ValueError: not an object, another format or version, a missing or mistyped field
+                needed to read rows (seq_len, dtype, the tokenizer's ids, the splits and their
+                shards), or (without ``found``) any other inconsistency.
         """
-        if not isinstance(d, dict):
-            raise ValueError(f"a JSON {type(d).__name__}, not an object")
-        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"not an XLab shard store of format version {FORMAT_VERSION} "
-                f"(found {d.get('format')!r} v{d.get('format_version')})"
-            )
-        try:
-            tok = d["tokenizer"]
-            tokenizer = TokenizerEntry(
-                vocab_size=int(tok["vocab_size"]),
-                pad_id=int(tok["pad_id"]),
-                sos_id=int(tok["sos_id"]),
-                eos_id=int(tok["eos_id"]),
-                unk_id=int(tok["unk_id"]),
-                sha256=str(tok.get("sha256", "")),
-                file=str(tok.get("file", "")),
-                copy=tok.get("copy"),
-            )
-            if not isinstance(d["splits"], dict):
-                raise TypeError("splits is not an object")
-            splits = {str(name): _split_from_json(name, s) for name, s in d["splits"].items()}
-            m = cls(
-                seq_len=int(d["seq_len"]),
-                dtype=str(np.dtype(d["dtype"])),
-                tokenizer=tokenizer,
-                splits=splits,
-                params=dict(d.get("params") or {}),
-                inputs=dict(d.get("inputs") or {}),
-                stage=str(d.get("stage", "encode")),
-                stage_version=int(d.get("stage_version", 1)),
-                xlab_version=str(d.get("xlab_version", "")),
-            )
-            if int(d.get("row_len", m.row_len)) != m.row_len:
-                raise ValueError(f"row_len {d['row_len']} != seq_len + 1")
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{type(e).__name__}: {e}") from None
-        return m
+        from xlab.store.manifest_json import parse
+
+        return parse(cls, d, found)
 
     def write(self, folder: str | os.PathLike) -> Path:
         """Write ``folder/manifest.json`` atomically; return its path."""
@@ -423,31 +395,3 @@ class StoreManifest:
 def shard_name(split: str, k: int) -> str:
     """The file of shard ``k`` of ``split``, relative to the store: ``<split>/<k:06d>.npy``."""
     return f"{split}/{k:06d}.npy"
-
-
-_COUNTS = ("rows", "articles", "real_tokens", "target_tokens", "text_bytes", "text_chars", "empty_articles",
-           "rejected_articles")  # fmt: skip
-
-
-def _split_from_json(name: str, s: Any) -> SplitEntry:
-    """Parse one split's entry. Shard ``k`` must be the file :func:`shard_name` ``(name, k)``: a shard
-    listed twice, out of order or outside the store (``../``) would change what the loader deals."""
-    if not isinstance(s, dict):
-        raise TypeError("a split is not an object")
-    shards = []
-    for k, sh in enumerate(s["shards"]):
-        if sh.get("file") != shard_name(name, k):
-            raise ValueError(f"shard {k} of split {name} is {sh.get('file')!r}, not {shard_name(name, k)!r} "
-                             "(listed twice, out of order, or outside the store)")  # fmt: skip
-        shards.append(ShardEntry(file=sh["file"], rows=int(sh["rows"]), real_tokens=int(sh.get("real_tokens", 0)),
-                                 sha256=str(sh.get("sha256", ""))))  # fmt: skip
-    layout = s.get("layout", "padded")  # stores written before 0.6 are all padded
-    if layout not in tuple(Layout):
-        raise ValueError(f"split {name} has layout {layout!r}, not one of {', '.join(Layout)}")
-    entry = SplitEntry(**{k: int(s.get(k, 0)) for k in _COUNTS}, layout=layout, rejected=list(s.get("rejected", [])),
-                       shards=shards)  # fmt: skip
-    for key in ("rows", "real_tokens"):
-        total = sum(getattr(sh, key) for sh in shards)
-        if getattr(entry, key) != total:
-            raise ValueError(f"split {name} {key} {getattr(entry, key)} != {total}, the sum over its shards")
-    return entry

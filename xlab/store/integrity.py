@@ -95,6 +95,8 @@ def problems(
     """
     deep = deep or rows
     at = f"{store.path}: "
+    for line in store.manifest_problems:  # faults of a manifest opened leniently (validate)
+        yield Problem(line, f"{store.path / MANIFEST}: {line.removeprefix('manifest: ')}; {LIST_AND_REENCODE}")
     if store.row_len != store.seq_len + 1:
         yield Problem(f"manifest: row_len {store.row_len} != seq_len + 1 ({store.seq_len + 1})",
                       f"{at}row_len {store.row_len} != seq_len + 1; {REENCODE}")  # fmt: skip

@@ -23,7 +23,9 @@ def make_batch(store: ShardStore, split: str, indices: np.ndarray, vocab_size: O
 
     Raises:
         XLabError: a row holds an id outside ``[0, vocab_size)`` (default the store's), which an
-            embedding cannot look up: the store is damaged (``xlab data validate`` finds where).
+            embedding cannot look up: the store was encoded with a larger vocabulary than
+            ``vocab_size`` (another tokenizer: said so), or it is damaged (``xlab data validate``
+            finds where).
     """
     import torch
 
@@ -31,9 +33,18 @@ def make_batch(store: ShardStore, split: str, indices: np.ndarray, vocab_size: O
     limit = store.vocab_size if vocab_size is None else int(vocab_size)
     if rows.size and (int(rows.max()) >= limit or int(rows.min()) < 0):
         idx = np.asarray(indices).reshape(-1)
+        where = f"split {split} of shard store {store.path} holds token ids outside 0..{limit - 1}"
+        changed = store.changed_since_opened()
+        if changed:  # rebuilt under this process (one that does not hold the store for reading)
+            raise XLabError(f"{where}: {changed}; rerun the command on the store as it is now")
+        if limit < store.vocab_size and int(rows.max()) < store.vocab_size and int(rows.min()) >= 0:
+            # ids the store's own vocabulary holds: another tokenizer than the model's, not damage
+            raise XLabError(
+                f"{where}: it was encoded with a vocabulary of {store.vocab_size}, the model has "
+                f"{limit}; pass the store the model was trained on, or train on this one"
+            )
         raise XLabError(
-            f"split {split} of shard store {store.path} holds token ids outside 0..{limit - 1} "
-            f"(rows {int(idx.min())}..{int(idx.max())}); the store is damaged: run `xlab data validate`, "
+            f"{where} (rows {int(idx.min())}..{int(idx.max())}); the store is damaged: run `xlab data validate`, "
             "then `xlab data encode --force`"
         )
     return torch.from_numpy(rows[:, :-1]), torch.from_numpy(to_targets(rows[:, 1:], store.pad_id, store.sos_id))

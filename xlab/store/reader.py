@@ -24,12 +24,19 @@ class ShardStore:
     only the requested rows and leaves the file's pages to the kernel's page cache, so resident
     memory stays bounded however much of the store is read.
 
+    ``lenient`` (``xlab data validate``): a manifest whose rows can be read but that is
+    inconsistent (see :mod:`xlab.store.manifest_json`) opens, its faults kept in
+    :attr:`manifest_problems` for :func:`~xlab.store.integrity.problems` to list; otherwise (every
+    reader) they are refused here.
+
     Raises:
-        XLabError: the folder or its manifest is missing, unreadable or of another format.
+        XLabError: the folder or its manifest is missing, unreadable or of another format, or
+            (without ``lenient``) inconsistent.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, lenient: bool = False):
         self.path = Path(path)
+        self.manifest_problems: list[str] = []
         mpath = self.path / MANIFEST
         if not mpath.is_file():
             if (self.path / ".work" / "job.json").is_file():
@@ -57,7 +64,7 @@ class ShardStore:
                 f"(found {m.get('format')!r} v{m.get('format_version')}); run `{ENCODE_HINT} --force`"
             )
         try:
-            self.info: StoreManifest = StoreManifest.from_json(m)
+            self.info: StoreManifest = StoreManifest.from_json(m, self.manifest_problems if lenient else None)
             self.row_len: int = int(m["row_len"])
         except (KeyError, TypeError, ValueError) as e:
             raise XLabError(f"malformed shard manifest {mpath} ({e}); run `{ENCODE_HINT} --force`") from None
@@ -166,6 +173,25 @@ class ShardStore:
             raise XLabError(problem.error)
         return sum((self.path / sh.file).stat().st_size for e in self.info.splits.values() for sh in e.shards)
 
+    def changed_since_opened(self) -> str | None:
+        """What changed in the store's manifest since this object read it (a store re-encoded,
+        perhaps with another tokenizer), in a few words, or None when it is the same.
+
+        A process that holds the store (:func:`xlab.store.lock.reading`) never sees it change; this
+        names the cause when rows read anyway are not what the manifest said."""
+        try:
+            with open(self.path / MANIFEST, encoding="utf-8") as f:
+                now = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return f"its {MANIFEST} is gone or unreadable since this process opened it (being rebuilt?)"
+        if now == self.manifest:
+            return None
+        tok = now.get("tokenizer") if isinstance(now, dict) else None
+        if isinstance(tok, dict) and tok.get("sha256") != self.tokenizer_sha256:
+            return (f"it was re-encoded with another tokenizer (vocabulary {tok.get('vocab_size')}, was "
+                    f"{self.vocab_size}) since this process opened it")  # fmt: skip
+        return "it was re-encoded since this process opened it"
+
     # ------------------------------------------------------------------------------ reading
     def _fd(self, split: str, shard: int) -> tuple[int, int]:
         key = (split, shard)
@@ -174,7 +200,7 @@ class ShardStore:
             with self._lock:
                 got = self._fds.get(key)
                 if got is None:
-                    p = self.path / self._splits[split]["shards"][shard]["file"]
+                    p = self.path / self.info.splits[split].shards[shard].file  # the checked name
                     try:
                         _, _, _, offset = read_npy_header(p)
                         got = (os.open(p, os.O_RDONLY), offset)

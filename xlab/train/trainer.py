@@ -52,6 +52,7 @@ from xlab.errors import XLabError, first_line
 from xlab.evaluate import evaluate, metrics, split_batches
 from xlab.fsio import exclusive_lock, lock_path
 from xlab.store import IGNORE_INDEX, ShardLoader, ShardStore, document_ids
+from xlab.store.lock import reading
 from xlab.train.keeper import CheckpointKeeper
 from xlab.train.logger import LogWindow, RunLogger
 from xlab.train.mfu import mfu, peak_flops
@@ -133,7 +134,8 @@ def train(
     # One writer per run folder: rank 0 holds the lock (the other ranks write nothing).
     lock = exclusive_lock(lock_path(run_dir), f"run {run_dir}") if info.is_main else nullcontext()
     try:
-        with lock:
+        # Every rank holds the store for reading while it trains: no rebuild swaps it under the run.
+        with lock, reading(shards_dir if shards_dir is not None else stage_paths(cfg).shards, "train"):
             summary = Trainer(cfg, shards_dir, resume, info, device).run(stop_after)
         # Rank 0 finishes last (it saves); a rank that tears its gloo group down while a peer is
         # still busy can abort at exit, so all leave together.
