@@ -285,9 +285,9 @@ def export(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: exports/<run>-step<step>).")] = None,
 ):
     """Write the weights as safetensors plus the configuration and tokenizer; never overwrites."""
-    from xlab import checkpoint as ckpt
+    from xlab.export import export as export_folder
 
-    ckpt.export(checkpoint, out)
+    export_folder(checkpoint, out)
 
 
 # ----------------------------------------------------------------------------------- generation

@@ -6,6 +6,7 @@ Nothing here imports torch or numpy, so that ``xlab --help`` stays fast.
 """
 
 from xlab.config.load import (
+    check_names,
     default_conf_path,
     from_dict,
     load_config,
@@ -80,6 +81,7 @@ __all__ = [
     "default_conf_path",
     "load_config",
     "validate_config",
+    "check_names",
     "to_dict",
     "from_dict",
     "stored_model_config",
