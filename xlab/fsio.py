@@ -183,8 +183,11 @@ def exclusive_lock(
 
     The lock is ``fcntl.flock`` on an open file, so the kernel releases it when the holder exits,
     even by SIGKILL: a dead holder never leaves it stuck. The file records the holder's pid and
-    host for the message a second writer gets; it is left in place (removing a lock file races
-    with the next holder).
+    host for the message a second writer gets; it is left in place, except when the block fails
+    and this call created it (and its folders): then it is removed, with the folders this call
+    created if they are empty, so that a command refused in a fresh project leaves no ``.locks/``
+    behind. A holder checks after locking that the file it locked is still the one at ``path``
+    (else it locks the new one), so removing it never lets two holders in.
 
     Raises:
         XLabError: another process holds the lock (after ``wait`` seconds; naming ``what``, its
@@ -196,29 +199,95 @@ def exclusive_lock(
     from xlab.errors import XLabError
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
+        fd, created = _open_lock_file(path)
         try:
-            if wait is None:
-                fcntl.flock(fd, mode)
-            else:
-                deadline = time.monotonic() + wait
-                while True:
-                    try:
-                        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() >= deadline:
-                            raise
-                        time.sleep(0.02)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
-            raise XLabError(f"{what} is in use by {holder}; wait for it to finish or stop it first") from None
+            try:
+                if deadline is None:
+                    fcntl.flock(fd, mode)
+                else:
+                    while True:
+                        try:
+                            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            if time.monotonic() >= deadline:
+                                raise
+                            time.sleep(0.02)
+            except BlockingIOError:
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+                raise XLabError(f"{what} is in use by {holder}; wait for it to finish or stop it first") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)  # its creator removed it (a failed command) while this one waited: lock the new one
+    try:
         if not shared:  # shared holders leave the last exclusive holder's line alone
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield path
+    except BaseException:
+        if created:
+            _remove_lock_file(fd, path, created)
+        raise
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _open_lock_file(path: Path) -> tuple[int, list[Path]]:
+    """Open (creating) the lock file ``path`` and its folders; returns its descriptor and what this
+    call created, deepest first (the file itself first), empty when it all existed.
+
+    Raises:
+        OSError: the folder cannot be created, or the file not opened.
+    """
+    while True:
+        missing, d = [], path.parent
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        made = []
+        for d in reversed(missing):  # outermost first
+            try:
+                d.mkdir()
+                made.append(d)
+            except FileExistsError:  # another process made it at the same moment: theirs
+                pass
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), [path, *reversed(made)]
+        except FileExistsError:
+            try:
+                return os.open(path, os.O_RDWR), list(reversed(made))
+            except FileNotFoundError:  # removed by a failed holder in between: try again
+                continue
+        except FileNotFoundError:  # a folder removed by a failed holder in between: try again
+            continue
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not removed or replaced)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _remove_lock_file(fd: int, path: Path, created: list[Path]) -> None:
+    """Remove the lock file this holder created, and the folders it created if they are empty, when
+    no other process holds it (a shared lock is upgraded first; if that fails, all stays)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another holder of a shared lock: the file is theirs too
+    for p in created:  # the file, then its folders, deepest first
+        try:
+            p.unlink() if p == path else p.rmdir()
+        except OSError:  # a folder that holds something else now: it stays, and so do those above it
+            return
