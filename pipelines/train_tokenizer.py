@@ -26,6 +26,7 @@ from pipelines.stage import (
 from xlab.config import stage_paths
 from xlab.errors import XLabError
 from xlab.fsio import remove_leftovers, sha256_file
+from xlab.pathcheck import file_problem
 from xlab.progress import spinner
 
 if TYPE_CHECKING:
@@ -221,6 +222,8 @@ def show(cfg: DictConfig, text: str, tokenizer_path: Path | None = None) -> dict
     from xlab.tokenizer import Tokenizer
 
     path = Path(tokenizer_path) if tokenizer_path is not None else stage_paths(cfg).tokenizer
+    if path.is_dir():  # --tokenizer tokenizers: name the .model files it holds
+        raise XLabError(file_problem(path, "tokenizer", ".model"))
     if not path.is_file():
         raise XLabError(f"tokenizer not found ({path}); run `xlab tokenizer train` first")
     try:

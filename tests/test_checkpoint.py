@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,3 +446,121 @@ def test_the_pipeline_evaluates_again_only_when_the_checkpoint_or_store_changed(
     assert len(calls) == 4
     (tmp_path / "run" / "eval-val.json").write_text("{trunc")  # a damaged record is redone, not an error
     assert pipeline._evaluate(cfg, ckpt, store, force=False) == first and len(calls) == 5
+
+
+# ------------------------------------------------------------------ names and paths read from files
+@pytest.mark.parametrize(
+    "key, name",
+    [("train", "ABS"), ("train", "../../../x"), ("train", ".."), ("data", "../up"), ("data", "a/b")],
+)
+def test_a_crafted_name_in_a_checkpoint_never_leads_outside_the_project(tmp_path, trained, cli, key, name):
+    """`xlab export` built exports/<run_name>-step<step> from the checkpoint's saved run_name: '/abs'
+    or '../../../x' wrote outside exports/. A name read from a file is checked like a typed one."""
+    _, last, _ = trained
+    name = str(tmp_path / "outside") if name == "ABS" else name  # an absolute path, kept inside the test's folder
+    cfg = torch.load(last, weights_only=True)["config"]
+    field = "run_name" if key == "train" else "name"
+    cfg = {**cfg, key: {**cfg[key], field: name}}
+    proj = tmp_path / "a" / "b" / "proj"
+    proj.mkdir(parents=True)
+    _ck_variant(proj, last, "crafted.pt", config=cfg)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for args in (["export", "crafted.pt"], ["generate", "crafted.pt", "Hi", "--max-new-tokens", "2"]):
+        r = cli(args, cwd=proj, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"{key}.{field} must be one folder name" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written, anywhere
+
+
+def test_the_default_export_folder_is_always_one_folder_in_exports():
+    from xlab.export import default_folder
+
+    assert default_folder("demo", 12) == Path("exports/demo-step12")
+    for bad in ("../x", "/abs", "a/b"):
+        with pytest.raises(XLabError, match="--out"):
+            default_folder(bad, 3)
+
+
+def test_a_crafted_best_list_is_refused_on_resume_and_deletes_nothing(tmp_path, trained):
+    """The best list's file names are deleted as better checkpoints arrive: a crafted one could name
+    any file. They are checked at --resume, before any step."""
+    store, last, _ = trained
+    runs = tmp_path / "runs"
+    (runs / "t" / "checkpoints").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    for bad in ("../../../victim.txt", str(victim), "last.pt", 3):
+        ck = torch.load(last, weights_only=True)
+        ck["best"] = [{"loss": 0.1, "step": 1, "file": bad}]
+        torch.save(ck, runs / "t" / "checkpoints" / "last.pt")
+        cfg = make_cfg(runs, "train.max_steps=8", "train.eval_every=1", "train.keep_best=1")
+        with pytest.raises(XLabError, match="cannot resume .* best list names"):
+            train(cfg, shards_dir=store, resume=True)
+        assert victim.read_text() == "keep me" and (runs / "t" / "checkpoints" / "last.pt").is_file()
+
+
+# --------------------------------------------------------------------------- reproducible exports
+def test_exports_of_one_checkpoint_are_byte_identical_file_by_file(tmp_path, trained):
+    """The safetensors writer keeps its metadata in a hash map: the same checkpoint exported five
+    times gave two different model.safetensors (the order of the __metadata__ keys)."""
+    _, last, _ = trained
+    outs = [export(last, tmp_path / f"e{i}") for i in range(6)]
+    first = {f.name: f.read_bytes() for f in outs[0].iterdir()}
+    assert len(first) == 6
+    for out in outs[1:]:
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == first, out
+    header = json.loads(first["model.safetensors"][8 : 8 + int.from_bytes(first["model.safetensors"][:8], "little")])
+    assert list(header)[0] == "__metadata__" and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert "time" not in first["meta.json"].decode() and "date" not in first["meta.json"].decode()
+
+
+def test_a_safetensors_header_is_written_in_one_order(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from xlab.export import canonical_safetensors
+
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(5, dtype=torch.int16)}
+    meta = {f"k{i}": str(i) for i in (7, 3, 9, 1, 5, 2, 8, 0, 6, 4)}
+    files = []
+    for i in range(4):
+        p = tmp_path / f"{i}.safetensors"
+        save_file(tensors, p, metadata=meta)
+        canonical_safetensors(p)
+        files.append(p.read_bytes())
+    assert files.count(files[0]) == 4
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    # A header that grows or shrinks (other spacing) is rewritten whole, the data kept as it was.
+    p = tmp_path / "0.safetensors"
+    data = p.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    wide = json.dumps(json.loads(data[8 : 8 + n]), indent=1).encode()
+    wide += b" " * (-len(wide) % 8)
+    p.write_bytes(len(wide).to_bytes(8, "little") + wide + data[8 + n :])
+    canonical_safetensors(p)
+    assert p.read_bytes() == files[0]
+
+
+# ----------------------------------------------------------------------- paths a user gets wrong
+def test_a_folder_or_a_cut_file_given_for_a_checkpoint_says_what_to_pass(tmp_path, trained, cli):
+    _, last, root = trained
+    ckdir, rundir = last.parent, last.parent.parent
+    for args, words in (
+        (["generate", ckdir, "Hi"], [f"{ckdir} is not an XLab export folder", f"{ckdir / 'last.pt'}"]),
+        (["generate", rundir, "Hi"], [f"{rundir} is not an XLab export folder", f"{ckdir / 'last.pt'}"]),
+        (["evaluate", ckdir], [f"pass one of the .pt files it holds: {ckdir / 'last.pt'}"]),
+        (["export", ckdir], [f"checkpoint {ckdir} is a folder, not a .pt file", f"{ckdir / 'last.pt'}"]),
+        (["export", rundir], [f"checkpoint {rundir} is a folder", f"{ckdir / 'last.pt'}"]),
+    ):
+        r = cli(args, cwd=tmp_path, check=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert all(w in r.stderr for w in words), r.stderr
+    data = last.read_bytes()
+    for n in (100, 5000, len(data) // 2, len(data) - 1):  # torch said miniz at length, or EINVAL
+        (tmp_path / "cut.pt").write_bytes(data[:n])
+        r = cli(["generate", "cut.pt", "Hi"], cwd=tmp_path, check=False)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and "cut.pt: it is truncated or not a checkpoint" in err, err
+        assert len(err.splitlines()) == 1 and len(err) < 140 and "miniz" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pt"]

@@ -345,3 +345,32 @@ def test_output_to_a_file_or_pipe_gets_tables_120_columns_wide():
     env = {}
     wide_logs(Tty(), env)
     assert env == {}  # a terminal keeps its width
+
+
+def test_paths_and_overrides_a_user_gets_wrong_say_what_to_pass(tmp_path, cli):
+    """`-c adir.yaml` (a folder) said "not found"; `-o train.lr` (no `=`) said "Incompatible value 'None'"."""
+    (tmp_path / "adir.yaml").mkdir()
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "small.yaml").write_text("train:\n  lr: 0.01\n")
+    for files, overrides, want in (
+        (
+            [tmp_path / "adir.yaml"],
+            [],
+            f"config file {tmp_path / 'adir.yaml'} is a folder, not a .yaml file; pass a .yaml file",
+        ),
+        ([tmp_path / "conf.d"], [], f"pass one of the .yaml/.yml files it holds: {tmp_path / 'conf.d' / 'small.yaml'}"),
+        ([], ["train.lr"], "-o train.lr has no value: write -o train.lr=VALUE"),
+        ([], ["=3"], "-o =3 names no setting"),
+    ):
+        with pytest.raises(XLabError) as e:
+            load_config(files, overrides)
+        assert want in str(e.value) and "\n" not in str(e.value)
+    assert load_config([], ["train.max_steps="]).train.max_steps is None  # `key=` is still null
+    for args, want in (
+        (["-c", "adir.yaml"], "config file adir.yaml is a folder"),
+        (["-o", "train.lr"], "has no value"),
+    ):
+        p = cli(["data", "split", *args], cwd=tmp_path, check=False)
+        assert p.returncode == 2 and p.stderr.startswith(f"error: {want}" if args[0] == "-c" else "error: -o train.lr")
+        assert len(p.stderr.strip().splitlines()) == 1 and want in p.stderr, p.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.yaml", "conf.d"]  # nothing left behind

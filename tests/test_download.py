@@ -537,3 +537,17 @@ def test_hf_offline_refuses_a_cache_missing_some_of_its_files(tmp_path, cli):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "holds 2 of the 3 parquet files" in p.stderr and "missing train-00001-of-00003.parquet" in p.stderr
     assert not (tmp_path / "data" / "raw" / "wiki").exists()
+
+
+def test_a_folder_given_as_the_dump_says_so_and_leaves_nothing(tmp_path, cli):
+    """`--dump adir` said "dump file not found" of a folder that exists, and a failed command in a
+    fresh project left data/.locks/ behind."""
+    (tmp_path / "adir").mkdir()
+    p = cli(["data", "download", "--source", "dump", "--dump", "adir"], cwd=tmp_path, check=False)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1
+    assert err == "error: dump file adir is a folder, not a .xml or .xml.bz2 file; pass a .xml or .xml.bz2 file"
+    (tmp_path / "adir" / "enwiki.xml.bz2").write_bytes(b"")
+    p = cli(["data", "download", "--source", "dump", "--dump", "adir"], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "pass one of the .xml/.xml.bz2 files it holds: adir/enwiki.xml.bz2" in p.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]  # no data/, no data/.locks/

@@ -867,3 +867,76 @@ def test_generate_minus_o_reaches_the_search(real_checkpoint, tmp_path, cli):
     greedy = cli(args + ["--greedy"], cwd=tmp_path).stdout
     assert cli(args + ["-o", "generate.temperature=0"], cwd=tmp_path).stdout == greedy
     assert cli(args + ["--seed", "3"], cwd=tmp_path).stdout != greedy  # and the default samples
+
+
+# ------------------------------------------------------------- length penalty over its whole range
+EXTREME_ALPHAS = [-1e9, -1e6, -1000.0, -1.0, 0.0, 1e-9, 1.0, 1000.0, 1e6, 1e9]
+
+
+def exact_score(logprob: float, n: int, alpha: float):
+    """``logprob / n ** alpha`` in decimal arithmetic wide enough for every alpha above (2**1e9 has
+    about 3e8 digits before the point: far beyond a float, well within a Decimal's exponent)."""
+    from decimal import Decimal
+
+    return Decimal(logprob) / Decimal(n) ** Decimal(alpha)
+
+
+def exact_context():
+    import decimal
+
+    return decimal.localcontext(decimal.Context(prec=60, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN))
+
+
+@pytest.mark.parametrize("alpha", EXTREME_ALPHAS)
+def test_length_penalty_ranks_as_the_formula_says_over_its_whole_range(alpha):
+    """--length-penalty=-1000 divided by 0.0 (ZeroDivisionError), 1000 and 1e9 overflowed n**alpha
+    (OverflowError). The key ranks every (logprob, n) as the exact score does, without overflow."""
+    from xlab.config import GenerateConfig
+    from xlab.generate.hypothesis import Hypothesis
+
+    bounds = next(f for f in __import__("dataclasses").fields(GenerateConfig) if f.name == "length_penalty")
+    assert bounds.metadata["range"] == {"ge": -1e9, "le": 1e9}  # the range this test covers
+    rng = np.random.default_rng(7)
+    pairs = [(-float(rng.uniform(0.01, 40)), int(rng.integers(1, 12))) for _ in range(60)]
+    pairs += [(0.0, 3), (-1e-300, 5), (-1e300, 1), (-2.5, 1), (-2.5, 11)]
+    hyps = [Hypothesis.scored([], lp, n, alpha, True) for lp, n in pairs]
+    assert all(math.isfinite(h.key) or h.logprob == 0.0 for h in hyps)
+    with exact_context():
+        exact = [exact_score(lp, n, alpha) for lp, n in pairs]
+        want = sorted(range(len(pairs)), key=lambda i: -exact[i])
+        for h, e in zip(hyps, exact):  # the reported score is the exact one wherever a float holds it
+            if e != 0 and 1e-300 < abs(e) < 1e300:
+                assert h.score == pytest.approx(float(e), rel=1e-9)
+    assert sorted(range(len(pairs)), key=lambda i: hyps[i].key) == want
+
+
+def brute_force_exact(table, prompt_last, max_new, eos, alpha):
+    """The best exact score (Decimal) over every continuation, as :func:`brute_force_best`."""
+    lp = torch.log_softmax(table.double(), -1)
+    best = None
+    for m in range(1, max_new + 1):
+        for seq in itertools.product(range(table.shape[0]), repeat=m):
+            if eos in seq[:-1] or (seq[-1] != eos and m < max_new):
+                continue
+            s, prev = 0.0, prompt_last
+            for t in seq:
+                s, prev = s + lp[prev, t].item(), t
+            score = exact_score(s, m, alpha)
+            best = score if best is None else max(best, score)
+    return best
+
+
+@pytest.mark.parametrize("alpha", EXTREME_ALPHAS)
+def test_exhaustive_beam_is_optimal_at_extreme_length_penalties(alpha):
+    for seed in range(4):
+        table = random_table(4, 300 + seed, scale=2.0)
+        table[:, EOS] += 1.0
+        hyps = gen.beam_search(Bigram(table), [1], 4, beam_width=128, eos_id=EOS, length_penalty=alpha)
+        assert [h.key for h in hyps] == sorted(h.key for h in hyps)
+        with exact_context():
+            got = exact_score(hyps[0].logprob, len(hyps[0].tokens) + hyps[0].ended, alpha)
+            want = brute_force_exact(table, 1, 4, EOS, alpha)
+            assert abs((got - want) / want) < 1e-9  # the same continuation (its sum may differ in the last bits)
+    m = CachedBigram(random_table(9, 5))
+    for width in (2, 4):  # the command's default search path: every width, no exception
+        assert gen.beam_search(m, [1, 3], 6, beam_width=width, eos_id=EOS, length_penalty=alpha)

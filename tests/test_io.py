@@ -47,3 +47,74 @@ def test_atomic_dir_swaps_whole_folders(tmp_path):
         (d / "new").write_text("2")
     assert sorted(os.listdir(target)) == ["new"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ------------------------------------------------------------------------------------------ locks
+def test_a_failed_holder_removes_the_lock_and_folders_it_created(tmp_path):
+    """A command refused in a fresh project left `data/.locks/` behind."""
+    from xlab.fsio import exclusive_lock, lock_path
+
+    lock = lock_path(tmp_path / "data" / "raw" / "wiki")  # data/.locks/raw-wiki.lock
+    with pytest.raises(ValueError):
+        with exclusive_lock(lock, "stage"):
+            assert lock.is_file()
+            raise ValueError
+    assert list(tmp_path.iterdir()) == []
+    with exclusive_lock(lock, "stage"):  # success: the lock file stays, as before
+        pass
+    assert lock.is_file()
+    with pytest.raises(ValueError):  # a failure over a lock file that was there: it stays
+        with exclusive_lock(lock, "stage"):
+            raise ValueError
+    assert lock.is_file()
+    other = lock_path(tmp_path / "data" / "splits" / "wiki")  # .locks existed: only the new file goes
+    with pytest.raises(ValueError):
+        with exclusive_lock(other, "stage"):
+            raise ValueError
+    assert sorted(p.name for p in lock.parent.iterdir()) == ["raw-wiki.lock"]
+    a, b = exclusive_lock(other, "a", shared=True), exclusive_lock(other, "b", shared=True)
+    a.__enter__()  # creates the file
+    b.__enter__()
+    assert a.__exit__(ValueError, ValueError(), None) is False  # a fails while b still holds the file
+    assert other.is_file()  # b's, too: it stays
+    b.__exit__(None, None, None)
+
+
+def test_a_waiter_on_a_removed_lock_file_locks_the_new_one(tmp_path):
+    """The holder that created the lock file removes it when it fails; a process already waiting on
+    that file must not then hold a lock nobody else sees (two holders)."""
+    import threading
+
+    from xlab.errors import XLabError
+    from xlab.fsio import exclusive_lock
+
+    lock = tmp_path / ".locks" / "x.lock"
+    held, release, waiter_in, waiter_out = (threading.Event() for _ in range(4))
+
+    def first():
+        with pytest.raises(RuntimeError), exclusive_lock(lock, "first"):
+            held.set()
+            release.wait(10)
+            raise RuntimeError
+
+    def waiter():
+        with exclusive_lock(lock, "waiter", wait=None):
+            waiter_in.set()
+            waiter_out.wait(10)
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    held.wait(10)
+    t2 = threading.Thread(target=waiter)
+    t2.start()
+    import time
+
+    time.sleep(0.3)  # the waiter has opened the first holder's file and waits on it
+    release.set()
+    t1.join(10)
+    assert waiter_in.wait(10)
+    with pytest.raises(XLabError, match="in use"):  # the waiter holds the file at the path now
+        with exclusive_lock(lock, "third"):
+            pass
+    waiter_out.set()
+    t2.join(10)

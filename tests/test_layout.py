@@ -2,8 +2,9 @@
 
 Layers, lowest first (a module imports its own layer and the ones below it; the three apps do
 not import one another, except that train imports evaluate):
-  ground    xlab.version, xlab.config, xlab.errors, xlab.fsio, xlab.device, xlab.distributed, xlab.progress
-  core      xlab.tokenizer, xlab.store, xlab.attention, xlab.model, xlab.loss, xlab.checkpoint
+  ground    xlab.version, xlab.config, xlab.errors, xlab.fsio, xlab.pathcheck, xlab.device, xlab.distributed,
+            xlab.progress
+  core      xlab.tokenizer, xlab.store, xlab.attention, xlab.model, xlab.loss, xlab.checkpoint, xlab.export
   apps      xlab.evaluate, xlab.train, xlab.generate, xlab.hf (the Hugging Face export; train may import evaluate),
             xlab.plot (it reads run folders, it imports no other app)
   commands  xlab.commands and the entry modules (xlab.__main__, xlab.cli), and the package root
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUND = {"xlab.version", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.device", "xlab.distributed", "xlab.progress"}
-CORE = {"xlab.tokenizer", "xlab.store", "xlab.attention", "xlab.model", "xlab.loss", "xlab.checkpoint"}
+GROUND = {"xlab.version", "xlab.config", "xlab.errors", "xlab.fsio", "xlab.pathcheck", "xlab.device", "xlab.distributed",
+          "xlab.progress"}  # fmt: skip
+CORE = {"xlab.tokenizer", "xlab.store", "xlab.attention", "xlab.model", "xlab.loss", "xlab.checkpoint", "xlab.export"}
 APPS = {"xlab.evaluate", "xlab.train", "xlab.generate", "xlab.plot", "xlab.hf"}
 COMMANDS = {"xlab", "xlab.commands", "xlab.__main__", "xlab.cli"}
 PIPELINES_MAY_USE = GROUND | {"xlab.tokenizer", "xlab.store"}

@@ -433,6 +433,11 @@ def test_stage_train_skip_force_and_show(tmp_path, corpus, capsys):
     assert "byte" in shown and "\\n" in shown and "<0xF0>" in shown
     with pytest.raises(XLabError, match="xlab tokenizer train"):
         train_tokenizer.show(cfg, "x", tokenizer_path=tmp_path / "missing.model")
+    from xlab.config import stage_paths
+
+    folder = stage_paths(cfg).tokenizer.parent  # a folder given for the .model file: name the ones it holds
+    with pytest.raises(XLabError, match=rf"tokenizer {folder} is a folder, not a \.model file; pass one of"):
+        train_tokenizer.show(cfg, "x", tokenizer_path=folder)
 
 
 def test_stage_reports_too_small_vocabulary(tmp_path, corpus):

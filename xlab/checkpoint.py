@@ -23,7 +23,7 @@ and a checkpoint from elsewhere cannot run code on load:
 ``log_window``        the train-loss sums since the last log line ``{"loss_sum", "correct", "count", "steps",
                       "seconds"}``, so a resumed run logs what an uninterrupted one logs
 
-An export folder (``xlab export``) holds ``model.safetensors`` (weights only), ``config.json`` and
+An export folder (``xlab export``, written by :mod:`xlab.export`) holds ``model.safetensors`` (weights only), ``config.json`` and
 ``config.yaml`` (the configuration), ``model_config.json``, ``tokenizer.model`` and ``meta.json`` (step, store path,
 versions). It is about a third of a training checkpoint: AdamW's two moments are not in it.
 """
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from xlab.errors import XLabError, first_line
-from xlab.fsio import atomic_dir, atomic_path, atomic_write_json, publish_mode, sha256_bytes
+from xlab.fsio import atomic_path, sha256_bytes
+from xlab.pathcheck import folder_problem, suggestion
 from xlab.version import __version__
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"{path} is an export, not a training checkpoint: evaluate, generate and predict "
             f"take it as it is; export and --resume need a .pt checkpoint"
         )
+    if path.is_dir():  # e.g. runs/demo/checkpoints: name the .pt files it holds
+        raise XLabError(folder_problem(path, "checkpoint", "a .pt file", (".pt",), ("checkpoints",)))
     if not path.is_file():
         raise XLabError(f"checkpoint not found: {path}")
     not_ours = f"cannot read checkpoint {path}: not an XLab checkpoint (one that `xlab train` writes)"
@@ -163,7 +166,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             ) from None
         raise XLabError(not_ours) from None
     except Exception as e:  # noqa: BLE001 - any failure to parse the file is a bad checkpoint, not a bug
-        raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
+        if head == b"PK\x03\x04":  # a cut zip: torch's reader explains miniz at length, or says EINVAL
+            raise XLabError(f"cannot read checkpoint {path}: it is truncated or not a checkpoint "
+                            f"({path.stat().st_size:,} bytes); use another one (e.g. a best-*.pt)") from None  # fmt: skip
+        raise XLabError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e, 120)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise XLabError(f"cannot read checkpoint {path}: not an XLab training checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -320,8 +326,11 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
     if path.is_dir():
         cfg_path, w_path, tok_path = path / "config.json", path / EXPORT_WEIGHTS, path / "tokenizer.model"
         for p in (cfg_path, w_path, tok_path):
-            if not p.is_file():
-                raise XLabError(f"{path} is not an XLab export folder (missing {p.name})")
+            if not p.is_file():  # e.g. runs/demo/checkpoints: name the .pt files it holds
+                instead = suggestion(
+                    path, (".pt",), ("checkpoints",), "a checkpoint .pt or a folder `xlab export` wrote"
+                )
+                raise XLabError(f"{path} is not an XLab export folder (missing {p.name}); {instead}")
         saved = {"config": _read_export_json(cfg_path)}
         if (path / EXPORT_MODEL_CONFIG).is_file():  # before 0.7 the config's model section held it all
             saved["model_config"] = _read_export_json(path / EXPORT_MODEL_CONFIG)
@@ -367,67 +376,7 @@ def load_model_meta(path: str | os.PathLike, device: Any = "cpu"):
 
 
 def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
-    """Write a training checkpoint's model as a portable folder (weights only, no optimizer state).
+    """Write a training checkpoint's model as a portable folder: :func:`xlab.export.export`."""
+    from xlab.export import export as export_folder
 
-    Args:
-        ckpt_path: a training checkpoint ``.pt``.
-        out: output folder; default ``exports/<run_name>-step<step>``.
-
-    Returns:
-        The folder written: ``model.safetensors``, ``config.json``, ``config.yaml``,
-        ``model_config.json`` (what the weights are built from), ``tokenizer.model``, ``meta.json``. It appears complete or not at all (written beside it, then renamed).
-
-    Raises:
-        XLabError: the checkpoint is unreadable, or ``out`` already exists (never overwritten).
-    """
-    import yaml
-    from safetensors.torch import save_model
-
-    ckpt_path = Path(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    step = int(ckpt.get("step", 0))
-    cfg, model = config_and_model(ckpt, ckpt_path)
-    from xlab.config import to_dict
-
-    cfg_dict = to_dict(cfg)  # the configuration as this XLab reads it (settings it no longer has dropped)
-    if out is None:
-        out = Path("exports") / f"{cfg.train.run_name}-step{step}"
-    out = Path(out)
-    if out.exists():
-        raise XLabError(f"{out} already exists; choose another --out or remove it")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # noqa: BLE001 - missing keys, wrong shapes
-        raise XLabError(f"checkpoint {ckpt_path} does not match its model configuration: {first_line(e)}") from None
-    tok_bytes = tensor_bytes(ckpt["tokenizer"])
-    with atomic_dir(out) as tmp:
-        # save_model (not save_file) handles tied weights: a shared tensor is stored once.
-        try:
-            save_model(model, str(tmp / EXPORT_WEIGHTS), metadata={"format": "xlab-export", "step": str(step)})
-        except Exception as e:  # noqa: BLE001 - SafetensorError (no space left, ...) is no OSError
-            raise XLabError(f"cannot write the export {out}: {first_line(e, 160)}; nothing was written") from None
-        publish_mode(tmp / EXPORT_WEIGHTS)  # the safetensors writer creates it 0600
-        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False), encoding="utf-8")
-        mc_text = json.dumps(model.cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-        (tmp / EXPORT_MODEL_CONFIG).write_text(mc_text, encoding="utf-8")
-        (tmp / "tokenizer.model").write_bytes(tok_bytes)
-        atomic_write_json(
-            tmp / "meta.json",
-            {
-                "format": "xlab-export",
-                "xlab_version": __version__,
-                "step": step,
-                "shards": ckpt.get("shards"),
-                "tokenizer_sha256": sha256_bytes(tok_bytes),
-                "source_checkpoint": str(ckpt_path),
-                "num_parameters": model.num_parameters(),
-            },
-        )
-    from rich.console import Console
-
-    size_ck, size_ex = ckpt_path.stat().st_size, sum(f.stat().st_size for f in out.iterdir())
-    Console(highlight=False).print(
-        f"[bold]export[/bold]: {out} ({size_ex / 1e6:.1f} MB; the checkpoint is {size_ck / 1e6:.1f} MB), step {step}"
-    )
-    return out
+    return export_folder(ckpt_path, out)

@@ -303,47 +303,71 @@ def exclusive_lock(
     the first holder after a time without any (an exclusive one, or a shared one that found none)
     starts the record afresh, later shared holders add their line. A refusal names only holders
     that may still live (a recorded pid of this host that no longer exists is left out), so it never
-    names an earlier, finished holder. The file is left in place (removing a lock file races with
-    the next holder).
+    names an earlier, finished holder. The file is left in place, except when the block fails and
+    this call created it (and its folders): then it is removed, with the folders this call created
+    if they are empty, so that a command refused in a fresh project leaves no ``.locks/`` behind. A
+    holder checks after locking that the file it locked is still the one at ``path`` (else it locks
+    the new one), so removing it never lets two holders in.
 
     Raises:
         XLabError: another process holds the lock (after ``wait`` seconds; naming ``what`` and the
             holders it recorded that still live).
     """
+
+    path = Path(path)
+    # A shared holder takes the lock exclusively for an instant (to learn whether it is alone):
+    # another shared taker waits that instant out rather than being refused.
+    deadline = None if wait is None else time.monotonic() + max(wait, SHARED_GRACE_S if shared else 0.0)
+    line = _holder_line(doing).encode()
+    while True:
+        fd, created = _open_lock_file(path)
+        try:
+            _acquire(fd, path, shared, line, deadline, what)
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)  # its creator removed it (a failed command) while this one waited: lock the new one
+    try:
+        yield path
+    except BaseException:
+        if created:
+            _remove_lock_file(fd, path, created)
+        raise
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(fd: int, path: Path, shared: bool, line: bytes, deadline: float | None, what: str) -> None:
+    """Take the lock of the open lock file ``fd`` (at ``path``) and record ``line`` among its holders.
+
+    Raises:
+        XLabError: still held by another process at ``deadline`` (None: wait as long as it takes).
+    """
     import fcntl
 
     from xlab.errors import XLabError
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        # A shared holder takes the lock exclusively for an instant (to learn whether it is alone):
-        # another shared taker waits that instant out rather than being refused.
-        deadline = None if wait is None else time.monotonic() + max(wait, SHARED_GRACE_S if shared else 0.0)
-        line = _holder_line(doing).encode()
-        while True:
-            if _try_flock(fd, fcntl.LOCK_EX):  # no other holder: start the record afresh
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, line, 0)
-                # flock converts a lock in two steps (release, then take): another process may take
-                # an exclusive lock between them, and the shared one then fails like any refusal.
-                if not shared or _try_flock(fd, fcntl.LOCK_SH):
-                    break
-            elif shared and _try_flock(fd, fcntl.LOCK_SH):  # beside other shared holders: add this one
-                add = os.open(path, os.O_WRONLY | os.O_APPEND)  # O_APPEND writes of a line do not interleave
-                try:
-                    os.write(add, line)
-                finally:
-                    os.close(add)  # flock belongs to ``fd``'s open file: closing another descriptor keeps it
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                holders = ", ".join(_live_holders(fd)) or "another process"
-                raise XLabError(f"{what} is in use by {holders}; wait for it to finish or stop it first")
-            time.sleep(0.02)
-        yield path
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+    while True:
+        if _try_flock(fd, fcntl.LOCK_EX):  # no other holder: start the record afresh
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line, 0)
+            # flock converts a lock in two steps (release, then take): another process may take
+            # an exclusive lock between them, and the shared one then fails like any refusal.
+            if not shared or _try_flock(fd, fcntl.LOCK_SH):
+                return
+        elif shared and _try_flock(fd, fcntl.LOCK_SH):  # beside other shared holders: add this one
+            add = os.open(path, os.O_WRONLY | os.O_APPEND)  # O_APPEND writes of a line do not interleave
+            try:
+                os.write(add, line)
+            finally:
+                os.close(add)  # flock belongs to ``fd``'s open file: closing another descriptor keeps it
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            holders = ", ".join(_live_holders(fd)) or "another process"
+            raise XLabError(f"{what} is in use by {holders}; wait for it to finish or stop it first")
+        time.sleep(0.02)
 
 
 def _try_flock(fd: int, mode: int) -> bool:
@@ -384,3 +408,58 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # another user's live process
         return True
     return True
+
+
+def _open_lock_file(path: Path) -> tuple[int, list[Path]]:
+    """Open (creating) the lock file ``path`` and its folders; returns its descriptor and what this
+    call created, deepest first (the file itself first), empty when it all existed.
+
+    Raises:
+        OSError: the folder cannot be created, or the file not opened.
+    """
+    while True:
+        missing, d = [], path.parent
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        made = []
+        for d in reversed(missing):  # outermost first
+            try:
+                d.mkdir()
+                made.append(d)
+            except FileExistsError:  # another process made it at the same moment: theirs
+                pass
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), [path, *reversed(made)]
+        except FileExistsError:
+            try:
+                return os.open(path, os.O_RDWR), list(reversed(made))
+            except FileNotFoundError:  # removed by a failed holder in between: try again
+                continue
+        except FileNotFoundError:  # a folder removed by a failed holder in between: try again
+            continue
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not removed or replaced)."""
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _remove_lock_file(fd: int, path: Path, created: list[Path]) -> None:
+    """Remove the lock file this holder created, and the folders it created if they are empty, when
+    no other process holds it (a shared lock is upgraded first; if that fails, all stays)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another holder of a shared lock: the file is theirs too
+    for p in created:  # the file, then its folders, deepest first
+        try:
+            p.unlink() if p == path else p.rmdir()
+        except OSError:  # a folder that holds something else now: it stays, and so do those above it
+            return

@@ -17,6 +17,7 @@ from pipelines.sources.base import Row, Source
 from xlab.distributed import die_with_parent
 from xlab.errors import XLabError
 from xlab.fsio import sha256_file
+from xlab.pathcheck import file_problem
 from xlab.progress import BYTES
 
 if TYPE_CHECKING:
@@ -51,9 +52,10 @@ class DumpSource(Source):
 def _dump_path(dump_path: Optional[str]) -> Path:
     if not dump_path:
         raise XLabError("--source dump needs a dump file: `xlab data download --source dump --dump PATH`")
+    problem = file_problem(Path(dump_path).expanduser(), "dump file", ".xml or .xml.bz2", (".xml", ".xml.bz2"))
+    if problem:
+        raise XLabError(problem)
     path = Path(dump_path).expanduser().resolve()
-    if not path.is_file():
-        raise XLabError(f"dump file not found: {dump_path}")
     return path
 
 

@@ -301,14 +301,14 @@ def export(
 
     --format hf writes a folder for transformers' AutoModelForCausalLM and AutoTokenizer
     (docs/export.md: which architecture each model option maps to)."""
-    from xlab import checkpoint as ckpt
-
     if format_ not in ("xlab", "hf"):
         raise XLabError(f"--format must be xlab or hf, got {format_!r}")
     if format_ == "xlab":
         if force:
             raise XLabError("--force applies to --format hf; the xlab format never overwrites")
-        ckpt.export(checkpoint, out)
+        from xlab.export import export as export_folder
+
+        export_folder(checkpoint, out)
         return
     from xlab.hf import export_hf
 

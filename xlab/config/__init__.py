@@ -6,6 +6,7 @@ Nothing here imports torch or numpy, so that ``xlab --help`` stays fast.
 """
 
 from xlab.config.load import (
+    check_names,
     default_conf_path,
     from_dict,
     load_config,
@@ -82,6 +83,7 @@ __all__ = [
     "load_config",
     "saved_config",
     "validate_config",
+    "check_names",
     "to_dict",
     "from_dict",
     "stored_model_config",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from xlab.config.schema import FROM_STORE, ModelConfig, XLabConfig, check_ranges, name_problem
 from xlab.errors import XLabError, first_line
+from xlab.pathcheck import file_problem
 
 if TYPE_CHECKING:  # omegaconf is imported where a configuration is built, keeping `xlab --help` fast
     from omegaconf import DictConfig
@@ -89,8 +90,9 @@ def load_config(
     try:
         cfg = OmegaConf.structured(XLabConfig)
         for p in paths:
-            if not p.is_file():
-                raise XLabError(f"config file not found: {p}")
+            problem = file_problem(p, "config file", ".yaml", (".yaml", ".yml"))
+            if problem:
+                raise XLabError(problem)
             layers.append(_no_store_settings(_load_file(p), str(p)))
         if saved is not None:  # over conf/defaults.yaml, under the -c files
             run_layer = _load_file(Path(saved))
@@ -99,6 +101,7 @@ def load_config(
                     run_layer.model.pop(key, None)
             layers.insert(len(layers) - len(files), run_layer)
         if overrides:
+            _check_dotlist(overrides)
             layers.append(_no_store_settings(OmegaConf.from_dotlist(list(overrides)), "-o"))
         cfg = OmegaConf.merge(cfg, *layers)
         for key, value in (values or {}).items():
@@ -116,6 +119,22 @@ def load_config(
         raise XLabError(f"bad configuration: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     validate_config(cfg)
     return cfg
+
+
+def _check_dotlist(overrides: Sequence[str]) -> None:
+    """Refuse an ``-o`` that is not ``key=value``: OmegaConf reads ``-o train.lr`` as the key set to
+    null, which it then reports as "Incompatible value 'None'". (``-o key=`` stays: null, the default
+    of an optional setting.)
+
+    Raises:
+        XLabError: naming the ``-o`` and the form it takes.
+    """
+    for o in overrides:
+        key, eq, _ = o.partition("=")
+        if not eq:
+            raise XLabError(f"-o {o} has no value: write -o {o}=VALUE (key=value, e.g. -o train.lr=0.001)")
+        if not key.strip():
+            raise XLabError(f"-o {o} names no setting: write -o section.key=VALUE (e.g. -o train.lr=0.001)")
 
 
 def _no_store_settings(layer: DictConfig, where: str) -> DictConfig:
@@ -146,14 +165,27 @@ def validate_config(cfg: DictConfig) -> None:
     """
     for section in fields(XLabConfig):
         check_ranges(section.default_factory, cfg[section.name], section.name)
-    for key, value in (("data.name", cfg.data.name), ("train.run_name", cfg.train.run_name)):
-        problem = name_problem(key, value)
-        if problem:
-            raise XLabError(problem)
+    check_names(cfg)
     fr = [cfg.data.train_fraction, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.predict_fraction]
     if abs(sum(fr) - 1.0) >= 1e-6:
         raise XLabError(f"data.*_fraction must sum to 1, got {sum(fr):g}")
     ModelConfig(**cfg.model).check()
+
+
+def check_names(cfg: DictConfig) -> None:
+    """Check the names that become path components (``data.name``, ``train.run_name``) with
+    :func:`~xlab.config.schema.name_problem`: the one check for a name typed by the user and for one
+    read from a file (a checkpoint's or an export's saved configuration), so that no name, wherever
+    it came from, leads a stage (or an export) outside its folder.
+
+    Raises:
+        XLabError: the first bad name, naming its key.
+    """
+    for key in ("data.name", "train.run_name"):
+        section, _, name = key.partition(".")
+        problem = name_problem(key, cfg[section][name])
+        if problem:
+            raise XLabError(problem)
 
 
 def to_dict(cfg: DictConfig) -> dict:
@@ -165,7 +197,8 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def from_dict(d: dict) -> DictConfig:
-    """Rebuild a schema-checked configuration from :func:`to_dict` output (e.g. from a checkpoint).
+    """Rebuild a schema-checked configuration from :func:`to_dict` output (e.g. from a checkpoint),
+    its names checked (:func:`check_names`; XLabError naming the key).
 
     A configuration saved by XLab 0.6 or earlier holds ``model.vocab_size`` and ``model.max_len``
     (the store's values, written back into it then): they are dropped here, since the checkpoint's
@@ -175,7 +208,9 @@ def from_dict(d: dict) -> DictConfig:
 
     if isinstance(d.get("model"), dict) and any(k in d["model"] for k in FROM_STORE):
         d = {**d, "model": {k: v for k, v in d["model"].items() if k not in FROM_STORE}}
-    return OmegaConf.merge(OmegaConf.structured(XLabConfig), OmegaConf.create(d))
+    cfg = OmegaConf.merge(OmegaConf.structured(XLabConfig), OmegaConf.create(d))
+    check_names(cfg)  # a saved name becomes a path again (export's folder, a resumed run's)
+    return cfg
 
 
 def stored_model_config(saved: dict) -> dict:

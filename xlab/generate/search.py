@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from xlab.generate.context import Context, Model, as_batch, check_prompt, model_device, model_max_len
+from xlab.generate.hypothesis import Hypothesis, rank_key
 
 
 # ------------------------------------------------------------------------------------ checking
@@ -256,22 +256,6 @@ def sample(
 
 
 # ---------------------------------------------------------------------------------- beam search
-@dataclass
-class Hypothesis:
-    """One finished beam-search hypothesis.
-
-    tokens: the new ids, without ``<eos>``; logprob: their summed natural-log probability (the
-    ``<eos>`` step included when ``ended``); score: ``logprob / num_tokens ** length_penalty`` with
-    ``num_tokens = len(tokens) + ended``; ended: True when it chose ``<eos>``, False when it was cut
-    at ``max_new_tokens``.
-    """
-
-    tokens: list
-    logprob: float
-    score: float
-    ended: bool
-
-
 @torch.inference_mode()
 def beam_search(
     model: Model,
@@ -291,7 +275,9 @@ def beam_search(
     step's beams, except that an extension ending in ``<eos>`` leaves the beam as a finished
     hypothesis (so the beam narrows as hypotheses finish; with ``beam_width=1`` this is exactly
     greedy search). A hypothesis's score is its summed log-probability divided by its number of new
-    tokens (``<eos>`` included) to the power ``length_penalty``: the prompt never counts.
+    tokens (``<eos>`` included) to the power ``length_penalty``: the prompt never counts. Scores are
+    compared in log space (:mod:`xlab.generate.hypothesis`), so every ``length_penalty`` of the
+    configured range (``|length_penalty| <= 1e9``) ranks as the formula says, without overflow.
 
     Stopping: when no live beam can still beat the best finished score. A live beam with summed
     log-probability ``L <= 0`` after ``n`` new tokens can only end with ``L' <= L`` after ``m`` tokens,
@@ -345,25 +331,24 @@ def beam_search(
                 break
             b, t = divmod(flat, vocab)
             if eos_id is not None and t == eos_id:
-                finished.append(Hypothesis(list(beams[b]), lp, lp / n**length_penalty, True))
+                finished.append(Hypothesis.scored(list(beams[b]), lp, n, length_penalty, True))
             else:
                 src.append(b), toks.append(t), lps.append(lp)
         beams = [beams[b] + [t] for b, t in zip(src, toks)]
         if n == max_new_tokens:
-            finished += [Hypothesis(h, lp, lp / n**length_penalty, False) for h, lp in zip(beams, lps)]
+            finished += [Hypothesis.scored(h, lp, n, length_penalty, False) for h, lp in zip(beams, lps)]
             break
         if not beams:
             break
         if finished:
             m = max_new_tokens if length_penalty > 0 else n + 1
-            bound = max(lps) / m**length_penalty
-            if max(h.score for h in finished) >= bound:
+            if min(h.key for h in finished) <= rank_key(max(lps), m, length_penalty):  # best score >= bound
                 break
         index = torch.tensor(src, dtype=torch.long, device=device)
         ctx.reorder(index)
         beam_lp = torch.tensor(lps, dtype=torch.float64, device=device)
         logits = ctx.step(torch.tensor(toks, dtype=torch.long, device=device))
-    return sorted(finished, key=lambda h: -h.score)
+    return sorted(finished, key=lambda h: h.key)
 
 
 # ---------------------------------------------------------------------------- all three searches

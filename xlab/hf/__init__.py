@@ -51,6 +51,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
             ``tokenizers`` package is missing, or the folder cannot be written; nothing is written then.
     """
     from xlab.checkpoint import config_and_model, load_checkpoint, tensor_bytes, tokenizer_from_bytes
+    from xlab.export import default_folder
     from xlab.fsio import atomic_dir, publish_mode
 
     ckpt_path = Path(ckpt_path)
@@ -63,7 +64,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike | None = None
     ckpt = load_checkpoint(ckpt_path)
     cfg, model = config_and_model(ckpt, ckpt_path)
     step = int(ckpt.get("step", 0))
-    out = Path(out) if out is not None else Path("exports") / f"{cfg.train.run_name}-step{step}-hf"
+    out = Path(out) if out is not None else default_folder(cfg.train.run_name, step, "-hf")
     _check_out(out, force)
     try:
         model.load_state_dict(ckpt["model"])

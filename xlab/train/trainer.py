@@ -290,7 +290,7 @@ class Trainer:
             load_optimizer_state(self.optimizer, opt, {id(p): n for n, p in self.model.named_parameters()})
             self.step = int(ckpt["step"])
             self.loader.load_state_dict(ckpt["loader"])
-            self.keeper.best = [dict(b) for b in ckpt.get("best", [])]
+            self.keeper.restore_best(ckpt.get("best", []))
             self.window.load_state_dict(ckpt.get("log_window"))
             self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))  # absent before XLab recorded it
             self.keeper.restore_rng(ckpt)
