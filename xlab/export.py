@@ -19,7 +19,7 @@ from typing import Optional
 from xlab.checkpoint import (
     EXPORT_MODEL_CONFIG,
     EXPORT_WEIGHTS,
-    _config_and_model,
+    config_and_model,
     load_checkpoint,
     tensor_bytes,
 )
@@ -105,7 +105,7 @@ def export(ckpt_path: str | os.PathLike, out: Optional[str | os.PathLike] = None
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     step = int(ckpt.get("step", 0))
-    cfg, model = _config_and_model(ckpt, ckpt_path)
+    cfg, model = config_and_model(ckpt, ckpt_path)
     from xlab.config import to_dict
 
     cfg_dict = to_dict(cfg)  # the configuration as this XLab reads it (settings it no longer has dropped)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -15,8 +14,6 @@ import torch
 from xlab.checkpoint import save_checkpoint, set_rng_state
 from xlab.distributed import DistInfo
 from xlab.fsio import remove_temporaries
-
-BEST_FILE = re.compile(r"best-step[0-9]+\.pt")  # the snapshots rank() names; nothing else is ever deleted
 
 
 class CheckpointKeeper:
@@ -61,17 +58,9 @@ class CheckpointKeeper:
 
     def restore_best(self, best: list) -> None:
         """Take a checkpoint's ``best`` list, as saved by :meth:`rank`. Its file names are deleted as
-        the list moves on, so each must be a ``best-step<N>.pt`` of this folder (a name read from a
-        file is checked like any other: a crafted one could name a file elsewhere).
-
-        Raises:
-            ValueError: an entry that is not ``{"loss", "step", "file"}`` with such a file name.
-        """
-        entries = [dict(b) for b in best]
-        for b in entries:
-            if not isinstance(b.get("file"), str) or not BEST_FILE.fullmatch(b["file"]):
-                raise ValueError(f"its best list names {b.get('file')!r}, not a best-step<N>.pt of {self.dir}")
-        self.best = entries
+        the list moves on: :func:`xlab.train.resume.check_counters` has checked that each is a
+        ``best-stepNNNNNNN.pt`` of this run before any step (a crafted one could name a file elsewhere)."""
+        self.best = [dict(b) for b in best]
 
     def save(self, state: dict, best_name: Optional[str] = None, dropped: list[str] = ()) -> Path:
         """Write ``state`` as ``last.pt``; snapshot it as ``best_name`` and delete ``dropped``."""
