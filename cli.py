@@ -17,7 +17,7 @@ if __name__ == "__main__":
         os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.path.insert(0, str(here))
     try:
-        from xlab.commands.app import main
+        from xlab.commands.main import main
 
         main()
     except ModuleNotFoundError as e:

@@ -330,7 +330,7 @@ def test_output_to_a_file_or_pipe_gets_tables_120_columns_wide():
     """rich cut wider numbers to "1,816,9…" in 80 columns when the output was a log file."""
     import io
 
-    from xlab.commands.app import wide_logs
+    from xlab.commands.main import wide_logs
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -374,3 +374,22 @@ def test_paths_and_overrides_a_user_gets_wrong_say_what_to_pass(tmp_path, cli):
         assert p.returncode == 2 and p.stderr.startswith(f"error: {want}" if args[0] == "-c" else "error: -o train.lr")
         assert len(p.stderr.strip().splitlines()) == 1 and want in p.stderr, p.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.yaml", "conf.d"]  # nothing left behind
+
+
+def test_an_end_of_file_is_bad_input_not_an_interrupt(monkeypatch, capsys, tmp_path):
+    """Click turns an uncaught EOFError (a cut compressed file, say) into Abort, which read as Ctrl-C:
+    "interrupted; rerun the same command", exit 130, though no rerun could help."""
+    from pipelines import stats
+    from xlab.commands.main import main
+
+    def cut(*a, **k):
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(stats, "run", cut)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["xlab", "stats"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().startswith("error: a file or stream ended before its end (Compressed")
+    assert "interrupted" not in err and len(err.strip().splitlines()) == 1

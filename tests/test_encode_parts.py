@@ -202,7 +202,7 @@ def clean_env(**extra: str) -> dict:
 PART = """
 import atexit, os, sys, time
 sys.argv = ["xlab", *sys.argv[1:]]
-from xlab.commands.app import main
+from xlab.commands.main import main
 import pipelines.encode, pyarrow.parquet, xlab.store, xlab.tokenizer
 atexit.register(lambda: print("torch.distributed imported:", "torch.distributed" in sys.modules))
 if os.environ.get("SLOW_PACK"):  # slow every unit so that the test can kill the part mid-run
