@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.xlab-installed
 help:
 	@echo "make setup  - create .venv and install XLab into it (and the CPU build of torch when there is none)"
 	@echo "make demo   - set up, then run every stage on the Wikipedia sample and generate text (THREADS=1 on a busy machine)"
-	@echo "make test   - set up, then run the test suite (about 8 minutes on 2 cores)"
+	@echo "make test   - set up, then run the test suite (about 10 minutes on 2 cores)"
 	@echo "make test-fast - the suite without the slow end-to-end and torchrun tests"
 	@echo "make lint   - ruff check and ruff format --check"
 	@echo "make bench  - run the benchmarks in bench/ (all but the recipe ablation; about 40 minutes on 2 cores)"

@@ -617,3 +617,16 @@ def test_a_signal_during_set_up_leaves_process_settings_untouched(store, tmp_pat
     monkeypatch.setattr(torch, "use_deterministic_algorithms", untouchable)
     with pytest.raises(Terminated):
         train(make_cfg(tmp_path / "runs", "train.deterministic=false"), shards_dir=store)
+
+
+def test_the_pipeline_says_which_settings_make_a_run_another_one(store, tmp_path):
+    """`xlab pipeline` over a run trained further with -o train.max_steps refused it without saying
+    why; it names the settings that differ and the way out."""
+    from xlab.commands.pipeline import _train
+
+    as_store = ("shards.seq_len=16", "tokenizer.vocab_size=300")  # what the pipeline's config says of its store
+    train(make_cfg(tmp_path / "runs", "train.max_steps=2", "train.eval_every=100", *as_store), shards_dir=store)
+    with pytest.raises(XLabError, match=r"other settings \(train.max_steps 2 there, 3 here\).*--force"):
+        _train(make_cfg(tmp_path / "runs", "train.max_steps=3", *as_store), force=False)
+    # settings that change neither data nor weights do not make another run (threads, evaluation)
+    assert _train(make_cfg(tmp_path / "runs", "train.max_steps=2", "train.threads=1", *as_store), force=False) is None

@@ -109,7 +109,7 @@ def _train(cfg: DictConfig, force: bool):
     from xlab.train import train  # imports torch: only once training is due
 
     run_dir = stage_paths(cfg).run
-    status = _run_status(run_dir, cfg)
+    status, differ = _run_status(run_dir, cfg)
     if force and status != "none":
         shutil.rmtree(run_dir)
         status = "none"
@@ -120,9 +120,11 @@ def _train(cfg: DictConfig, force: bool):
         )
         return None
     if status == "different":
+        what = "; ".join(f"{k} {old!r} there, {new!r} here" for k, (old, new) in list(differ.items())[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
         raise XLabError(
-            f"{run_dir} holds a run with another configuration; choose another run with "
-            f"-o train.run_name=NAME, or delete {run_dir} to retrain it"
+            f"{run_dir} holds a run with other settings ({what}{more}); pass the same settings, choose "
+            f"another run with -o train.run_name=NAME, or retrain it with --force (every stage is redone)"
         )
     return train(cfg, shards_dir=None, resume=(status == "partial"))
 
@@ -162,16 +164,17 @@ def _evaluation_key(last: Path, shards: Path) -> dict:
     }
 
 
-def _run_status(run_dir: Path, cfg: DictConfig) -> str:
+def _run_status(run_dir: Path, cfg: DictConfig) -> tuple[str, dict]:
     """``none`` (no checkpoint), ``finished`` / ``partial`` (the same run, done or not: see
     :func:`xlab.train.resume.run_differences`), or ``different`` (another run, which ``--force``
-    would replace)."""
+    would replace); with the settings that differ (empty unless ``different``)."""
     from xlab.train.resume import run_differences
 
     last = run_dir / "checkpoints" / "last.pt"
     if not last.exists():
-        return "none"
+        return "none", {}
     ckpt = load_checkpoint(last)
-    if run_differences(ckpt.get("config", {}), to_dict(cfg)):
-        return "different"
-    return "finished" if int(ckpt["step"]) >= int(ckpt["total_steps"]) else "partial"
+    differ = run_differences(ckpt.get("config", {}), to_dict(cfg))
+    if differ:
+        return "different", differ
+    return ("finished" if int(ckpt["step"]) >= int(ckpt["total_steps"]) else "partial"), {}
