@@ -564,3 +564,19 @@ def test_a_folder_or_a_cut_file_given_for_a_checkpoint_says_what_to_pass(tmp_pat
         assert r.returncode == 2 and "cut.pt: it is truncated or not a checkpoint" in err, err
         assert len(err.splitlines()) == 1 and len(err) < 140 and "miniz" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pt"]
+
+
+def test_an_interpolation_in_a_saved_configuration_is_refused(tmp_path, trained, cli):
+    """Saved configurations hold resolved values: `${oc.env:HOME}` as a crafted run_name made export
+    print the environment variable back."""
+    _, last, _ = trained
+    for where in ("config", "model_config"):
+        ck = torch.load(last, weights_only=True)
+        if where == "config":
+            ck["config"]["train"]["run_name"] = "${oc.env:HOME}"
+        else:
+            ck["model_config"]["d_model"] = "${oc.env:HOME}"
+        torch.save(ck, tmp_path / "crafted.pt")
+        r = cli(["export", "crafted.pt"], cwd=tmp_path, check=False)
+        assert r.returncode == 2 and "is an interpolation, not a value" in r.stderr, r.stderr
+        assert os.environ["HOME"] not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -393,3 +393,11 @@ def test_an_end_of_file_is_bad_input_not_an_interrupt(monkeypatch, capsys, tmp_p
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().startswith("error: a file or stream ended before its end (Compressed")
     assert "interrupted" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_seq_len_has_an_upper_bound():
+    """-o shards.seq_len=100000000 encoded with a 15 GB worker until killed: rows beyond 2**20 tokens
+    are refused at load."""
+    with pytest.raises(XLabError, match="shards.seq_len must be at most 1,048,576"):
+        load_config([], ["shards.seq_len=100000000"])
+    assert load_config([], ["shards.seq_len=1048576"]).shards.seq_len == 2**20

@@ -118,3 +118,36 @@ def test_a_waiter_on_a_removed_lock_file_locks_the_new_one(tmp_path):
             pass
     waiter_out.set()
     t2.join(10)
+
+
+def test_an_atomic_write_never_replaces_a_device_or_a_fifo(tmp_path):
+    """`xlab evaluate --json /dev/full` run as root replaced the device by a JSON file (the rename of
+    an atomic write); a FIFO or a device is refused, a regular file still replaced."""
+    import os
+
+    from xlab.errors import XLabError
+    from xlab.fsio import atomic_write_text
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    with pytest.raises(XLabError, match="is a FIFO or socket, not a file XLab may replace"):
+        atomic_write_text(fifo, "{}")
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json"]
+    with pytest.raises(XLabError, match="/dev/null is a device"):
+        atomic_write_text("/dev/null", "{}")
+    (tmp_path / "f.json").write_text("old")
+    atomic_write_text(tmp_path / "f.json", "new")
+    assert (tmp_path / "f.json").read_text() == "new"
+
+
+def test_json_nested_too_deeply_is_a_decode_error(tmp_path):
+    """A crafted manifest of 100,000 nested lists raised RecursionError: a traceback in validate,
+    train and stats. It reads as a damaged JSON file, which every reader reports in one line."""
+    import json
+
+    from xlab.fsio import read_json
+
+    p = tmp_path / "m.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(json.JSONDecodeError, match="nested too deeply"):
+        read_json(p)

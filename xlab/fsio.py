@@ -94,6 +94,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             (see :func:`naming_full_disk`).
     """
     path = Path(path)
+    _refuse_special_file(path)
     with naming_full_disk(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -109,6 +110,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _refuse_special_file(path: Path) -> None:
+    """Refuse to replace a device, FIFO or socket at ``path``: the rename of an atomic write would put
+    a regular file in its place (``--json /dev/full`` run as root replaced the device).
+
+    Raises:
+        XLabError: naming the path and what it is.
+    """
+    import stat
+
+    from xlab.errors import XLabError
+
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        kind = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO or socket"
+        raise XLabError(f"{path} is {kind}, not a file XLab may replace; pass the path of a regular file")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -269,9 +290,18 @@ def remove_temporaries(folder: str | os.PathLike, extra: Sequence[str] = ()) -> 
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
+    """Read a JSON file.
+
+    Raises:
+        json.JSONDecodeError: not JSON, or nested too deeply for Python's parser (a crafted file of
+            ``[[[...]]]`` raised RecursionError, which no caller expected).
+    """
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        text = f.read()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text[:64], 0) from None
 
 
 def lock_path(output: str | os.PathLike, part: str = "") -> Path:

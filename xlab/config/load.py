@@ -224,6 +224,23 @@ def stored_model_config(saved: dict) -> dict:
     return dict(cfg["model"]) if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) else {}
 
 
+def _interpolation(d: Any, key: str = "") -> str | None:
+    """The first key (dotted) of ``d`` whose string value holds an OmegaConf interpolation ``${``."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            found = _interpolation(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+    elif isinstance(d, (list, tuple)):
+        for i, v in enumerate(d):
+            found = _interpolation(v, f"{key}[{i}]")
+            if found:
+                return found
+    elif isinstance(d, str) and "${" in d:
+        return key or "a value"
+    return None
+
+
 def saved_config(saved: Any, where: Path) -> tuple[Any, dict]:
     """``(cfg, model_config)`` of a checkpoint's (or an export's) saved ``config`` and ``model_config``
     (:func:`stored_model_config`), both checked against this XLab's schema without
@@ -240,6 +257,9 @@ def saved_config(saved: Any, where: Path) -> tuple[Any, dict]:
     cfg_dict = saved.get("config") if isinstance(saved, dict) else None
     if not isinstance(cfg_dict, dict) or not isinstance(cfg_dict.get("model"), dict):
         raise XLabError(f"{where} holds no XLab model configuration (expected a mapping with a 'model' section)")
+    crafted = _interpolation(cfg_dict) or _interpolation(saved.get("model_config"))
+    if crafted:  # saved configurations are resolved: ${...} would read the environment or files
+        raise XLabError(f"{where} holds an unusable configuration: {crafted} is an interpolation, not a value")
     try:
         try:
             cfg = from_dict(cfg_dict)

@@ -193,7 +193,7 @@ class TokenizerConfig:
 
 @dataclass
 class ShardsConfig:
-    seq_len: int = setting(128, ge=2)  # tokens per training sequence; each row stores seq_len + 1 tokens
+    seq_len: int = setting(128, ge=2, le=2**20)  # tokens per training sequence; each row stores seq_len + 1 tokens
     articles_per_shard: int = setting(2048, ge=1)  # articles per shard file (the unit of parallel, resumable encoding)
     layout: Layout = Layout.padded  # packed: train rows hold articles back to back (document masks)
     num_proc: Optional[int] = setting(None, ge=1)  # None: all cores

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from xlab.errors import XLabError
+from xlab.fsio import read_json
 from xlab.store.format import ENCODE_HINT, FORMAT, FORMAT_VERSION, MANIFEST, StoreManifest, read_npy_header
 from xlab.store.integrity import problems
 
@@ -48,8 +49,7 @@ class ShardStore:
                 )
             raise XLabError(f"no shard store at {self.path} (missing {MANIFEST}); run `{ENCODE_HINT}` first")
         try:
-            with open(mpath, encoding="utf-8") as f:
-                self.manifest: dict = json.load(f)
+            self.manifest: dict = read_json(mpath)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise XLabError(f"unreadable shard manifest {mpath}: {e}; run `{ENCODE_HINT} --force`") from None
         m = self.manifest
@@ -180,8 +180,7 @@ class ShardStore:
         A process that holds the store (:func:`xlab.store.lock.reading`) never sees it change; this
         names the cause when rows read anyway are not what the manifest said."""
         try:
-            with open(self.path / MANIFEST, encoding="utf-8") as f:
-                now = json.load(f)
+            now = read_json(self.path / MANIFEST)
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return f"its {MANIFEST} is gone or unreadable since this process opened it (being rebuilt?)"
         if now == self.manifest:
